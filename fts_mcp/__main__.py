@@ -1,0 +1,3 @@
+from fts_mcp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""`fts-mcp`: serve the MCP server, run the demo, and do from a shell what an agent does over MCP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from fts_mcp.errors import FtsError
+
+
+def _service():
+    from fts_mcp.config import Settings
+    from fts_mcp.service import FineTuneService
+
+    return FineTuneService(Settings.from_env())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # stdout carries protocol messages only
+    from fts_mcp.server import mcp
+
+    if args.transport == "stdio":
+        mcp.run()
+        return 0
+    from fts_mcp.http import serve_http
+
+    serve_http(mcp, args.transport, args.host, args.port, args.token or os.environ.get("FTS_AUTH_TOKEN"),
+               args.allowed_host, args.allowed_origin)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fts_mcp.demo import run_demo
+
+    return run_demo(steps=args.steps)
+
+
+def _print_job(job, as_json: bool) -> None:
+    if as_json:
+        print(job.model_dump_json(indent=2))
+        return
+    p = job.progress
+    line = f"{job.job_id}  {job.kind:<6} {job.state:<11} step {p.step}/{p.total_steps or '?'}"
+    if p.loss is not None:
+        line += f"  loss {p.loss:.4f}"
+    if p.eta_seconds and job.state == "running":
+        line += f"  eta {p.eta_seconds:.0f}s"
+    print(line)
+    if job.error:
+        print(f"    error {job.error.code}: {job.error.message}")
+    if job.artifacts.adapter_dir:
+        print(f"    adapter {job.artifacts.adapter_dir}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    service = _service()
+    try:
+        if args.action == "list":
+            listing = service.list_jobs(args.state, args.limit)
+            if args.json:
+                print(listing.model_dump_json(indent=2))
+            for job in [] if args.json else listing.jobs:
+                _print_job(job, False)
+        elif args.action == "status":
+            _print_job(service.job_status(args.job_id, log_lines=args.log_lines), args.json)
+        elif args.action == "cancel":
+            _print_job(service.cancel_job(args.job_id), args.json)
+        elif args.action == "resume":
+            _print_job(service.resume_job(args.job_id), args.json)
+        elif args.action == "logs":
+            shown = 0
+            while True:
+                text = service.job_log(args.job_id)
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+                if not args.follow or service.job_status(args.job_id, log_lines=0).state.terminal:
+                    break
+                time.sleep(1.0)
+        else:
+            raise AssertionError(args.action)
+    finally:
+        service.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fts-mcp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the MCP server")
+    serve.add_argument("--transport", choices=["stdio", "http", "sse"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (HTTP/SSE); other than loopback needs --token")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="bearer token clients must send (default: FTS_AUTH_TOKEN)")
+    serve.add_argument("--allowed-host", action="append", default=[],
+                       help="extra Host header value to accept, e.g. mcp.example.com:443 (repeatable)")
+    serve.add_argument("--allowed-origin", action="append", default=[],
+                       help="extra browser Origin to accept, e.g. https://app.example.com (repeatable)")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="train a tiny model through a real MCP session, end to end")
+    demo.add_argument("--steps", type=int, default=120, help="optimizer steps for the demo job")
+    demo.set_defaults(func=cmd_demo)
+
+    jobs = sub.add_parser("jobs", help="list, inspect, cancel or resume jobs")
+    jobs_sub = jobs.add_subparsers(dest="action", required=True)
+    ls = jobs_sub.add_parser("list")
+    ls.add_argument("--state", choices=["validating", "queued", "running", "succeeded", "failed", "cancelled",
+                                        "interrupted"])
+    ls.add_argument("--limit", type=int, default=20)
+    for name in ("status", "cancel", "resume", "logs"):
+        p = jobs_sub.add_parser(name)
+        p.add_argument("job_id")
+        if name == "status":
+            p.add_argument("--log-lines", type=int, default=20)
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    for p in (ls, *(jobs_sub.choices[n] for n in ("status", "cancel", "resume"))):
+        p.add_argument("--json", action="store_true", help="print the job record as JSON")
+    jobs.set_defaults(func=cmd_jobs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FtsError as exc:
+        print(f"fts-mcp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+

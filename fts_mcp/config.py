@@ -1,0 +1,105 @@
+"""Process-wide settings, read once from the environment.
+
+| variable | meaning | default |
+|---|---|---|
+| `FTS_HOME` | where jobs, the job store and outputs live | the per-user data folder (`platformdirs`) |
+| `FTS_ROOTS` | `os.pathsep`-separated folders every path argument must resolve inside | `FTS_HOME` and the working directory at start |
+| `FTS_GPUS` | CUDA device indices to run jobs on (`0,1`), or `none` for the CPU slot | every visible CUDA device |
+| `FTS_TRUST_REMOTE_CODE` | `1` lets models run code shipped in their repository | off |
+| `FTS_CANCEL_GRACE_SECONDS` | how long a cancelled worker may take to checkpoint before SIGKILL | 60 |
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from fts_mcp.errors import InvalidArgument
+
+CPU_SLOT = "cpu"
+
+
+def _gpu_slots(env: dict[str, str]) -> tuple[str, ...]:
+    """One slot per usable CUDA device, found without importing torch (the server must start fast)."""
+    if (wanted := env.get("FTS_GPUS")) is not None:
+        wanted = wanted.strip()
+        if wanted.lower() in ("", "none", "cpu"):
+            return ()
+        ids = [part.strip() for part in wanted.split(",") if part.strip()]
+        if not all(i.isdigit() for i in ids):
+            raise InvalidArgument(f"expected comma-separated CUDA device indices such as '0,1', or 'none'; got {wanted!r}",
+                                  param="FTS_GPUS")
+        return tuple(f"cuda:{i}" for i in ids)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [part for part in visible.split(",") if part.strip() and part.strip() != "-1"]
+        return tuple(f"cuda:{n}" for n in range(len(ids)))
+    if shutil.which("nvidia-smi") is None:
+        return ()
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    return tuple(f"cuda:{n}" for n in range(count))
+
+
+def _float_env(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"expected a number of seconds, got {raw!r}", param=name) from None
+    if value <= 0:
+        raise InvalidArgument(f"expected a positive number of seconds, got {raw!r}", param=name)
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    roots: tuple[Path, ...]
+    slots: tuple[str, ...]
+    trust_remote_code: bool = False
+    cancel_grace_seconds: float = 60.0
+    heartbeat_seconds: float = 1.0
+    # A running job whose worker pid is gone and whose heartbeat is older than this is declared interrupted.
+    heartbeat_stale_seconds: float = 3.0
+    # A job claimed by a server that died before it could start the worker is interrupted after this long.
+    start_timeout_seconds: float = 60.0
+    env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("FTS_HOME") or platformdirs.user_data_dir("fts-mcp")).expanduser().resolve()
+        if env.get("FTS_ROOTS"):
+            roots = tuple(Path(p).expanduser().resolve() for p in env["FTS_ROOTS"].split(os.pathsep) if p)
+        else:
+            roots = (home, Path.cwd().resolve())
+        return cls(
+            home=home,
+            roots=roots,
+            slots=_gpu_slots(env) or (CPU_SLOT,),
+            trust_remote_code=env.get("FTS_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes"),
+            cancel_grace_seconds=_float_env(env, "FTS_CANCEL_GRACE_SECONDS", 60.0),
+            env=env,
+        )
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "jobs.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id

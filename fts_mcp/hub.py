@@ -1,0 +1,51 @@
+"""Where a base model comes from: a local folder inside the roots, or a hub id read through huggingface-hub's cache."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import InvalidArgument, ModelUnavailable
+from fts_mcp.paths import resolve_inside
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def looks_like_path(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or os.sep in value.strip("/") and Path(value).exists() \
+        or Path(value).is_dir()
+
+
+def resolve_model_argument(value: str, settings: Settings, *, param: str = "base_model") -> str:
+    """Check the form of a base model argument; returns an absolute folder path or the hub id."""
+    if looks_like_path(value):
+        folder = resolve_inside(value, settings.roots, param=param)
+        if not (folder / "config.json").is_file():
+            raise InvalidArgument(f"{folder} has no config.json; expected a model folder written by save_pretrained",
+                                  param=param)
+        return str(folder)
+    if not HUB_ID_RE.match(value) or ".." in value:
+        raise InvalidArgument(f"{value!r} is neither a folder inside the allowed roots nor a hub id such as "
+                              "'meta-llama/Llama-3.2-1B'", param=param)
+    return value
+
+
+def hub_offline(env: dict[str, str]) -> bool:
+    return env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_available(model: str, settings: Settings, *, param: str = "base_model") -> None:
+    """Raise `ModelUnavailable` when a hub id is not cached and the host is offline (never wait on the network)."""
+    if Path(model).is_absolute():
+        return
+    from huggingface_hub import try_to_load_from_cache  # lazy: keeps server start-up light
+
+    cached = try_to_load_from_cache(model, "config.json")
+    if isinstance(cached, str):
+        return
+    if hub_offline(settings.env):
+        raise ModelUnavailable(
+            f"{model!r} is not in the local Hugging Face cache and this host is offline (HF_HUB_OFFLINE=1); "
+            f"download it first (`hf download {model}`) or pass a local model folder", param=param)

@@ -1,0 +1,69 @@
+"""The job record as callers see it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from fts_mcp.jobs.states import JobState
+
+JobKind = Literal["train"]
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = Field(None, description="training loss at the last logged step")
+    eval_loss: float | None = Field(None, description="loss on the held-out split at the last evaluation")
+    learning_rate: float | None = None
+    tokens_per_second: float | None = Field(None, description="trained tokens per second over recent steps")
+    eta_seconds: float | None = Field(None, description="estimated seconds until the last step")
+    phase: str | None = Field(None, description="what the worker is doing: loading_model, tokenizing, training, saving")
+
+
+class JobError(BaseModel):
+    code: str = Field(description="machine-readable cause, e.g. invalid_dataset, model_unavailable, worker_killed")
+    message: str
+    param: str | None = Field(None, description="the argument at fault, when there is one")
+
+
+class ArtifactFile(BaseModel):
+    path: str
+    bytes: int
+    sha256: str
+
+
+class Artifacts(BaseModel):
+    adapter_dir: str | None = Field(None, description="PEFT adapter folder (adapter_config.json + safetensors)")
+    checkpoint_dir: str | None = Field(None, description="latest resumable checkpoint")
+    loss_curve: str | None = Field(None, description="loss curve PNG")
+    metrics: str | None = Field(None, description="metrics.json with the final training and eval figures")
+    files: list[ArtifactFile] = Field(default_factory=list)
+
+
+class Job(BaseModel):
+    job_id: str
+    kind: JobKind
+    state: JobState
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str
+    spec: dict[str, Any]
+    progress: Progress = Field(default_factory=Progress)
+    error: JobError | None = None
+    artifacts: Artifacts = Field(default_factory=Artifacts)
+    slot: str | None = Field(None, description="device slot the job runs on: cuda:N or cpu")
+    pid: int | None = Field(None, description="process id of the worker doing the work")
+    exit_code: int | None = Field(None, description="worker exit status; negative means killed by that signal")
+    attempts: int = Field(0, description="how many times a worker has started on this job (resume adds one)")
+    cancel_requested: bool = False
+    resumable: bool = Field(False, description="true when resume_job can continue it from a checkpoint")
+    log_tail: list[str] = Field(default_factory=list, description="last lines of the worker log")
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    total: int = Field(description="jobs matching the filter, before the limit")

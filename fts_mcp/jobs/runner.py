@@ -1,0 +1,189 @@
+"""The local job runner: schedules queued jobs onto free slots, starts one detached worker per job, and
+notices workers that died without recording how their job ended.
+
+Every server process runs `tick()` about once a second. All decisions go through the store's atomic
+transitions and claims, so any number of servers can share one FTS_HOME.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import FtsError, InvalidArgument
+from fts_mcp.jobs.models import Job, JobError
+from fts_mcp.jobs.states import JobState
+from fts_mcp.jobs.store import LOG_NAME, JobStore, StaleState
+
+log = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True while `pid` is a live (non-zombie) process."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): kill(0) is all we have
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def death_error(exit_code: int | None, *, cancelled: bool = False) -> JobError:
+    """How a worker ended, for the job's `error` field."""
+    if exit_code is None:
+        return JobError(code="worker_lost", message="the worker process disappeared and nobody saw it exit "
+                                                    "(its supervisor was killed or the host restarted)")
+    if exit_code < 0:
+        name = signal_name(exit_code)
+        hint = " (SIGKILL is also what the kernel's out-of-memory killer sends)" if name == "SIGKILL" else ""
+        return JobError(code="worker_killed", message=f"the worker was killed by {name}{hint}")
+    return JobError(code="worker_crashed", message=f"the worker exited with status {exit_code} without finishing; "
+                                                  "see log_tail")
+
+
+class Runner:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._children: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()  # the monitor loop and tool calls may tick at once
+
+    # ---- operations the tools call -------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: at once if it has not started; else SIGTERM, the worker checkpoints and records it."""
+        job = self.store.get(job_id)
+        if job.state in (JobState.VALIDATING, JobState.QUEUED):
+            try:
+                return self.store.transition(job_id, JobState.CANCELLED, expect=job.state)
+            except StaleState:
+                job = self.store.get(job_id)  # it started meanwhile: cancel the running worker below
+        if job.state != JobState.RUNNING:
+            raise InvalidArgument(f"job {job_id} is already {job.state}; only validating, queued or running jobs "
+                                  "can be cancelled", param="job_id")
+        raw = self.store.raw(job_id)
+        if raw["cancel_requested_at"] is None:
+            self.store.set_fields(job_id, cancel_requested_at=time.time())
+        self._signal(raw["pid"] or raw["supervisor_pid"], signal.SIGTERM)
+        return self.store.get(job_id)
+
+    def resume(self, job_id: str) -> Job:
+        """Queue an interrupted job again; its worker continues from the last checkpoint."""
+        job = self.store.get(job_id)
+        if job.state != JobState.INTERRUPTED:
+            hint = (" A cancelled job continues as a new job: start_qlora_job(resume_from=...)"
+                    if job.state == JobState.CANCELLED else "")
+            raise InvalidArgument(f"job {job_id} is {job.state}; only interrupted jobs resume in place.{hint}",
+                                  param="job_id")
+        job = self.store.transition(job_id, JobState.QUEUED, expect=JobState.INTERRUPTED)
+        self.tick()
+        return self.store.get(job_id)
+
+    # ---- the loop every server runs ------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Reap our children, declare dead workers, enforce cancel grace, start queued jobs on free slots."""
+        with self._lock:
+            self._reap()
+            for job_id in self.store.ids_in(JobState.RUNNING):
+                try:
+                    self._check_running(job_id)
+                except StaleState:
+                    pass
+            while (claim := self.store.claim_next(self.settings.slots)) is not None:
+                self._spawn(*claim)
+
+    def _reap(self) -> None:
+        for job_id, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[job_id]
+
+    def _check_running(self, job_id: str) -> None:
+        raw = self.store.raw(job_id)
+        now = time.time()
+        if raw["cancel_requested_at"] and now - raw["cancel_requested_at"] > self.settings.cancel_grace_seconds:
+            log.warning("job %s did not stop within %.0fs of SIGTERM; sending SIGKILL", job_id,
+                        self.settings.cancel_grace_seconds)
+            self._signal(raw["pid"], signal.SIGKILL)
+        supervisor = raw["supervisor_pid"]
+        if supervisor is None:
+            if now - (raw["claimed_at"] or now) > self.settings.start_timeout_seconds:
+                self.store.transition(job_id, JobState.INTERRUPTED, expect=JobState.RUNNING, error=JobError(
+                    code="worker_not_started", message="the job was claimed but its worker never started "
+                                                       "(the server that claimed it may have exited)"))
+            return
+        if pid_alive(supervisor):
+            return
+        beat = raw["heartbeat_at"] or raw["claimed_at"] or 0
+        if now - beat < self.settings.heartbeat_stale_seconds:
+            return  # just exited: give it a moment to record its own terminal state
+        # The supervisor normally records how its worker ended; it is gone without doing so.
+        if pid_alive(raw["pid"]):
+            self._signal(raw["pid"], signal.SIGKILL)  # an orphaned worker must not keep the slot's GPU
+        target = JobState.CANCELLED if raw["cancel_requested_at"] else JobState.INTERRUPTED
+        self.store.transition(job_id, target, expect=JobState.RUNNING,
+                              error=None if target == JobState.CANCELLED else death_error(None))
+
+    def _spawn(self, job_id: str, slot: str) -> None:
+        folder = self.store.job_dir(job_id)
+        env = {**os.environ, "FTS_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        if slot.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = self._physical_gpu(slot)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        try:
+            with (folder / LOG_NAME).open("ab") as logfile:
+                proc = subprocess.Popen([sys.executable, "-m", "fts_mcp.jobs.worker", job_id], cwd=folder, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        except OSError as exc:
+            self.store.transition(job_id, JobState.FAILED, error=JobError(
+                code="worker_spawn_failed", message=f"could not start the worker: {exc}"))
+            return
+        self._children[job_id] = proc
+        log.info("job %s started on %s (supervisor pid %d)", job_id, slot, proc.pid)
+
+    def _physical_gpu(self, slot: str) -> str:
+        index = int(slot.split(":")[1])
+        wanted = self.settings.env.get("FTS_GPUS")
+        if wanted and wanted.strip().lower() not in ("none", "cpu"):
+            return wanted.split(",")[index].strip()
+        visible = self.settings.env.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            return visible.split(",")[index].strip()
+        return str(index)
+
+    @staticmethod
+    def _signal(pid: int | None, sig: signal.Signals) -> None:
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def fail_validation(store: JobStore, job_id: str, exc: FtsError) -> Job:
+    return store.transition(job_id, JobState.FAILED, error=JobError(code=exc.code, message=exc.message,
+                                                                    param=exc.param))

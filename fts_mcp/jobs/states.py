@@ -1,0 +1,61 @@
+"""The job state machine, written down once.
+
+    validating -> queued -> running -> succeeded | failed | cancelled | interrupted
+    interrupted -> queued            (resume)
+
+`validating` covers the checks a job needs before it may wait for a slot (its base model can be found);
+`interrupted` is a worker that died or was stopped without finishing (killed, OOM-killed, host shutdown):
+it keeps its checkpoints and is the one terminal state that may be resumed in place.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from fts_mcp.errors import IllegalTransition, InvalidArgument
+
+
+class JobState(StrEnum):
+    VALIDATING = "validating"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED})
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.VALIDATING: frozenset({JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}),
+    JobState.INTERRUPTED: frozenset({JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+def check_transition(job_id: str, current: JobState, target: JobState) -> None:
+    """Raise `IllegalTransition` unless the table allows `current -> target`."""
+    if target not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "none (terminal)"
+        raise IllegalTransition(f"job {job_id} is {current}; it cannot become {target} (allowed from {current}: {allowed})",
+                                param="job_id")
+
+
+JOB_ID_RE = re.compile(r"^job-[0-9a-f]{12}$")
+
+
+def check_job_id(job_id: str, param: str = "job_id") -> str:
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise InvalidArgument(f"{job_id!r} is not a job id; job ids look like 'job-' followed by 12 hex digits "
+                              "(list_jobs shows them)", param=param)
+    return job_id

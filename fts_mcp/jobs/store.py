@@ -1,0 +1,270 @@
+"""The job store: SQLite in WAL mode under FTS_HOME, shared by every server and worker process.
+
+Writers use `BEGIN IMMEDIATE`, which SQLite serialises across processes; that is what makes claiming a slot
+atomic when several servers share one FTS_HOME. Each job also has a folder (`jobs/<id>/`) for its spec,
+worker log, checkpoints and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import JobNotFound
+from fts_mcp.io import write_json_atomic
+from fts_mcp.jobs.models import Artifacts, Job, JobError, JobList, Progress
+from fts_mcp.jobs.states import JobState, check_job_id, check_transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    claimed_at REAL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    artifacts TEXT NOT NULL DEFAULT '{}',
+    slot TEXT,
+    supervisor_pid INTEGER,
+    pid INTEGER,
+    exit_code INTEGER,
+    heartbeat_at REAL,
+    cancel_requested_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+"""
+
+LOG_NAME = "worker.log"
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def tail_lines(path: Path, count: int) -> list[str]:
+    if count <= 0 or not path.exists():
+        return []
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 64 * 1024))
+        lines = fh.read().decode("utf-8", "replace").splitlines()
+    return list(deque((line for line in lines if line.strip()), maxlen=count))
+
+
+class JobStore:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(settings.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id} in {self.settings.home}; list_jobs shows the jobs there", param="job_id")
+        return row
+
+    # ---- reading -------------------------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.settings.job_dir(job_id)
+
+    def log_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / LOG_NAME
+
+    def get(self, job_id: str, *, log_lines: int = 20) -> Job:
+        check_job_id(job_id)
+        with self._lock:
+            row = self._row(self._db, job_id)
+        return self._to_job(row, log_lines=log_lines)
+
+    def list(self, state: JobState | None = None, limit: int = 20) -> JobList:
+        where, args = ("WHERE state = ?", [state.value]) if state else ("", [])
+        with self._lock:
+            total = self._db.execute(f"SELECT count(*) FROM jobs {where}", args).fetchone()[0]
+            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, id LIMIT ?",
+                                    [*args, limit]).fetchall()
+        return JobList(jobs=[self._to_job(r, log_lines=0) for r in rows], total=total)
+
+    def ids_in(self, *states: JobState) -> list[str]:
+        marks = ",".join("?" * len(states))
+        with self._lock:
+            rows = self._db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created_at",
+                                    [s.value for s in states]).fetchall()
+        return [r["id"] for r in rows]
+
+    def raw(self, job_id: str) -> dict[str, Any]:
+        """The stored row, with the bookkeeping fields the runner needs (heartbeat, supervisor pid...)."""
+        with self._lock:
+            return dict(self._row(self._db, job_id))
+
+    def events(self, job_id: str, kind: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+        query = "SELECT seq, ts, kind, data FROM events WHERE job_id = ? AND seq > ?"
+        args: list[Any] = [job_id, after]
+        if kind:
+            query += " AND kind = ?"
+            args.append(kind)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+        return [{"seq": r["seq"], "ts": r["ts"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
+
+    def _to_job(self, row: sqlite3.Row, *, log_lines: int) -> Job:
+        state = JobState(row["state"])
+        artifacts = Artifacts(**json.loads(row["artifacts"]))
+        return Job(
+            job_id=row["id"],
+            kind=row["kind"],
+            state=state,
+            created_at=iso(row["created_at"]),
+            started_at=iso(row["started_at"]),
+            finished_at=iso(row["finished_at"]),
+            updated_at=iso(row["updated_at"]),
+            spec=json.loads(row["spec"]),
+            progress=Progress(**json.loads(row["progress"])),
+            error=JobError(**json.loads(row["error"])) if row["error"] else None,
+            artifacts=artifacts,
+            slot=row["slot"],
+            pid=row["pid"],
+            exit_code=row["exit_code"],
+            attempts=row["attempts"],
+            cancel_requested=row["cancel_requested_at"] is not None,
+            resumable=state == JobState.INTERRUPTED and row["kind"] == "train",
+            log_tail=tail_lines(self.log_path(row["id"]), log_lines),
+        )
+
+    # ---- writing -------------------------------------------------------------------------------------------
+
+    def create(self, kind: str, spec: dict[str, Any]) -> Job:
+        """Insert a job in `validating` and lay out its folder (spec.json written atomically)."""
+        job_id = f"job-{secrets.token_hex(6)}"
+        folder = self.job_dir(job_id)
+        folder.mkdir(parents=True)
+        write_json_atomic(folder / "spec.json", {"kind": kind, **spec})
+        now = time.time()
+        with self._write() as db:
+            db.execute("INSERT INTO jobs (id, kind, state, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (job_id, kind, JobState.VALIDATING.value, json.dumps(spec), now, now))
+        return self.get(job_id)
+
+    def transition(self, job_id: str, target: JobState, *, error: JobError | None = None,
+                   exit_code: int | None = None, artifacts: Artifacts | None = None,
+                   expect: JobState | None = None) -> Job:
+        """Move a job to `target` if the state machine allows it (and, with `expect`, if it is still in it)."""
+        now = time.time()
+        with self._write() as db:
+            current = JobState(self._row(db, job_id)["state"])
+            if expect is not None and current != expect:
+                raise StaleState(f"job {job_id} is {current}, no longer {expect}")
+            check_transition(job_id, current, target)
+            fields: dict[str, Any] = {"state": target.value, "updated_at": now}
+            if target.terminal:
+                fields["finished_at"] = now
+            if target == JobState.QUEUED:  # a resume clears what the last attempt left
+                fields.update(finished_at=None, error=None, exit_code=None, pid=None, supervisor_pid=None,
+                              heartbeat_at=None, claimed_at=None, cancel_requested_at=None, slot=None)
+            if error is not None:
+                fields["error"] = error.model_dump_json()
+            if exit_code is not None:
+                fields["exit_code"] = exit_code
+            if artifacts is not None:
+                fields["artifacts"] = artifacts.model_dump_json()
+            self._update(db, job_id, fields)
+            self._event(db, job_id, "state", {"state": target.value, **({"error": error.model_dump()} if error else {})})
+        return self.get(job_id)
+
+    def claim_next(self, slots: tuple[str, ...]) -> tuple[str, str] | None:
+        """Atomically give the oldest queued job a free slot: (job_id, slot), or None."""
+        now = time.time()
+        with self._write() as db:
+            busy = {r["slot"] for r in db.execute("SELECT slot FROM jobs WHERE state = 'running'")}
+            free = [s for s in slots if s not in busy]
+            if not free:
+                return None
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            self._update(db, row["id"], {"state": JobState.RUNNING.value, "slot": free[0], "claimed_at": now,
+                                         "started_at": now, "updated_at": now, "heartbeat_at": None})
+            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (row["id"],))
+            self._event(db, row["id"], "state", {"state": JobState.RUNNING.value, "slot": free[0]})
+        return row["id"], free[0]
+
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        """Bookkeeping fields that are not state: pids, heartbeat, cancel request."""
+        allowed = {"supervisor_pid", "pid", "heartbeat_at", "cancel_requested_at", "exit_code"}
+        assert set(fields) <= allowed, set(fields) - allowed
+        with self._write() as db:
+            self._update(db, job_id, {**fields, "updated_at": time.time()})
+
+    def heartbeat(self, job_id: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time(), job_id))
+
+    def update_progress(self, job_id: str, progress: dict[str, Any], *, event: str | None = "progress") -> None:
+        """Merge figures into the job's progress and append them as an event."""
+        with self._write() as db:
+            merged = {**json.loads(self._row(db, job_id)["progress"]), **progress}
+            self._update(db, job_id, {"progress": json.dumps(merged), "updated_at": time.time()})
+            if event:
+                self._event(db, job_id, event, progress)
+
+    def set_artifacts(self, job_id: str, artifacts: Artifacts) -> None:
+        with self._write() as db:
+            self._update(db, job_id, {"artifacts": artifacts.model_dump_json(), "updated_at": time.time()})
+
+    def _update(self, db: sqlite3.Connection, job_id: str, fields: dict[str, Any]) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
+
+    def _event(self, db: sqlite3.Connection, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        db.execute("INSERT INTO events (job_id, ts, kind, data) VALUES (?, ?, ?, ?)",
+                   (job_id, time.time(), kind, json.dumps(data)))
+
+
+class StaleState(Exception):
+    """The job left the state the caller expected before the caller could act (another process won)."""

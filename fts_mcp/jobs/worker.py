@@ -1,0 +1,176 @@
+"""`python -m fts_mcp.jobs.worker JOB_ID`: the detached process that owns one job.
+
+It is two processes, as rq's worker and its work horse are:
+
+* the **supervisor** (this module's `supervise`) starts the job's work in a child, writes the heartbeat
+  every second, forwards SIGTERM, and when the child exits without recording a terminal state it records
+  how it died (`interrupted` with the exit code or signal; `cancelled` if a cancel was asked for);
+* the **work horse** (`--run`) imports torch and does the job. SIGTERM asks it to checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import FtsError
+from fts_mcp.jobs.models import Job, JobError
+from fts_mcp.jobs.runner import death_error
+from fts_mcp.jobs.states import JobState, check_job_id
+from fts_mcp.jobs.store import JobStore, StaleState
+
+log = logging.getLogger("fts_mcp.worker")
+
+
+class Stop(BaseException):
+    """Raised in the work horse's main thread when it must stop before the training loop could checkpoint."""
+
+
+class StopSignal:
+    """Set by SIGTERM (cancel) or by losing the supervisor; read by the training loop at each step end.
+
+    Outside the loop (loading, tokenizing) there is nothing to checkpoint, so the signal raises `Stop` at once.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.in_loop = False
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        if not self.in_loop:
+            raise Stop(reason)
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+
+def supervise(job_id: str) -> int:
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    store.set_fields(job_id, supervisor_pid=os.getpid())
+    store.heartbeat(job_id)
+    child: subprocess.Popen | None = None
+    cancel_before_start = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+        else:
+            cancel_before_start.set()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    child = subprocess.Popen([sys.executable, "-m", "fts_mcp.jobs.worker", "--run", job_id],
+                             stdin=subprocess.DEVNULL)
+    store.set_fields(job_id, pid=child.pid)
+    if cancel_before_start.is_set():
+        child.send_signal(signal.SIGTERM)
+    while True:
+        try:
+            code = child.wait(timeout=settings.heartbeat_seconds)
+            break
+        except subprocess.TimeoutExpired:
+            store.heartbeat(job_id)
+    store.set_fields(job_id, exit_code=code)
+    raw = store.raw(job_id)
+    if raw["state"] == JobState.RUNNING:
+        cancelled = raw["cancel_requested_at"] is not None
+        try:
+            store.transition(job_id, JobState.CANCELLED if cancelled else JobState.INTERRUPTED,
+                             expect=JobState.RUNNING, exit_code=code,
+                             error=None if cancelled else death_error(code))
+        except StaleState:
+            pass
+    log.info("job %s: work horse exited with %s", job_id, code)
+    store.close()
+    return 0
+
+
+def _watch_parent(stop: StopSignal) -> None:
+    """The work horse stops itself (with a checkpoint) if its supervisor dies."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    stop.reason = stop.reason or "supervisor_lost"
+    if not stop.in_loop:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def work(job_id: str) -> int:
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    stop = StopSignal()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set("cancel" if _cancel_asked(store, job_id) else "terminated"))
+    threading.Thread(target=_watch_parent, args=(stop,), daemon=True, name="parent-watch").start()
+    job = store.get(job_id, log_lines=0)
+    try:
+        outcome = run_job(job, store, stop)
+    except Stop:
+        outcome = None
+    except FtsError as exc:
+        log.error("job %s failed: %s", job_id, exc)
+        _finish(store, job_id, JobState.FAILED, JobError(code=exc.code, message=exc.message, param=exc.param))
+        return 1
+    except Exception as exc:  # process boundary: anything else is recorded, with the traceback in the log
+        traceback.print_exc()
+        _finish(store, job_id, JobState.FAILED, _unexpected(exc))
+        return 1
+    if outcome is not None:
+        _finish(store, job_id, JobState.SUCCEEDED, None, artifacts=outcome)
+        return 0
+    if _cancel_asked(store, job_id):
+        _finish(store, job_id, JobState.CANCELLED, None)
+    else:
+        _finish(store, job_id, JobState.INTERRUPTED, JobError(
+            code="worker_stopped", message=f"the worker stopped before finishing ({stop.reason}); "
+                                           "resume_job continues from the last checkpoint"))
+    return 0
+
+
+def run_job(job: Job, store: JobStore, stop: StopSignal):
+    """Dispatch on the job kind. Imported lazily: only the work horse loads torch."""
+    if job.kind == "train":
+        from fts_mcp.training.recipe import train
+
+        return train(job, store, stop)
+    raise FtsError(f"unknown job kind {job.kind!r}", param="kind")
+
+
+def _unexpected(exc: Exception) -> JobError:
+    name = type(exc).__name__
+    if "OutOfMemoryError" in name:
+        return JobError(code="out_of_memory", message=f"{exc}. Lower training.micro_batch_size or "
+                        "training.max_seq_len, keep gradient_checkpointing on, or use quantization='nf4'")
+    return JobError(code="internal_error", message=f"{name}: {exc}")
+
+
+def _cancel_asked(store: JobStore, job_id: str) -> bool:
+    return store.raw(job_id)["cancel_requested_at"] is not None
+
+
+def _finish(store: JobStore, job_id: str, state: JobState, error: JobError | None, artifacts=None) -> None:
+    try:
+        store.transition(job_id, state, error=error, artifacts=artifacts, expect=JobState.RUNNING)
+    except StaleState as exc:
+        log.warning("job %s: %s", job_id, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args and args[0] == "--run":
+        return work(check_job_id(args[1]))
+    return supervise(check_job_id(args[0]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

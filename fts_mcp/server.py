@@ -1,0 +1,223 @@
+"""The MCP layer: thin tools and resources over `FineTuneService`.
+
+Each tool validates its arguments through its signature (the signature is the schema), calls the core and
+returns a pydantic model (structured output). Domain errors become tool errors the agent can act on.
+This module must stay light to import: no torch, transformers or huggingface-hub here.
+"""
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp_types import ToolAnnotations
+from pydantic import Field
+
+from fts_mcp import __version__
+from fts_mcp.config import Settings
+from fts_mcp.datasets import DatasetReport
+from fts_mcp.errors import FtsError
+from fts_mcp.jobs.models import Job, JobList
+from fts_mcp.jobs.states import JobState
+from fts_mcp.service import FineTuneService
+from fts_mcp.training.spec import LoraSpec, TrainingSpec
+
+log = logging.getLogger("fts_mcp.server")
+
+INSTRUCTIONS = """\
+fts-mcp fine-tunes LoRA / QLoRA adapters on this host's GPUs (or CPU) as background jobs.
+Workflow: validate_dataset -> start_qlora_job -> job_status (with wait_seconds to long-poll) until the job is
+succeeded -> use artifacts.adapter_dir. cancel_job stops a job with a checkpoint; resume_job continues an
+interrupted one. Jobs outlive this server; list_jobs shows them. Paths must lie inside the configured roots."""
+
+TICK_SECONDS = 1.0
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+LAUNCHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+STOPS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+
+JobId = Annotated[str, Field(description="job id as returned by start_qlora_job or list_jobs, e.g. job-0123456789ab")]
+
+
+async def _monitor(service: FineTuneService) -> None:
+    """Every server watches every job: start queued ones on free slots, notice dead workers."""
+    while True:
+        try:
+            await anyio.to_thread.run_sync(service.runner.tick)
+        except Exception:  # process boundary: the loop must outlive a transient store error
+            log.exception("job monitor tick failed")
+        await anyio.sleep(TICK_SECONDS)
+
+
+@asynccontextmanager
+async def lifespan(_server: MCPServer) -> AsyncIterator[FineTuneService]:
+    service = FineTuneService(Settings.from_env())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_monitor, service)
+        try:
+            yield service
+        finally:
+            tg.cancel_scope.cancel()
+    service.close()
+
+
+mcp = MCPServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+
+
+def _service(ctx: Context) -> FineTuneService:
+    return ctx.request_context.lifespan_context
+
+
+def agent_errors(fn):
+    """Turn domain errors into tool errors whose text names the argument and what would be accepted."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except FtsError as exc:
+                raise ToolError(str(exc)) from exc
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FtsError as exc:
+            raise ToolError(str(exc)) from exc
+    return wrapper
+
+
+# ---- tools ---------------------------------------------------------------------------------------------------
+
+@mcp.tool(title="Validate a training dataset", annotations=READ_ONLY)
+@agent_errors
+def validate_dataset(
+    path: Annotated[str, Field(description="JSONL file inside the allowed roots")],
+    ctx: Context,
+    base_model: Annotated[str | None, Field(description="model folder or hub id; adds token statistics "
+                                                        "under its tokenizer and chat template")] = None,
+    max_seq_len: Annotated[int, Field(ge=16, le=262_144, description="sequence length the job will use")] = 2048,
+) -> DatasetReport:
+    """Check a JSONL training file before training on it. Use this first, and after every edit to the data.
+
+    Accepts chat ({"messages": [{role, content}...]}), completion ({"prompt", "completion"}) or text ({"text"})
+    lines. Returns ok, the format, the example count, errors with line numbers, warnings (e.g. too few
+    examples: 100-500 is the floor for style, 1K-10K for robust task learning) and, with base_model, token
+    statistics (lengths, trained tokens, how many exceed max_seq_len)."""
+    return _service(ctx).validate_dataset(path, base_model, max_seq_len)
+
+
+@mcp.tool(title="Start a QLoRA / LoRA fine-tuning job", annotations=LAUNCHES)
+@agent_errors
+def start_qlora_job(
+    base_model: Annotated[str, Field(description="local model folder (inside the roots) or hub id in the local "
+                                                 "Hugging Face cache, e.g. 'Qwen/Qwen2.5-0.5B-Instruct'")],
+    dataset: Annotated[str, Field(description="JSONL training file inside the roots (see validate_dataset)")],
+    ctx: Context,
+    output_name: Annotated[str | None, Field(description="name for the adapter; default <model>-<dataset>-lora")]
+    = None,
+    lora: Annotated[LoraSpec | None, Field(description="adapter shape: r (16), alpha (2r), dropout (0.05), "
+                                                       "target_modules ('all-linear')")] = None,
+    quantization: Annotated[Literal["nf4", "none"], Field(description="'nf4': QLoRA, 4-bit NF4 base with double "
+                                                                      "quantization (least memory); 'none': "
+                                                                      "16-bit base (plain LoRA)")] = "nf4",
+    training: Annotated[TrainingSpec | None, Field(description="optimisation settings; every field has a default")]
+    = None,
+    resume_from: Annotated[str | None, Field(description="id of a cancelled/interrupted/finished training job to "
+                                                         "continue from its last checkpoint (same model and lora)")]
+    = None,
+) -> Job:
+    """Launch a LoRA / QLoRA fine-tune as a background job and return at once with the job (state queued).
+
+    The dataset is validated first; a bad one is refused with its line errors and nothing is queued. The job
+    runs in its own worker process and outlives this server. Follow it with job_status(job_id,
+    wait_seconds=60); when it is succeeded, artifacts.adapter_dir holds the PEFT adapter."""
+    return _service(ctx).start_training(base_model, dataset, output_name=output_name, lora=lora,
+                                        quantization=quantization, training=training, resume_from=resume_from)
+
+
+@mcp.tool(title="Job status (long-poll)", annotations=READ_ONLY)
+@agent_errors
+async def job_status(
+    job_id: JobId,
+    ctx: Context,
+    wait_seconds: Annotated[float, Field(ge=0, le=300, description="wait up to this long for the state to change "
+                                                                   "(progress notifications meanwhile); 0 answers "
+                                                                   "at once")] = 0,
+) -> Job:
+    """Get a job's state, progress (step/total, epoch, loss, eval loss, learning rate, tokens/s, ETA), error,
+    artifacts and the tail of its log. With wait_seconds it returns as soon as the state changes, so one call
+    can wait through a whole short job."""
+    service = _service(ctx)
+    job = await anyio.to_thread.run_sync(service.job_status, job_id)
+    if wait_seconds <= 0 or job.state.terminal:
+        return job
+    start_state, last_step = job.state, None
+    with anyio.move_on_after(wait_seconds):
+        while job.state == start_state:
+            await anyio.sleep(0.5)
+            job = await anyio.to_thread.run_sync(service.job_status, job_id)
+            p = job.progress
+            if p.step != last_step:
+                last_step = p.step
+                loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+                await ctx.report_progress(p.step, p.total_steps, f"{job.state} step {p.step}/{p.total_steps or '?'}"
+                                                                 f"{loss}")
+    return job
+
+
+@mcp.tool(title="List jobs", annotations=READ_ONLY)
+@agent_errors
+def list_jobs(
+    ctx: Context,
+    state: Annotated[JobState | None, Field(description="only jobs in this state")] = None,
+    limit: Annotated[int, Field(ge=1, le=1000, description="most recent first")] = 20,
+) -> JobList:
+    """List jobs on this host, newest first, from every server and CLI sharing this FTS_HOME."""
+    return _service(ctx).list_jobs(state, limit)
+
+
+@mcp.tool(title="Cancel a job", annotations=STOPS)
+@agent_errors
+def cancel_job(job_id: JobId, ctx: Context) -> Job:
+    """Cancel a job. Queued jobs are cancelled at once; a running job gets SIGTERM, saves a checkpoint and
+    reads cancelled once its worker has exited (its GPU memory is then free). A cancelled training job can be
+    continued later with start_qlora_job(resume_from=job_id)."""
+    return _service(ctx).cancel_job(job_id)
+
+
+@mcp.tool(title="Resume an interrupted job", annotations=LAUNCHES)
+@agent_errors
+def resume_job(job_id: JobId, ctx: Context) -> Job:
+    """Queue an interrupted job again (its worker was killed, ran out of memory or the host restarted). It
+    continues from its last checkpoint: the step count, optimizer and scheduler state carry on."""
+    return _service(ctx).resume_job(job_id)
+
+
+# ---- resources -----------------------------------------------------------------------------------------------
+
+def _resource(fn, *args):
+    try:
+        return fn(*args)
+    except FtsError as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+
+
+@mcp.resource("fts://jobs/{job_id}", mime_type="application/json", description="A job record as JSON")
+def job_resource(job_id: str, ctx: Context) -> str:
+    return _resource(_service(ctx).job_status, job_id).model_dump_json(indent=2)
+
+
+@mcp.resource("fts://jobs/{job_id}/log", mime_type="text/plain", description="The job's worker log (last 256 KiB)")
+def job_log_resource(job_id: str, ctx: Context) -> str:
+    return _resource(_service(ctx).job_log, job_id)
+
+
+@mcp.resource("fts://jobs/{job_id}/loss.png", mime_type="image/png", description="Loss curve so far")
+def job_loss_resource(job_id: str, ctx: Context) -> bytes:
+    return _resource(_service(ctx).loss_curve, job_id)

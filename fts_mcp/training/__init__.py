@@ -1,0 +1,1 @@
+"""Training: the job spec (pure, imported by the server) and the recipe (torch side, imported by workers only)."""

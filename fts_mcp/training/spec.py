@@ -1,0 +1,80 @@
+"""What a training job is asked to do. Pure pydantic: the server validates with it, the worker reads it.
+
+Each knob's help says what it trades (memory, speed, quality), as torchtune's configs do.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$", min_length=1, max_length=200)]
+OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class LoraSpec(BaseModel):
+    """LoRA adapter shape. Adapter size and optimizer memory grow linearly with r and the number of targets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024, description="rank: adapter capacity. 8-64 is typical; 16 is a good start")
+    alpha: float | None = Field(None, gt=0, le=8192,
+                                description="scale numerator, effective scale alpha/r; default 2*r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input; 0-0.1")
+    target_modules: Literal["all-linear"] | list[ModuleName] = Field(
+        "all-linear", min_length=1,
+        description="'all-linear' (every linear layer but the output head; best quality) or module names, "
+                    "e.g. ['q_proj', 'v_proj'] (fewer parameters, less memory)")
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
+class TrainingSpec(BaseModel):
+    """Optimisation settings. Defaults suit a 1K-10K example QLoRA run on one GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(3.0, gt=0, le=100, description="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; overrides epochs")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="peak learning rate; 1e-4-3e-4 for LoRA")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="fraction of steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0, le=1000)
+    micro_batch_size: int = Field(4, ge=1, le=1024,
+                                  description="sequences per forward pass; activation memory grows with it")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024,
+                                             description="micro-batches per optimizer step (effective batch = "
+                                                         "micro_batch_size x this) at no extra memory")
+    gradient_checkpointing: bool = Field(True, description="recompute activations: ~30% slower, far less memory")
+    max_seq_len: int = Field(2048, ge=16, le=262_144, description="longer examples are truncated")
+    packing: bool = Field(False, description="pack short examples into full sequences: faster on short data")
+    eval_fraction: float = Field(0.0, ge=0.0, le=0.5, description="share of examples held out for eval loss")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "adamw_torch", description="8-bit and paged AdamW save optimizer memory on CUDA")
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    logging_steps: int = Field(1, ge=1, le=10_000, description="report progress every N optimizer steps")
+    checkpoint_every_steps: int = Field(50, ge=1, le=1_000_000,
+                                        description="save a resumable checkpoint every N optimizer steps")
+
+
+class TrainJobSpec(BaseModel):
+    """The stored spec of a `train` job (paths already resolved inside the roots)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    dataset: str
+    dataset_format: Literal["chat", "completion", "text"]
+    dataset_examples: int
+    output_name: str
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: Literal["nf4", "none"] = "nf4"
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resume_checkpoint: str | None = None
+    resumed_from_job: str | None = None
+    trust_remote_code: bool = False

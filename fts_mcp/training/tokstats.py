@@ -1,0 +1,37 @@
+"""`python -m fts_mcp.training.tokstats MODEL DATASET MAX_SEQ_LEN`: token statistics as JSON on stdout.
+
+Loading a tokenizer imports torch, which the server process never does, so the server runs this as a
+short-lived subprocess. It tokenizes exactly as the training job will (same template and loss mask).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from fts_mcp.datasets import TokenStats, read_dataset
+from fts_mcp.training.data import encode_record
+
+
+def token_stats(model: str, dataset: Path, max_seq_len: int, trust_remote_code: bool = False) -> TokenStats:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    fmt, records, _, _ = read_dataset(dataset)
+    encoded = [encode_record(tokenizer, fmt, r) for r in records]
+    lengths = sorted(len(e["input_ids"]) for e in encoded) or [0]
+    return TokenStats(
+        min=lengths[0], max=lengths[-1], mean=round(statistics.fmean(lengths), 2),
+        p50=lengths[len(lengths) // 2], p95=lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
+        total_tokens=sum(lengths), trained_tokens=sum(sum(e["completion_mask"][:max_seq_len]) for e in encoded),
+        over_max_seq_len=sum(1 for n in lengths if n > max_seq_len), max_seq_len=max_seq_len)
+
+
+if __name__ == "__main__":
+    model, dataset, max_len, trust = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["--trust"]
+    try:
+        print(json.dumps({"ok": True, "stats": token_stats(model, dataset, max_len, trust).model_dump()}))
+    except (OSError, ValueError) as exc:
+        print(json.dumps({"ok": False, "message": f"{type(exc).__name__}: {exc}"}))

@@ -1,0 +1,1 @@
+"""Operator and developer scripts (benchmarks, fixture builders). Not imported by the package."""
