@@ -7,6 +7,7 @@ transitions and claims, so any number of servers can share one FTS_HOME.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,11 +19,12 @@ from pathlib import Path
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError, InvalidArgument
-from fts_mcp.jobs.models import Job, JobError
+from fts_mcp.jobs.models import Artifacts, Job, JobError
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.store import LOG_NAME, JobStore, StaleState
 
 log = logging.getLogger(__name__)
+RESULT_NAME = "result.json"  # written by the work horse just before it exits; applied once it has exited
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -60,6 +62,32 @@ def death_error(exit_code: int | None, *, cancelled: bool = False) -> JobError:
         return JobError(code="worker_killed", message=f"the worker was killed by {name}{hint}")
     return JobError(code="worker_crashed", message=f"the worker exited with status {exit_code} without finishing; "
                                                   "see log_tail")
+
+
+def settle(store: JobStore, job_id: str, exit_code: int | None) -> None:
+    """Record how a job ended, once its work horse has exited (so its GPU memory is already free).
+
+    The work horse's own result file wins; without one, a requested cancel reads `cancelled` and anything
+    else `interrupted`, with the exit code or signal.
+    """
+    raw = store.raw(job_id)
+    if raw["state"] != JobState.RUNNING:
+        return
+    result_file = store.job_dir(job_id) / RESULT_NAME
+    artifacts = None
+    if result_file.exists():
+        result = json.loads(result_file.read_text())
+        state = JobState(result["state"])
+        error = JobError(**result["error"]) if result.get("error") else None
+        artifacts = Artifacts(**result["artifacts"]) if result.get("artifacts") else None
+    elif raw["cancel_requested_at"] is not None:
+        state, error = JobState.CANCELLED, None
+    else:
+        state, error = JobState.INTERRUPTED, death_error(exit_code)
+    try:
+        store.transition(job_id, state, expect=JobState.RUNNING, error=error, exit_code=exit_code, artifacts=artifacts)
+    except StaleState:
+        pass
 
 
 class Runner:
@@ -141,9 +169,8 @@ class Runner:
         # The supervisor normally records how its worker ended; it is gone without doing so.
         if pid_alive(raw["pid"]):
             self._signal(raw["pid"], signal.SIGKILL)  # an orphaned worker must not keep the slot's GPU
-        target = JobState.CANCELLED if raw["cancel_requested_at"] else JobState.INTERRUPTED
-        self.store.transition(job_id, target, expect=JobState.RUNNING,
-                              error=None if target == JobState.CANCELLED else death_error(None))
+            return  # settle on a later tick, once it has exited
+        settle(self.store, job_id, None)
 
     def _spawn(self, job_id: str, slot: str) -> None:
         folder = self.store.job_dir(job_id)

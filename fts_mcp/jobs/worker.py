@@ -21,10 +21,11 @@ import traceback
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
-from fts_mcp.jobs.models import Job, JobError
-from fts_mcp.jobs.runner import death_error
+from fts_mcp.io import write_json_atomic
+from fts_mcp.jobs.models import Artifacts, Job, JobError
+from fts_mcp.jobs.runner import RESULT_NAME, settle
 from fts_mcp.jobs.states import JobState, check_job_id
-from fts_mcp.jobs.store import JobStore, StaleState
+from fts_mcp.jobs.store import JobStore
 
 log = logging.getLogger("fts_mcp.worker")
 
@@ -79,16 +80,7 @@ def supervise(job_id: str) -> int:
             break
         except subprocess.TimeoutExpired:
             store.heartbeat(job_id)
-    store.set_fields(job_id, exit_code=code)
-    raw = store.raw(job_id)
-    if raw["state"] == JobState.RUNNING:
-        cancelled = raw["cancel_requested_at"] is not None
-        try:
-            store.transition(job_id, JobState.CANCELLED if cancelled else JobState.INTERRUPTED,
-                             expect=JobState.RUNNING, exit_code=code,
-                             error=None if cancelled else death_error(code))
-        except StaleState:
-            pass
+    settle(store, job_id, code)
     log.info("job %s: work horse exited with %s", job_id, code)
     store.close()
     return 0
@@ -111,6 +103,7 @@ def work(job_id: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set("cancel" if _cancel_asked(store, job_id) else "terminated"))
     threading.Thread(target=_watch_parent, args=(stop,), daemon=True, name="parent-watch").start()
     job = store.get(job_id, log_lines=0)
+    (store.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)  # a resumed job starts without an outcome
     try:
         outcome = run_job(job, store, stop)
     except Stop:
@@ -156,11 +149,12 @@ def _cancel_asked(store: JobStore, job_id: str) -> bool:
     return store.raw(job_id)["cancel_requested_at"] is not None
 
 
-def _finish(store: JobStore, job_id: str, state: JobState, error: JobError | None, artifacts=None) -> None:
-    try:
-        store.transition(job_id, state, error=error, artifacts=artifacts, expect=JobState.RUNNING)
-    except StaleState as exc:
-        log.warning("job %s: %s", job_id, exc)
+def _finish(store: JobStore, job_id: str, state: JobState, error: JobError | None,
+            artifacts: Artifacts | None = None) -> None:
+    """Leave the outcome for the supervisor, which records it once this process has exited."""
+    write_json_atomic(store.job_dir(job_id) / RESULT_NAME, {
+        "state": state.value, "error": error.model_dump() if error else None,
+        "artifacts": artifacts.model_dump() if artifacts else None})
 
 
 def main(argv: list[str] | None = None) -> int:

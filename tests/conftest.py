@@ -1,0 +1,88 @@
+"""Shared fixtures: a private FTS_HOME per test, a tiny model built locally, sample datasets, bounded waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools.build_tiny_model import build
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CHAT = REPO / "resources" / "datasets" / "codewords_chat.jsonl"
+SAMPLE_COMPLETION = REPO / "resources" / "datasets" / "codewords_completion.jsonl"
+
+# Small settings that make a tiny model memorise 16 examples in about a hundred steps on a CPU.
+FAST_TRAINING = {"learning_rate": 0.01, "lr_scheduler": "constant", "warmup_ratio": 0, "micro_batch_size": 16,
+                 "gradient_accumulation_steps": 1, "max_seq_len": 256, "gradient_checkpointing": False}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def fts_home(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch):
+    """FTS_HOME and FTS_ROOTS for one test; any worker still running at the end is killed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("FTS_HOME", str(home))
+    monkeypatch.setenv("FTS_ROOTS", os.pathsep.join([str(tmp_path), str(tiny_model.parent), str(REPO / "resources")]))
+    monkeypatch.setenv("FTS_GPUS", "none")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("FTS_AUTH_TOKEN", raising=False)
+    yield home
+    kill_workers(home)
+
+
+def kill_workers(home: Path) -> None:
+    db = home / "jobs.sqlite3"
+    if not db.exists():
+        return
+    with sqlite3.connect(db) as conn:
+        pids = conn.execute("SELECT supervisor_pid, pid FROM jobs WHERE state IN ('running', 'queued')").fetchall()
+    for row in pids:
+        for pid in row:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def write_jsonl(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll until `predicate()` is truthy; fail the test after `timeout` seconds (never sleeps unbounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def server_params(home: Path):
+    from mcp import StdioServerParameters
+
+    return StdioServerParameters(command=sys.executable, args=["-m", "fts_mcp", "serve"], env=dict(os.environ),
+                                 cwd=str(home))

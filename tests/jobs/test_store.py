@@ -1,0 +1,94 @@
+import multiprocessing
+
+import pytest
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import IllegalTransition, JobNotFound
+from fts_mcp.jobs.models import JobError
+from fts_mcp.jobs.states import JobState
+from fts_mcp.jobs.store import JobStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_GPUS": "none"}))
+    yield s
+    s.close()
+
+
+def queued(store: JobStore, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        job = store.create("train", {"output_name": "x"})
+        store.transition(job.job_id, JobState.QUEUED)
+        ids.append(job.job_id)
+    return ids
+
+
+def test_create_lays_out_folder_and_spec(store):
+    job = store.create("train", {"output_name": "x"})
+    assert job.state == JobState.VALIDATING
+    assert (store.job_dir(job.job_id) / "spec.json").is_file()
+    assert store.list().total == 1
+
+
+def test_unknown_job_is_an_answer(store):
+    with pytest.raises(JobNotFound, match="no job job-000000000000"):
+        store.get("job-000000000000")
+
+
+def test_illegal_transition_raises_and_changes_nothing(store):
+    job_id = queued(store, 1)[0]
+    with pytest.raises(IllegalTransition):
+        store.transition(job_id, JobState.SUCCEEDED)
+    assert store.get(job_id).state == JobState.QUEUED
+
+
+def test_one_running_job_per_slot_oldest_first(store):
+    first, second = queued(store, 2)
+    assert store.claim_next(("cpu",)) == (first, "cpu")
+    assert store.claim_next(("cpu",)) is None
+    store.transition(first, JobState.SUCCEEDED)
+    assert store.claim_next(("cpu",)) == (second, "cpu")
+
+
+def test_two_gpu_slots_take_two_jobs(store):
+    a, b, c = queued(store, 3)
+    assert {store.claim_next(("cuda:0", "cuda:1")), store.claim_next(("cuda:0", "cuda:1"))} == {(a, "cuda:0"),
+                                                                                               (b, "cuda:1")}
+    assert store.claim_next(("cuda:0", "cuda:1")) is None
+
+
+def test_resume_clears_the_last_attempt(store):
+    job_id = queued(store, 1)[0]
+    store.claim_next(("cpu",))
+    store.transition(job_id, JobState.INTERRUPTED, error=JobError(code="worker_killed", message="x"), exit_code=-9)
+    job = store.transition(job_id, JobState.QUEUED)
+    assert job.error is None and job.exit_code is None and job.attempts == 1
+
+
+def _claim_all(home: str, out) -> None:
+    s = JobStore(Settings.from_env({"FTS_HOME": home, "FTS_GPUS": "none"}))
+    got = []
+    for _ in range(50):
+        if (claim := s.claim_next(("cpu",))) is not None:
+            got.append(claim[0])
+            s.transition(claim[0], JobState.SUCCEEDED)
+    out.put(got)
+
+
+def test_concurrent_claims_from_several_processes_never_share_a_slot(store, tmp_path):
+    ids = queued(store, 20)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    claimed = [job for _ in procs for job in out.get(timeout=60)]
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(claimed) == sorted(ids)  # every job claimed exactly once
+
+
+def test_store_uses_wal_so_readers_do_not_block_the_worker(store):
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from fts_mcp.datasets import require_valid, validate_dataset
+from fts_mcp.errors import DatasetInvalid
+from tests.conftest import SAMPLE_CHAT, SAMPLE_COMPLETION, write_jsonl
+
+GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("path, fmt", [(SAMPLE_CHAT, "chat"), (SAMPLE_COMPLETION, "completion")])
+def test_shipped_samples_are_valid(path, fmt):
+    report = validate_dataset(path)
+    assert (report.ok, report.format, report.examples) == (True, fmt, 16)
+    assert any("only 16 examples" in w for w in report.warnings)
+
+
+def test_text_form_and_blank_lines(tmp_path):
+    report = validate_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, "", {"text": "b"}]))
+    assert (report.ok, report.format, report.examples) == (True, "text", 2)
+
+
+BAD_LINES = [
+    ('{"messages": [', "invalid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({"input": "x", "output": "y"}, "expected a 'messages', 'prompt'+'completion' or 'text' field"),
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "messages[0].role is 'wizard'"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]},
+     "messages[0].content is empty"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]},
+     "messages[0].content must be a string"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no assistant message"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+     "last message must be from the assistant"),
+    ({"messages": ["hi"]}, "messages[0] must be an object"),
+    ({"prompt": "p", "completion": ""}, "'completion' is empty"),
+    ({"prompt": 3, "completion": "c"}, "'prompt' must be a string"),
+    ({"prompt": "p"}, "'completion' must be a string"),
+    ({"text": ["a"]}, "'text' must be a string"),
+    ({"text": "   "}, "'text' is empty"),
+]
+
+
+GOOD_OF_FORM = {"prompt": {"prompt": "p", "completion": "c"}, "completion": {"prompt": "p", "completion": "c"},
+                "text": {"text": "t"}}
+
+
+def good_line_like(bad) -> dict:
+    """A valid line in the same form as `bad`, so the only error is the one under test."""
+    keys = bad.keys() if isinstance(bad, dict) else ()
+    return next((GOOD_OF_FORM[k] for k in keys if k in GOOD_OF_FORM), GOOD_CHAT)
+
+
+@pytest.mark.parametrize("bad, message", BAD_LINES, ids=[m for _, m in BAD_LINES])
+def test_bad_line_is_reported_with_its_line_number(tmp_path, bad, message):
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [good_line_like(bad), bad, good_line_like(bad)]))
+    assert not report.ok and report.examples == 2 and report.error_count == 1
+    assert report.errors[0].line == 2
+    assert message in report.errors[0].message
+
+
+def test_mixed_forms_are_refused(tmp_path):
+    report = validate_dataset(write_jsonl(tmp_path / "m.jsonl", [GOOD_CHAT, {"text": "x"}]))
+    assert not report.ok and report.errors[0].line == 2 and "one form per file" in report.errors[0].message
+
+
+def test_invalid_utf8_and_empty_file(tmp_path):
+    raw = tmp_path / "bin.jsonl"
+    raw.write_bytes(json.dumps(GOOD_CHAT).encode() + b"\n\xff\xfe\n")
+    report = validate_dataset(raw)
+    assert report.errors[0].line == 2 and "UTF-8" in report.errors[0].message
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert validate_dataset(empty).errors[0].message == "the file has no examples"
+
+
+def test_require_valid_raises_with_all_line_errors(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD_CHAT, "{", "nope", GOOD_CHAT])
+    with pytest.raises(DatasetInvalid) as info:
+        require_valid(path)
+    assert [line for line, _ in info.value.errors] == [2, 3]
+    assert info.value.param == "dataset" and "line 2" in info.value.message
+
+
+def test_duplicates_and_size_warnings(tmp_path):
+    report = validate_dataset(write_jsonl(tmp_path / "dup.jsonl", [GOOD_CHAT] * 3))
+    assert any("2 duplicate examples" in w for w in report.warnings)
