@@ -1,0 +1,63 @@
+"""The command line: what a person can do beside the agent, and the server's light start."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fts_mcp.cli import main
+from fts_mcp.config import Settings
+from fts_mcp.service import FineTuneService
+from tests.conftest import REPO, SAMPLE_CHAT
+
+
+def test_server_module_never_imports_torch(fts_home):
+    code = "import sys, fts_mcp.server, fts_mcp.cli; print(sorted(m for m in ('torch', 'transformers', 'peft', " \
+           "'bitsandbytes', 'trl', 'huggingface_hub', 'matplotlib') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "[]"
+
+
+def test_jobs_commands(fts_home, capsys):
+    service = FineTuneService(Settings.from_env())
+    job = service.start_training("acme/missing", str(SAMPLE_CHAT))  # fails in validation: offline, not cached
+    service.close()
+    assert main(["jobs", "list"]) == 0
+    assert job.job_id in capsys.readouterr().out
+    assert main(["jobs", "status", job.job_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "model_unavailable"
+    assert main(["jobs", "logs", job.job_id]) == 0
+    assert main(["jobs", "cancel", job.job_id]) == 2
+    assert "already failed" in capsys.readouterr().err
+    assert main(["jobs", "status", "job-000000000000"]) == 2
+    assert "no job job-000000000000" in capsys.readouterr().err
+    assert main(["jobs", "list", "--limit", "0"]) == 2
+    assert "limit" in capsys.readouterr().err
+
+
+def test_readme_documents_the_commands_and_every_tool_argument():
+    readme = (REPO / "README.md").read_text()
+    for command in ("fts-mcp demo", "fts-mcp serve --transport", "fts-mcp jobs", "python -m pytest", "claude mcp add",
+                    "mcpServers", '"servers"'):
+        assert command in readme, command
+    from fts_mcp.server import mcp
+
+    import anyio
+
+    async def tools():
+        return await mcp.list_tools()
+
+    for tool in anyio.run(tools):
+        assert f"`{tool.name}`" in readme, tool.name
+        for argument in tool.input_schema["properties"]:
+            assert f"`{argument}`" in readme, f"{tool.name}.{argument}"
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(fts_home):
+    done = subprocess.run([sys.executable, "-m", "fts_mcp", "demo", "--steps", "40"], capture_output=True, text=True,
+                          timeout=180, cwd=fts_home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for step in ("[1/4]", "[2/4] validate_dataset: ok=True", "[3/4] start_qlora_job", "succeeded, step 40"):
+        assert step in done.stdout
