@@ -14,8 +14,8 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9
 
 
 def looks_like_path(value: str) -> bool:
-    return value.startswith(("/", ".", "~")) or os.sep in value.strip("/") and Path(value).exists() \
-        or Path(value).is_dir()
+    """Absolute, home- or dot-relative paths, and any existing folder, are local; `org/name` is a hub id."""
+    return value.startswith(("/", ".", "~", os.sep)) or Path(value).is_dir()
 
 
 def resolve_model_argument(value: str, settings: Settings, *, param: str = "base_model") -> str:

@@ -39,11 +39,19 @@ async def start(client: Client, model: Path, steps: int, *, data: Path = SAMPLE_
                                                 "checkpoint_every_steps": every, **training})
 
 
-async def until(client: Client, job_id: str, predicate, timeout: float, what: str) -> dict:
-    """Long-poll job_status until predicate(job) holds; bounded by `timeout`."""
+async def until(client: Client, job_id: str, predicate, timeout: float, what: str, notes: list | None = None) -> dict:
+    """Long-poll job_status until predicate(job) holds; bounded by `timeout`. Progress notifications go to notes."""
     deadline = time.monotonic() + timeout
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        if notes is not None:
+            notes.append((progress, total, message))
+
     while True:
-        job = await call(client, "job_status", job_id=job_id, wait_seconds=0.5)
+        result = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 0.5},
+                                        progress_callback=on_progress)
+        assert not result.is_error, result.content[0].text
+        job = result.structured_content
         if predicate(job):
             return job
         assert time.monotonic() < deadline, f"timed out waiting for {what}; last: {job['state']} " \
@@ -93,8 +101,12 @@ async def test_qlora_job_learns_the_training_targets(fts_home, tiny_model):
                 losses.append(j["progress"]["loss"])
             return j["state"] in TERMINAL
 
-        job = await until(client, job["job_id"], record, 240, "training to finish")
+        notes: list = []
+        job = await until(client, job["job_id"], record, 240, "training to finish", notes)
         assert job["state"] == "succeeded", job
+    steps = [progress for progress, _, _ in notes]
+    assert len(steps) >= 3 and steps == sorted(steps) and notes[-1][1] == 160  # MCP progress while long-polling
+    assert "loss" in notes[-1][2]
     assert job["progress"]["step"] == 160 == job["progress"]["total_steps"]
     assert len(losses) >= 3 and max(losses[-3:]) < losses[0], losses  # the loss fell, seen through job_status
     history = json.loads(Path(job["artifacts"]["metrics"]).read_text())["log_history"]

@@ -165,6 +165,23 @@ def trainer_config(spec: TrainJobSpec, checkpoints: Path, dtype: torch.dtype, ha
     )
 
 
+def make_trainer(spec: TrainJobSpec, model: Any, tokenizer: Any, train_data: Dataset, eval_data: Dataset | None,
+                 checkpoints: Path, dtype: torch.dtype, callbacks: list[TrainerCallback]) -> SFTTrainer:
+    """TRL's SFTTrainer with the job's LoRA config; a bad target module list names the model's layers."""
+    lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.effective_alpha, lora_dropout=spec.lora.dropout,
+                      target_modules=spec.lora.target_modules, bias="none", task_type="CAUSAL_LM")
+    try:
+        return SFTTrainer(model=model, args=trainer_config(spec, checkpoints, dtype, eval_data is not None),
+                          train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
+                          peft_config=lora, callbacks=callbacks)
+    except ValueError as exc:
+        if "target modules" not in str(exc).lower():
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")})
+        raise InvalidArgument(f"{exc}. This model's linear layers are: {', '.join(names)}; or use 'all-linear'",
+                              param="lora.target_modules") from exc
+
+
 def train(job: Job, store: JobStore, stop: Any) -> Artifacts | None:
     """Run one training job. Returns its artifacts, or None when stopped (a checkpoint was saved)."""
     spec = TrainJobSpec(**job.spec)
@@ -182,18 +199,8 @@ def train(job: Job, store: JobStore, stop: Any) -> Artifacts | None:
     # 2. data
     store.update_progress(job.job_id, {"phase": "tokenizing"}, event=None)
     train_data, eval_data = build_datasets(spec, tokenizer)
-    lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.effective_alpha, lora_dropout=spec.lora.dropout,
-                      target_modules=spec.lora.target_modules, bias="none", task_type="CAUSAL_LM")
-    try:
-        trainer = SFTTrainer(model=model, args=trainer_config(spec, checkpoints, dtype, eval_data is not None),
-                             train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[Progress(store, job.job_id, stop, checkpoints)])
-    except ValueError as exc:
-        if "target modules" not in str(exc).lower():
-            raise
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")})
-        raise InvalidArgument(f"{exc}. This model's linear layers are: {', '.join(names)}; or use 'all-linear'",
-                              param="lora.target_modules") from exc
+    trainer = make_trainer(spec, model, tokenizer, train_data, eval_data, checkpoints, dtype,
+                           callbacks=[Progress(store, job.job_id, stop, checkpoints)])
 
     # 3. train (continuing from this job's own checkpoint, else from the one it was asked to resume)
     resume = latest_checkpoint(checkpoints) or (Path(spec.resume_checkpoint) if spec.resume_checkpoint else None)
