@@ -36,6 +36,7 @@ succeeded -> use artifacts.adapter_dir. cancel_job stops a job with a checkpoint
 interrupted one. Jobs outlive this server; list_jobs shows them. Paths must lie inside the configured roots."""
 
 TICK_SECONDS = 1.0
+POLL_SECONDS = 0.25
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 LAUNCHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
 STOPS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
@@ -158,17 +159,18 @@ async def job_status(
     if wait_seconds <= 0 or job.state.terminal:
         return job
     start_state, last_step = job.state, None
-    with anyio.move_on_after(wait_seconds):
-        while job.state == start_state:
-            await anyio.sleep(0.5)
-            job = await anyio.to_thread.run_sync(service.job_status, job_id)
-            p = job.progress
-            if p.step != last_step:
-                last_step = p.step
-                loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
-                await ctx.report_progress(p.step, p.total_steps, f"{job.state} step {p.step}/{p.total_steps or '?'}"
-                                                                 f"{loss}")
-    return job
+    deadline = anyio.current_time() + wait_seconds
+    while True:
+        p = job.progress
+        if p.step != last_step:
+            last_step = p.step
+            loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+            await ctx.report_progress(p.step, p.total_steps, f"{job.state} step {p.step}/{p.total_steps or '?'}{loss}")
+        remaining = deadline - anyio.current_time()
+        if job.state != start_state or remaining <= 0:
+            return job
+        await anyio.sleep(min(POLL_SECONDS, remaining))
+        job = await anyio.to_thread.run_sync(service.job_status, job_id)
 
 
 @mcp.tool(title="List jobs", annotations=READ_ONLY)
