@@ -210,23 +210,28 @@ async def test_worker_and_supervisor_killed_is_detected_by_the_server(fts_home, 
         assert job["state"] == "interrupted" and job["error"]["code"] == "worker_lost"
 
 
-def parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+def server_children() -> list[int]:
+    """Pids of the `fts_mcp serve` processes this test process spawned (stdio clients start them)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"fts_mcp" in argv and b"serve" in argv:
+            found.append(int(proc.name))
+    return found
 
 
 async def test_job_survives_its_server_and_a_new_server_sees_it_finish(fts_home, tiny_model):
     """Finishes, unattended: the server that started it is SIGKILLed mid-run."""
-    from fts_mcp.config import Settings
-    from fts_mcp.jobs.store import JobStore
-
     with pytest.raises(BaseException):  # noqa: B017 - the session dies with its server, however it surfaces
         async with connect(fts_home) as client:
             job = await start(client, tiny_model, 150, data=SAMPLE_CHAT)
             job_id = job["job_id"]
             await until(client, job_id, lambda j: j["progress"]["step"] >= 5, 120, "training")
-            store = JobStore(Settings.from_env())
-            server_pid = parent_pid(store.raw(job_id)["supervisor_pid"])
-            store.close()
+            (server_pid,) = server_children()
             os.kill(server_pid, signal.SIGKILL)
             await call(client, "list_jobs")
     async with connect(fts_home, mode="legacy") as client:
@@ -255,3 +260,34 @@ async def test_two_servers_sharing_one_home_never_run_two_jobs_on_one_slot(fts_h
         jobs = [await call(a, "job_status", job_id=i) for i in ids]
         spans = sorted((j["started_at"], j["finished_at"]) for j in jobs)
         assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))  # one after another
+
+
+async def test_plain_lora_with_eval_split_and_packing(fts_home, tiny_model, tmp_path):
+    """Finishes: 16-bit base (no quantization), a held-out split with eval loss, packed text examples."""
+    import json
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The code word for {w} is {w[::-1]}."}) + "\n"
+                            for w in ("apple", "river", "cloud", "stone", "ocean", "tiger", "candle", "meadow")))
+    async with connect(fts_home) as client:
+        job = await call(client, "start_qlora_job", base_model=str(tiny_model), dataset=str(data), quantization="none",
+                         lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                         training={**FAST_TRAINING, "max_steps": 12, "eval_fraction": 0.25, "packing": True,
+                                   "max_seq_len": 64, "checkpoint_every_steps": 6})
+        job = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 120, "the LoRA job")
+    assert job["state"] == "succeeded", job
+    assert job["progress"]["eval_loss"] is not None
+    metrics = json.loads(Path(job["artifacts"]["metrics"]).read_text())
+    assert metrics["quantization"] == "none" and metrics["eval_loss"] == job["progress"]["eval_loss"]
+    config = json.loads((Path(job["artifacts"]["adapter_dir"]) / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4
+
+
+async def test_unknown_target_module_fails_naming_the_argument(fts_home, tiny_model):
+    """Fails in the worker: the module names are only known once the model is loaded."""
+    async with connect(fts_home) as client:
+        job = await call(client, "start_qlora_job", base_model=str(tiny_model), dataset=str(SAMPLE_CHAT),
+                         lora={"target_modules": ["c_attn"]}, training={**FAST_TRAINING, "max_steps": 2})
+        job = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 120, "the failure")
+    assert job["state"] == "failed" and job["error"]["param"] == "lora.target_modules"
+    assert "q_proj" in job["error"]["message"]

@@ -94,7 +94,6 @@ class Runner:
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
-        self._children: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()  # the monitor loop and tool calls may tick at once
 
     # ---- operations the tools call -------------------------------------------------------------------------
@@ -131,9 +130,8 @@ class Runner:
     # ---- the loop every server runs ------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Reap our children, declare dead workers, enforce cancel grace, start queued jobs on free slots."""
+        """Declare dead workers, enforce the cancel grace period, start queued jobs on free slots."""
         with self._lock:
-            self._reap()
             for job_id in self.store.ids_in(JobState.RUNNING):
                 try:
                     self._check_running(job_id)
@@ -141,11 +139,6 @@ class Runner:
                     pass
             while (claim := self.store.claim_next(self.settings.slots)) is not None:
                 self._spawn(*claim)
-
-    def _reap(self) -> None:
-        for job_id, proc in list(self._children.items()):
-            if proc.poll() is not None:
-                del self._children[job_id]
 
     def _check_running(self, job_id: str) -> None:
         raw = self.store.raw(job_id)
@@ -180,17 +173,21 @@ class Runner:
             env["CUDA_VISIBLE_DEVICES"] = self._physical_gpu(slot)
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
+        # Double fork through sh: the worker is not our child, so it outlives this process and leaves no zombie
+        # for us to reap; `echo $!` hands back its pid.
+        command = [sys.executable, "-m", "fts_mcp.jobs.worker", job_id]
         try:
             with (folder / LOG_NAME).open("ab") as logfile:
-                proc = subprocess.Popen([sys.executable, "-m", "fts_mcp.jobs.worker", job_id], cwd=folder, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        except OSError as exc:
+                done = subprocess.run(["/bin/sh", "-c", '"$@" </dev/null 2>&1 & echo $! >&2', "sh", *command],
+                                      cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=logfile,
+                                      stderr=subprocess.PIPE, start_new_session=True, check=True, timeout=30)
+            pid = int(done.stderr)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self.store.transition(job_id, JobState.FAILED, error=JobError(
                 code="worker_spawn_failed", message=f"could not start the worker: {exc}"))
             return
-        self._children[job_id] = proc
-        log.info("job %s started on %s (supervisor pid %d)", job_id, slot, proc.pid)
+        self.store.set_fields(job_id, supervisor_pid=pid)
+        log.info("job %s started on %s (supervisor pid %d)", job_id, slot, pid)
 
     def _physical_gpu(self, slot: str) -> str:
         index = int(slot.split(":")[1])

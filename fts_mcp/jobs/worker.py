@@ -23,7 +23,7 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.models import Artifacts, Job, JobError
-from fts_mcp.jobs.runner import RESULT_NAME, settle
+from fts_mcp.jobs.runner import RESULT_NAME, Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
 from fts_mcp.jobs.store import JobStore
 
@@ -82,6 +82,7 @@ def supervise(job_id: str) -> int:
             store.heartbeat(job_id)
     settle(store, job_id, code)
     log.info("job %s: work horse exited with %s", job_id, code)
+    Runner(settings, store).tick()  # hand the freed slot to the next queued job, with or without a live server
     store.close()
     return 0
 
