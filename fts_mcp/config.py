@@ -3,7 +3,7 @@
 | variable | meaning | default |
 |---|---|---|
 | `FTS_HOME` | where jobs, the job store and outputs live | the per-user data folder (`platformdirs`) |
-| `FTS_ROOTS` | `os.pathsep`-separated folders every path argument must resolve inside | `FTS_HOME` and the working directory at start |
+| `FTS_ROOTS` | `os.pathsep`-separated folders that path arguments must be inside | `FTS_HOME` and the start folder |
 | `FTS_GPUS` | CUDA device indices to run jobs on (`0,1`), or `none` for the CPU slot | every visible CUDA device |
 | `FTS_TRUST_REMOTE_CODE` | `1` lets models run code shipped in their repository | off |
 | `FTS_CANCEL_GRACE_SECONDS` | how long a cancelled worker may take to checkpoint before SIGKILL | 60 |
@@ -32,8 +32,8 @@ def _gpu_slots(env: dict[str, str]) -> tuple[str, ...]:
             return ()
         ids = [part.strip() for part in wanted.split(",") if part.strip()]
         if not all(i.isdigit() for i in ids):
-            raise InvalidArgument(f"expected comma-separated CUDA device indices such as '0,1', or 'none'; got {wanted!r}",
-                                  param="FTS_GPUS")
+            raise InvalidArgument(f"expected comma-separated CUDA device indices such as '0,1', or 'none'; "
+                                  f"got {wanted!r}", param="FTS_GPUS")
         return tuple(f"cuda:{i}" for i in ids)
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:

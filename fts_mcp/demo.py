@@ -79,7 +79,8 @@ async def drive(home: Path, steps: int) -> int:
 
         first_loss = None
         while job["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
-            job = (await client.call_tool("job_status", {"job_id": job["job_id"], "wait_seconds": 1})).structured_content
+            polled = await client.call_tool("job_status", {"job_id": job["job_id"], "wait_seconds": 1})
+            job = polled.structured_content
             p = job["progress"]
             first_loss = first_loss if first_loss is not None else p["loss"]
             figures = ""

@@ -22,7 +22,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def security_settings(host: str, port: int, extra_hosts: list[str], extra_origins: list[str]) -> TransportSecuritySettings:
+def security_settings(host: str, port: int, extra_hosts: list[str],
+                      extra_origins: list[str]) -> TransportSecuritySettings:
     """Host and Origin checks (DNS-rebinding protection) stay on for every bind address."""
     hosts = [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"]
     origins = [f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"http://[::1]:{port}"]

@@ -15,8 +15,8 @@ from fts_mcp.config import Settings
 from fts_mcp.datasets import DatasetReport, TokenStats, require_valid, validate_dataset
 from fts_mcp.errors import FtsError, InvalidArgument, ModelUnavailable
 from fts_mcp.hub import check_available, resolve_model_argument
-from fts_mcp.jobs.models import Job, JobList
-from fts_mcp.jobs.runner import Runner, fail_validation
+from fts_mcp.jobs.models import Job, JobError, JobList
+from fts_mcp.jobs.runner import Runner
 from fts_mcp.jobs.states import JobState, check_job_id
 from fts_mcp.jobs.store import JobStore
 from fts_mcp.paths import resolve_inside
@@ -93,8 +93,9 @@ class FineTuneService:
         job = self.store.create("train", spec.model_dump())
         try:
             check_available(model, self.settings)
-        except FtsError as exc:
-            return fail_validation(self.store, job.job_id, exc)
+        except FtsError as exc:  # the job stays on record, failed, with the reason
+            return self.store.transition(job.job_id, JobState.FAILED,
+                                         error=JobError(code=exc.code, message=exc.message, param=exc.param))
         self.store.transition(job.job_id, JobState.QUEUED)
         self.runner.tick()
         return self.store.get(job.job_id)
@@ -102,11 +103,11 @@ class FineTuneService:
     def _resume_point(self, job_id: str, model: str, lora: LoraSpec) -> Path:
         old = self.store.get(job_id)
         if old.kind != "train" or old.state not in RESUMABLE_FROM:
-            raise InvalidArgument(f"job {job_id} is a {old.state} {old.kind} job; resume_from takes a training job that "
-                                  "is cancelled, interrupted, failed or succeeded", param="resume_from")
+            raise InvalidArgument(f"job {job_id} is a {old.state} {old.kind} job; resume_from takes a training job "
+                                  "that is cancelled, interrupted, failed or succeeded", param="resume_from")
         if old.spec["base_model"] != model or LoraSpec(**old.spec["lora"]) != lora:
-            raise InvalidArgument(f"job {job_id} trained {old.spec['base_model']} with lora={old.spec['lora']}; a resumed "
-                                  "job must use the same base_model and lora settings", param="resume_from")
+            raise InvalidArgument(f"job {job_id} trained {old.spec['base_model']} with lora={old.spec['lora']}; "
+                                  "a resumed job must use the same base_model and lora settings", param="resume_from")
         checkpoint = latest_checkpoint(self.store.job_dir(job_id) / "checkpoints")
         if checkpoint is None:
             raise InvalidArgument(f"job {job_id} left no checkpoint to resume from (it stopped before its first save; "

@@ -41,9 +41,9 @@ def test_readme_documents_the_commands_and_every_tool_argument():
     for command in ("fts-mcp demo", "fts-mcp serve --transport", "fts-mcp jobs", "python -m pytest", "claude mcp add",
                     "mcpServers", '"servers"'):
         assert command in readme, command
-    from fts_mcp.server import mcp
-
     import anyio
+
+    from fts_mcp.server import mcp
 
     async def tools():
         return await mcp.list_tools()

@@ -259,7 +259,7 @@ async def test_two_servers_sharing_one_home_never_run_two_jobs_on_one_slot(fts_h
         assert all(states[i] == "succeeded" for i in ids), states
         jobs = [await call(a, "job_status", job_id=i) for i in ids]
         spans = sorted((j["started_at"], j["finished_at"]) for j in jobs)
-        assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))  # one after another
+        assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))  # one after another
 
 
 async def test_plain_lora_with_eval_split_and_packing(fts_home, tiny_model, tmp_path):

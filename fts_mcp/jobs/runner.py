@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fts_mcp.config import Settings
-from fts_mcp.errors import FtsError, InvalidArgument
+from fts_mcp.errors import InvalidArgument
 from fts_mcp.jobs.models import Artifacts, Job, JobError
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.store import LOG_NAME, JobStore, StaleState
@@ -206,8 +206,3 @@ class Runner:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-
-
-def fail_validation(store: JobStore, job_id: str, exc: FtsError) -> Job:
-    return store.transition(job_id, JobState.FAILED, error=JobError(code=exc.code, message=exc.message,
-                                                                    param=exc.param))

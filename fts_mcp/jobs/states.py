@@ -47,8 +47,8 @@ def check_transition(job_id: str, current: JobState, target: JobState) -> None:
     """Raise `IllegalTransition` unless the table allows `current -> target`."""
     if target not in TRANSITIONS[current]:
         allowed = ", ".join(sorted(TRANSITIONS[current])) or "none (terminal)"
-        raise IllegalTransition(f"job {job_id} is {current}; it cannot become {target} (allowed from {current}: {allowed})",
-                                param="job_id")
+        raise IllegalTransition(f"job {job_id} is {current}; it cannot become {target} "
+                                f"(allowed from {current}: {allowed})", param="job_id")
 
 
 JOB_ID_RE = re.compile(r"^job-[0-9a-f]{12}$")

@@ -106,7 +106,8 @@ class JobStore:
     def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
         row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise JobNotFound(f"no job {job_id} in {self.settings.home}; list_jobs shows the jobs there", param="job_id")
+            raise JobNotFound(f"no job {job_id} in {self.settings.home}; list_jobs shows the jobs there",
+                              param="job_id")
         return row
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -214,7 +215,8 @@ class JobStore:
             if artifacts is not None:
                 fields["artifacts"] = artifacts.model_dump_json()
             self._update(db, job_id, fields)
-            self._event(db, job_id, "state", {"state": target.value, **({"error": error.model_dump()} if error else {})})
+            event = {"state": target.value, **({"error": error.model_dump()} if error else {})}
+            self._event(db, job_id, "state", event)
         return self.get(job_id)
 
     def claim_next(self, slots: tuple[str, ...]) -> tuple[str, str] | None:

@@ -6,7 +6,6 @@ that imports torch. The same code runs on CUDA and on the CPU (bitsandbytes 4-bi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -177,7 +176,8 @@ def make_trainer(spec: TrainJobSpec, model: Any, tokenizer: Any, train_data: Dat
     except ValueError as exc:
         if "target modules" not in str(exc).lower():
             raise
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")})
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if type(module).__name__.startswith("Linear")})
         raise InvalidArgument(f"{exc}. This model's linear layers are: {', '.join(names)}; or use 'all-linear'",
                               param="lora.target_modules") from exc
 
