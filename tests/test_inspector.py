@@ -20,8 +20,8 @@ INSPECTOR = REPO / "node_modules" / ".bin" / "mcp-inspector"
 def inspector():
     if not INSPECTOR.exists():
         if os.environ.get("CI"):
-            pytest.fail("the MCP Inspector is not installed; .ci/run runs `npm ci` first")
-        pytest.skip("run `npm ci` to install the MCP Inspector")
+            pytest.fail("the MCP Inspector is not installed; .ci/run runs `npm install` first")
+        pytest.skip("run `npm install` to install the MCP Inspector")
     return [str(INSPECTOR), "--cli"]
 
 
