@@ -55,12 +55,31 @@ async def drive(home: Path, steps: int) -> int:
     t0 = time.monotonic()
     async with Client(server) as client:
         tools = [t.name for t in (await client.list_tools()).tools]
-        say(f"[1/4] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
+        say(f"[1/5] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
+
+        advice = (await client.call_tool("recommend_ft_vs_rag", {
+            "knowledge_changes": "never", "output_format": True, "labelled_examples": 16,
+            "example_quality": "high", "budget": "tight"})).structured_content
+        say(f"[2/5] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
+            f"{advice['summary']}")
+        for verdict in advice["criteria"]:
+            if verdict["verdict"] != "unknown":
+                say(f"      {verdict['criterion']} = {verdict['value']}: {verdict['verdict']} - {verdict['reason']}")
+        say("      (the demo trains anyway: it is a 16-example memorisation run that shows the whole loop)")
+        plan = (await client.call_tool("estimate_resources", {
+            "base_model": str(model), "seq_len": 256, "micro_batch": 16, "dataset_examples": 16,
+            "tokens_per_example": 90, "epochs": steps, "gpu": "L4"})).structured_content
+        say(f"      estimate_resources for {plan['parameters']:,} parameters at micro-batch 16 x 256 tokens:")
+        for e in plan["estimates"]:
+            m, t = e["memory"], e["throughput"]
+            say(f"      {e['method']:<6} peak {m['peak_allocated_gb'] * 1000:6.1f} MB "
+                f"(weights {m['weights_gb'] * 1000:.2f} MB, logits {m['logits_gb'] * 1000:.1f} MB) "
+                f"+ {m['framework_overhead_gb']:.2f} GB CUDA context; an L4 would take {t['hours'] * 3600:.2f} s")
 
         report = (await client.call_tool("validate_dataset", {"path": str(data), "base_model": str(model),
                                                               "max_seq_len": 256})).structured_content
         stats = report["token_stats"]
-        say(f"[2/4] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
+        say(f"[3/5] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
             f"tokens mean={stats['mean']} max={stats['max']} trained={stats['trained_tokens']}")
         for warning in report["warnings"]:
             say(f"      warning: {warning}")
@@ -75,7 +94,7 @@ async def drive(home: Path, steps: int) -> int:
             say(f"start_qlora_job refused: {started.content[0].text}")
             return 1
         job = started.structured_content
-        say(f"[3/4] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
+        say(f"[4/5] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
 
         first_loss = None
         while job["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
@@ -91,7 +110,7 @@ async def drive(home: Path, steps: int) -> int:
             if p["eta_seconds"] is not None and job["state"] == "running":
                 figures += f"  eta {p['eta_seconds']:.0f}s"
             phase = p["phase"] or job["state"]
-            say(f"\r[4/4] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
+            say(f"\r[5/5] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
         say()
         elapsed = time.monotonic() - t0
         if job["state"] != "succeeded":

@@ -15,23 +15,30 @@ from typing import Annotated, Literal
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.prompts.base import UserMessage
 from mcp_types import ToolAnnotations
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from fts_mcp import __version__
 from fts_mcp.config import Settings
 from fts_mcp.datasets import DatasetReport
+from fts_mcp.docs import DOC_TOPICS, read_doc
 from fts_mcp.errors import FtsError
 from fts_mcp.jobs.models import Job, JobList
 from fts_mcp.jobs.states import JobState
-from fts_mcp.service import FineTuneService
+from fts_mcp.planning.advice import Advice, Criteria
+from fts_mcp.planning.diagnose import diagnose
+from fts_mcp.planning.estimate import ResourceEstimate
+from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.service import FineTuneService, PlanningService
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 
 log = logging.getLogger("fts_mcp.server")
 
 INSTRUCTIONS = """\
 fts-mcp fine-tunes LoRA / QLoRA adapters on this host's GPUs (or CPU) as background jobs.
-Workflow: validate_dataset -> start_qlora_job -> job_status (with wait_seconds to long-poll) until the job is
+Plan first: recommend_ft_vs_rag (is fine-tuning the right tool?) and estimate_resources (memory, fit, time,
+cost); reference documents are at fts://docs. Then: validate_dataset -> start_qlora_job -> job_status (with wait_seconds to long-poll) until the job is
 succeeded -> use artifacts.adapter_dir. cancel_job stops a job with a checkpoint; resume_job continues an
 interrupted one. Jobs outlive this server; list_jobs shows them. Paths must lie inside the configured roots."""
 
@@ -73,14 +80,19 @@ def _service(ctx: Context) -> FineTuneService:
     return ctx.request_context.lifespan_context
 
 
+def _planning(ctx: Context) -> PlanningService:
+    return PlanningService(_service(ctx).settings)
+
+
 def agent_errors(fn):
-    """Turn domain errors into tool errors whose text names the argument and what would be accepted."""
+    """Turn domain errors (and core models refusing a value) into tool errors whose text names the argument and
+    what would be accepted."""
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def async_wrapper(*args, **kwargs):
             try:
                 return await fn(*args, **kwargs)
-            except FtsError as exc:
+            except (FtsError, ValidationError) as exc:
                 raise ToolError(str(exc)) from exc
         return async_wrapper
 
@@ -88,7 +100,7 @@ def agent_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FtsError as exc:
+        except (FtsError, ValidationError) as exc:
             raise ToolError(str(exc)) from exc
     return wrapper
 
@@ -223,3 +235,137 @@ def job_log_resource(job_id: str, ctx: Context) -> str:
 @mcp.resource("fts://jobs/{job_id}/loss.png", mime_type="image/png", description="Loss curve so far")
 def job_loss_resource(job_id: str, ctx: Context) -> bytes:
     return _resource(_service(ctx).loss_curve, job_id)
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+
+def _criterion(name: str):
+    """The Criteria field's own type and description, so the tool schema and the core model cannot drift."""
+    info = Criteria.model_fields[name]
+    return Annotated[info.annotation, *info.metadata, Field(None, description=info.description)]
+
+
+@mcp.tool(title="Fine-tune or RAG?", annotations=READ_ONLY)
+@agent_errors
+def recommend_ft_vs_rag(
+    ctx: Context,
+    knowledge_changes: _criterion("knowledge_changes") = None,
+    output_format: _criterion("output_format") = None,
+    reasoning_style: _criterion("reasoning_style") = None,
+    domain_jargon: _criterion("domain_jargon") = None,
+    factual_accuracy_with_sources: _criterion("factual_accuracy_with_sources") = None,
+    budget: _criterion("budget") = None,
+    maximum_quality: _criterion("maximum_quality") = None,
+    labelled_examples: _criterion("labelled_examples") = None,
+    example_quality: _criterion("example_quality") = None,
+    latency_sensitive: _criterion("latency_sensitive") = None,
+    deployment: _criterion("deployment") = None,
+) -> Advice:
+    """Decide whether fine-tuning, retrieval (RAG), both, or neither yet fits a use case — before spending GPU
+    hours. Fill what you know; leave the rest null (unknown). Returns the recommendation with a confidence, one
+    verdict and reason per criterion, the conflicts and which side dominates, data-size guidance and next steps."""
+    criteria = Criteria(knowledge_changes=knowledge_changes, output_format=output_format,
+                        reasoning_style=reasoning_style, domain_jargon=domain_jargon,
+                        factual_accuracy_with_sources=factual_accuracy_with_sources, budget=budget,
+                        maximum_quality=maximum_quality, labelled_examples=labelled_examples,
+                        example_quality=example_quality, latency_sensitive=latency_sensitive, deployment=deployment)
+    return _planning(ctx).recommend_ft_vs_rag(criteria)
+
+
+Count = Annotated[int | None, Field(None, ge=1, le=10_000_000)]
+
+
+@mcp.tool(title="Estimate memory, time and cost", annotations=READ_ONLY)
+@agent_errors
+def estimate_resources(
+    ctx: Context,
+    base_model: Annotated[str | None, Field(description="model folder or hub id; only config.json is read")] = None,
+    params: Annotated[int | None, Field(ge=1_000_000, le=10**13, description="parameter count, when the "
+                                                                           "shape is unknown")] = None,
+    layers: Count = None,
+    hidden: Count = None,
+    intermediate: Count = None,
+    heads: Count = None,
+    kv_heads: Count = None,
+    vocab: Count = None,
+    method: Annotated[Literal["full", "lora", "qlora", "all"], Field(description="one method or all three "
+                                                                                "side by side")] = "all",
+    seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048,
+    micro_batch: Annotated[int, Field(ge=1, le=4096)] = 4,
+    lora_r: Annotated[int, Field(ge=1, le=1024)] = 16,
+    target_modules: Annotated[Literal["all-linear"] | list[str], Field(description="'all-linear' or module "
+                                                                                   "names")] = "all-linear",
+    gradient_checkpointing: bool = True,
+    optimizer: Literal["adamw_32bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_32bit",
+    dataset_examples: Annotated[int | None, Field(ge=1, le=10**10)] = None,
+    tokens_per_example: Annotated[int | None, Field(ge=1, le=1_048_576, description="average; default 512")] = None,
+    dataset_tokens: Annotated[int | None, Field(ge=1, le=10**14)] = None,
+    epochs: Annotated[float, Field(gt=0, le=100)] = 3.0,
+    gpu: Annotated[str | None, Field(description="H200, H100, A100-80GB, A100-40GB, L40S, L4, RTX-4090, ...")] = None,
+    gpu_memory_gb: Annotated[float | None, Field(gt=0, le=10_000, description="for a card not in the list")] = None,
+    price_per_gpu_hour: Annotated[float | None, Field(ge=0, le=10_000)] = None,
+    utilization: Annotated[float | None, Field(gt=0, le=1, description="share of the GPU's bf16 peak; "
+                                                                       "default per method")] = None,
+) -> ResourceEstimate:
+    """Estimate GPU memory (a breakdown: weights, quantization constants with and without double quantization,
+    adapters, gradients, optimizer, activations with/without checkpointing, logits, overhead) for full
+    fine-tuning, LoRA and QLoRA; whether each fits the GPU and how many GPUs it needs; a configuration that fits;
+    and, with a dataset size and a GPU, the time and cost. Use it before start_qlora_job."""
+    settings = EstimateSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
+                                target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
+                                optimizer=optimizer)
+    shape = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
+             "vocab": vocab}
+    return _planning(ctx).estimate_resources(
+        base_model=base_model, params=params, shape=shape, method=method, settings=settings,
+        dataset_examples=dataset_examples, tokens_per_example=tokens_per_example, dataset_tokens=dataset_tokens,
+        epochs=epochs, gpu=gpu, gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
+        utilization=utilization)
+
+
+# ---- reference documents and prompts -------------------------------------------------------------------------
+
+@mcp.resource("fts://docs", mime_type="text/markdown", description="Index of the reference documents")
+def docs_index() -> str:
+    return read_doc("index")
+
+
+@mcp.resource("fts://docs/{topic}", mime_type="text/markdown",
+              description=f"Reference document; topics: {', '.join(DOC_TOPICS)}")
+def doc(topic: str) -> str:
+    if topic not in DOC_TOPICS:
+        raise ResourceNotFoundError(f"no document {topic!r}; topics: {', '.join(DOC_TOPICS)}")
+    return read_doc(topic)
+
+
+@mcp.prompt(title="Plan a fine-tune")
+def plan_finetune(use_case: str, data_available: str, hardware: str) -> list:
+    """Walk through recommend -> estimate -> validate -> start for a use case."""
+    return [UserMessage(
+        f"I want to adapt a language model for this use case:\n{use_case}\n\n"
+        f"Data I have: {data_available}\nHardware: {hardware}\n\n"
+        "Plan it with the fts-mcp tools, step by step:\n"
+        "1. Call recommend_ft_vs_rag with what you can infer (leave unknowns null). If it says rag or "
+        "neither_yet, explain why and stop there with the next steps.\n"
+        "2. Pick a base model (7-13B instruct for most tasks; smaller for edge) and call estimate_resources with "
+        "it, the GPU and the dataset size. Choose the method and configuration it says fits.\n"
+        "3. Call validate_dataset on the data with that base_model and fix every listed line.\n"
+        "4. Call start_qlora_job with the chosen lora and training settings, then follow job_status with "
+        "wait_seconds until it finishes. Read fts://docs/lora and fts://docs/memory if a choice is unclear.")]
+
+
+@mcp.prompt(title="Diagnose a job")
+def diagnose_job(job_id: str, ctx: Context) -> list:
+    """Read a job's status, loss curve and log, and suggest fixes (loss not falling, out of memory, diverging)."""
+    service = _service(ctx)
+    try:
+        job = service.job_status(job_id, log_lines=40)
+    except FtsError as exc:
+        raise ToolError(str(exc)) from exc
+    findings = diagnose(job, service.store.events(job_id, kind="progress"), service.job_log(job_id))
+    found = "\n".join(f"- {f.problem}: {f.evidence}. Fix: {f.fix}" for f in findings) or "- no known problem pattern"
+    return [UserMessage(
+        f"Diagnose fine-tuning job {job_id}.\n\nStatus:\n{job.model_dump_json(indent=2, exclude={'log_tail'})}\n\n"
+        f"Automatic checks:\n{found}\n\nLast log lines:\n" + "\n".join(job.log_tail) +
+        "\n\nExplain what happened and what to change; if a new run is needed, give the start_qlora_job "
+        "arguments.")]

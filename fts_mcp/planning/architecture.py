@@ -89,7 +89,7 @@ def from_config(config: dict, *, source: str) -> Architecture:
     values["experts"] = _first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1
     if values["experts"] > 1:
         values["intermediate"] = _first(config, "moe_intermediate_size", "intermediate_size") or values["intermediate"]
-    values["tied_embeddings"] = bool(config.get("tie_word_embeddings", not gated and config.get("model_type") == "gpt2"))
+    values["tied_embeddings"] = bool(config.get("tie_word_embeddings", config.get("model_type") == "gpt2"))
     values["gated_mlp"] = gated
     return Architecture(**values)
 

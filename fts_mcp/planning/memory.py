@@ -129,22 +129,24 @@ def memory(arch: Architecture, method: Method, *, seq_len: int, micro_batch: int
     logits = tokens * arch.vocab * LOGIT_BYTES
     peak = weights + constants + adapters + grads + opt + act + logits
     overhead = CUDA_CONTEXT_GB * GB + ALLOCATOR_SLACK * peak
+    gb = lambda value: round(value / GB, 6)  # noqa: E731 - kB resolution: tiny models stay visible
     return Memory(
-        weights_gb=weights / GB, quantization_constants_gb=constants / GB,
-        quantization_constants_without_double_quant_gb=constants_plain / GB, adapters_gb=adapters / GB,
-        gradients_gb=grads / GB, optimizer_gb=opt / GB, activations_gb=act / GB,
-        activations_without_checkpointing_gb=act_plain / GB, logits_gb=logits / GB, peak_allocated_gb=peak / GB,
-        framework_overhead_gb=overhead / GB, total_gb=(peak + overhead) / GB,
+        weights_gb=gb(weights), quantization_constants_gb=gb(constants),
+        quantization_constants_without_double_quant_gb=gb(constants_plain), adapters_gb=gb(adapters),
+        gradients_gb=gb(grads), optimizer_gb=gb(opt), activations_gb=gb(act),
+        activations_without_checkpointing_gb=gb(act_plain), logits_gb=gb(logits), peak_allocated_gb=gb(peak),
+        framework_overhead_gb=gb(overhead), total_gb=gb(peak + overhead),
     ), trainable
 
 
 def gpus_needed(m: Memory, gpu_memory_gb: float) -> int | None:
-    """GPUs when weights, gradients and optimizer states are sharded; per-GPU activations are not."""
+    """GPUs when weights, gradients and optimizer states are sharded (FSDP / ZeRO-3); each GPU still holds its
+    own activations and logits, the CUDA context and the allocator slack."""
     if m.total_gb <= gpu_memory_gb:
         return 1
     shardable = m.weights_gb + m.quantization_constants_gb + m.adapters_gb + m.gradients_gb + m.optimizer_gb
-    per_gpu_fixed = m.total_gb - shardable
-    room = gpu_memory_gb - per_gpu_fixed
+    per_gpu = m.activations_gb + m.logits_gb
+    room = (gpu_memory_gb - CUDA_CONTEXT_GB) / (1 + ALLOCATOR_SLACK) - per_gpu
     if room <= 0:
         return None
     return max(2, math.ceil(shardable / room))
