@@ -23,6 +23,11 @@ ASSUMED_EPOCHS = 3
 Verdict = Literal["fine_tune", "rag", "both", "either", "neutral", "unknown"]
 Recommendation = Literal["fine_tune", "rag", "both", "neither_yet"]
 STYLE_RANGE = (MIN_USEFUL_EXAMPLES, 500)
+QUALITY_REASONS = {
+    "low": "low-quality examples teach their mistakes: clean them first (they count for about a third)",
+    "mixed": "mixed quality: filter the worst examples before training; quality beats quantity",
+    "high": "high-quality examples make even a few hundred enough for a style",
+}
 
 
 class Criteria(BaseModel):
@@ -100,10 +105,7 @@ def _verdicts(c: Criteria) -> list[CriterionVerdict]:
           "the best results combine a fine-tuned model (behaviour) with retrieval (knowledge)"
           if c.maximum_quality else "good-enough quality is the aim"),
         v("labelled_examples", c.labelled_examples, _data_verdict(c), _data_reason(c)),
-        v("example_quality", c.example_quality, "neutral",
-          {"low": "low-quality examples teach their mistakes: clean them first (they count for about a third)",
-           "mixed": "mixed quality: filter the worst examples before training; quality beats quantity",
-           "high": "high-quality examples make even a few hundred enough for a style"}.get(c.example_quality or "", "")),
+        v("example_quality", c.example_quality, "neutral", QUALITY_REASONS.get(c.example_quality or "", "")),
         v("latency_sensitive", c.latency_sensitive, "fine_tune" if c.latency_sensitive else "neutral",
           "a fine-tuned small model answers without a retrieval hop or long stuffed prompts"
           if c.latency_sensitive else "a retrieval hop is affordable"),

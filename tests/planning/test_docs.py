@@ -4,7 +4,7 @@ import pytest
 
 from fts_mcp.datasets import DIMINISHING_RETURNS, MIN_USEFUL_EXAMPLES, ROBUST_RANGE
 from fts_mcp.docs import DOC_TOPICS, read_doc
-from fts_mcp.planning.advice import recommend, Criteria
+from fts_mcp.planning.advice import Criteria, recommend
 from fts_mcp.planning.architecture import Architecture
 from fts_mcp.planning.estimate import REFERENCE_SHAPES
 from fts_mcp.planning.memory import BITS_CONSTANTS_DOUBLE, UTILIZATION, lora_params, memory
@@ -62,10 +62,11 @@ def test_data_compute_and_edge_docs():
     doc = read_doc("data-and-compute")
     assert f"**{MIN_USEFUL_EXAMPLES}-500**" in doc and f"**{ROBUST_RANGE[0]:,}-{ROBUST_RANGE[1]:,}**" in doc
     assert f"**~{DIMINISHING_RETURNS:,}**" in doc
+    names = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
     for method, util in UTILIZATION.items():
-        assert f"{util:.2f} for {'full fine-tuning' if method == 'full' else ('LoRA' if method == 'lora' else 'QLoRA')}" \
-            in doc
-    cost_step = next(s for s in recommend(Criteria(output_format=True, labelled_examples=2000)).next_steps if "h (" in s)
+        assert f"{util:.2f} for {names[method]}" in doc
+    steps = recommend(Criteria(output_format=True, labelled_examples=2000)).next_steps
+    cost_step = next(s for s in steps if "h (" in s)
     hours = cost_step.split("takes about ")[1].split(" h")[0]
     low, high = hours.split("-")
     assert f"takes about {low} h, and {high} h" in doc
