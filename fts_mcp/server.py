@@ -40,7 +40,8 @@ fts-mcp fine-tunes LoRA / QLoRA adapters on this host's GPUs (or CPU) as backgro
 Plan first: recommend_ft_vs_rag (is fine-tuning the right tool?) and estimate_resources (memory, fit, time,
 cost); reference documents are at fts://docs. Then: validate_dataset -> start_qlora_job -> job_status (with
 wait_seconds to long-poll) until the job is succeeded -> use artifacts.adapter_dir. cancel_job stops a job
-with a checkpoint; resume_job continues an interrupted one. Jobs outlive this server; list_jobs shows them. Paths must lie inside the configured roots."""
+with a checkpoint; resume_job continues an interrupted one. Jobs outlive this server; list_jobs shows them.
+Paths must lie inside the configured roots."""
 
 TICK_SECONDS = 1.0
 POLL_SECONDS = 0.25
