@@ -1,7 +1,8 @@
 """`fts-mcp demo`: the whole loop on a built-in tiny model, through a real MCP client session.
 
-It starts `fts-mcp serve` over stdio, connects an MCP client to it and drives validate_dataset ->
-start_qlora_job -> job_status (long-poll, with a progress bar) until the job has finished. The model is a
+It starts `fts-mcp serve` over stdio, connects an MCP client to it, asks recommend_ft_vs_rag and
+estimate_resources about its own model and data, then drives validate_dataset -> start_qlora_job -> job_status
+(long-poll, with a progress bar) until the job has finished, and merges the adapter with merge_adapter. The model is a
 tiny random-initialised Llama shipped in resources/ and the data a 16-example memorisation set; on 2 CPU
 cores it takes well under a minute.
 """
@@ -48,6 +49,17 @@ def say(text: str = "", end: str = "\n") -> None:
     sys.stdout.flush()
 
 
+class Refused(Exception):
+    """A tool answered with an error; the demo stops and shows it."""
+
+
+async def call(client: Client, tool: str, args: dict) -> dict:
+    result = await client.call_tool(tool, args)
+    if result.is_error:
+        raise Refused(result.content[0].text)
+    return result.structured_content
+
+
 async def drive(home: Path, steps: int) -> int:
     model, data = stage_demo_files(home)
     server = StdioServerParameters(command=sys.executable, args=["-m", "fts_mcp", "serve"],
@@ -55,20 +67,20 @@ async def drive(home: Path, steps: int) -> int:
     t0 = time.monotonic()
     async with Client(server) as client:
         tools = [t.name for t in (await client.list_tools()).tools]
-        say(f"[1/5] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
+        say(f"[1/6] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
 
-        advice = (await client.call_tool("recommend_ft_vs_rag", {
+        advice = await call(client, "recommend_ft_vs_rag", {
             "knowledge_changes": "never", "output_format": True, "labelled_examples": 16,
-            "example_quality": "high", "budget": "tight"})).structured_content
-        say(f"[2/5] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
+            "example_quality": "high", "budget": "tight"})
+        say(f"[2/6] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
             f"{advice['summary']}")
         for verdict in advice["criteria"]:
             if verdict["verdict"] != "unknown":
                 say(f"      {verdict['criterion']} = {verdict['value']}: {verdict['verdict']} - {verdict['reason']}")
         say("      (the demo trains anyway: it is a 16-example memorisation run that shows the whole loop)")
-        plan = (await client.call_tool("estimate_resources", {
-            "base_model": str(model), "seq_len": 256, "micro_batch": 16, "dataset_examples": 16,
-            "tokens_per_example": 90, "epochs": steps, "gpu": "L4"})).structured_content
+        plan = await call(client, "estimate_resources", {
+            "base_model": str(model), "seq_len": 256, "micro_batch": 16, "dataset_tokens": 16 * 90 * steps,
+            "epochs": 1, "gpu": "L4"})
         say(f"      estimate_resources for {plan['parameters']:,} parameters at micro-batch 16 x 256 tokens:")
         for e in plan["estimates"]:
             m, t = e["memory"], e["throughput"]
@@ -76,30 +88,25 @@ async def drive(home: Path, steps: int) -> int:
                 f"(weights {m['weights_gb'] * 1000:.2f} MB, logits {m['logits_gb'] * 1000:.1f} MB) "
                 f"+ {m['framework_overhead_gb']:.2f} GB CUDA context; an L4 would take {t['hours'] * 3600:.2f} s")
 
-        report = (await client.call_tool("validate_dataset", {"path": str(data), "base_model": str(model),
-                                                              "max_seq_len": 256})).structured_content
+        report = await call(client, "validate_dataset", {"path": str(data), "base_model": str(model),
+                                                              "max_seq_len": 256})
         stats = report["token_stats"]
-        say(f"[3/5] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
+        say(f"[3/6] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
             f"tokens mean={stats['mean']} max={stats['max']} trained={stats['trained_tokens']}")
         for warning in report["warnings"]:
             say(f"      warning: {warning}")
 
-        started = await client.call_tool("start_qlora_job", {
+        job = await call(client, "start_qlora_job", {
             "base_model": str(model), "dataset": str(data), "output_name": "demo-codewords",
             "lora": {"r": 16}, "quantization": "nf4",
             "training": {"max_steps": steps, "learning_rate": 0.01, "lr_scheduler": "constant", "warmup_ratio": 0,
                          "micro_batch_size": 16, "gradient_accumulation_steps": 1, "max_seq_len": 256,
                          "checkpoint_every_steps": 50}})
-        if started.is_error:
-            say(f"start_qlora_job refused: {started.content[0].text}")
-            return 1
-        job = started.structured_content
-        say(f"[4/5] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
+        say(f"[4/6] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
 
         first_loss = None
         while job["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
-            polled = await client.call_tool("job_status", {"job_id": job["job_id"], "wait_seconds": 1})
-            job = polled.structured_content
+            job = await call(client, "job_status", {"job_id": job["job_id"], "wait_seconds": 1})
             p = job["progress"]
             first_loss = first_loss if first_loss is not None else p["loss"]
             figures = ""
@@ -110,7 +117,7 @@ async def drive(home: Path, steps: int) -> int:
             if p["eta_seconds"] is not None and job["state"] == "running":
                 figures += f"  eta {p['eta_seconds']:.0f}s"
             phase = p["phase"] or job["state"]
-            say(f"\r[5/5] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
+            say(f"\r[5/6] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
         say()
         elapsed = time.monotonic() - t0
         if job["state"] != "succeeded":
@@ -124,10 +131,28 @@ async def drive(home: Path, steps: int) -> int:
         for f in job["artifacts"]["files"]:
             say(f"  {Path(f['path']).name:<28} {f['bytes']:>9,} bytes  sha256 {f['sha256'][:16]}…")
         say(f"loss curve: {job['artifacts']['loss_curve']}  (also the MCP resource fts://jobs/{job['job_id']}/loss.png)")
+
+        merged = await call(client, "merge_adapter", {"adapter": job["job_id"], "dtype": "float32",
+                                                      "output_name": f"demo-codewords-{job['job_id']}"})
+        while merged["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
+            merged = await call(client, "job_status", {"job_id": merged["job_id"], "wait_seconds": 5})
+        if merged["state"] != "succeeded":
+            say(f"merge {merged['state']}: {(merged['error'] or {}).get('message')}")
+            return 1
+        v = merged["artifacts"]["verification"]
+        say(f"[6/6] merge_adapter: {merged['job_id']} merged into a 16-bit (float32) base -> "
+            f"{merged['artifacts']['output_dir']}")
+        say(f"      verified on {v['inputs']} fixed inputs: max |logit diff| merged vs base+adapter "
+            f"{v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:.2e}); vs the 4-bit base it was trained on "
+            f"{v['trained_base_max_abs_logit_diff']:.3f} (reported, not hidden: the 16-bit base is not rounded)")
     return 0
 
 
 def run_demo(steps: int = 120) -> int:
     home = Settings.from_env().home
     say(f"fts-mcp demo: QLoRA fine-tune of a tiny Llama on a 16-example chat set (FTS_HOME={home})")
-    return anyio.run(drive, home, steps)
+    try:
+        return anyio.run(drive, home, steps)
+    except Refused as exc:
+        say(f"\na tool refused: {exc}")
+        return 1

@@ -20,6 +20,7 @@ from mcp_types import ToolAnnotations
 from pydantic import Field, ValidationError
 
 from fts_mcp import __version__
+from fts_mcp.adapters.spec import Combination, Dtype, WeightedAdapter
 from fts_mcp.config import Settings
 from fts_mcp.datasets import DatasetReport
 from fts_mcp.docs import DOC_TOPICS, read_doc
@@ -212,6 +213,38 @@ def resume_job(job_id: JobId, ctx: Context) -> Job:
     """Queue an interrupted job again (its worker was killed, ran out of memory or the host restarted). It
     continues from its last checkpoint: the step count, optimizer and scheduler state carry on."""
     return _service(ctx).resume_job(job_id)
+
+
+@mcp.tool(title="Merge adapters into a model", annotations=LAUNCHES)
+@agent_errors
+def merge_adapter(
+    ctx: Context,
+    adapter: Annotated[str | None, Field(description="a succeeded training job id or an adapter folder")] = None,
+    adapters: Annotated[list[WeightedAdapter] | None, Field(description="several adapters to combine, each "
+                                                                        "{adapter, weight}")] = None,
+    base_model: Annotated[str | None, Field(description="16-bit base to merge into; default: the adapter's own "
+                                                        "base_model_name_or_path")] = None,
+    output_name: Annotated[str | None, Field(description="folder name under FTS_HOME/models (or /adapters)")] = None,
+    dtype: Annotated[Dtype, Field(description="dtype of the merged weights (or of the combined adapter)")] = "bfloat16",
+    verify: Annotated[bool, Field(description="compare merged logits with base + adapter and refuse a merge "
+                                              "beyond the dtype's tolerance")] = True,
+    combination: Annotated[Combination, Field(description="how several adapters combine (see description)")] = "cat",
+    density: Annotated[float | None, Field(gt=0, le=1, description="share of each delta kept by ties, dare_linear, "
+                                                                   "dare_ties and magnitude_prune")] = None,
+    output: Annotated[Literal["model", "adapter"], Field(description="'model': merge into the base; 'adapter': "
+                                                                     "write the combined adapter")] = "model",
+) -> Job:
+    """Merge a LoRA adapter into its base model (W + alpha/r * B A) as a background job of kind `merge`, or
+    combine several adapters into one. The base is loaded in 16 bits — never merged into 4-bit weights — and the
+    merged logits are verified against base + adapter (artifacts.verification: max_abs_logit_diff, tolerance,
+    and for QLoRA adapters the difference from the 4-bit base they were trained on). The result is written
+    atomically; the same merge asked twice returns the first job. Combinations: `cat` (concatenates the factors)
+    is exactly the weighted sum of the deltas, any ranks; `svd` is that sum truncated back to a rank, any ranks;
+    `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` need equal ranks and are not exact (the last
+    four prune each delta to `density`). Follow it with job_status; artifacts.output_dir holds the result."""
+    return _service(ctx).merge_adapter(adapter, adapters=adapters, base_model=base_model, output_name=output_name,
+                                       dtype=dtype, verify=verify, combination=combination, density=density,
+                                       output=output)
 
 
 # ---- resources -----------------------------------------------------------------------------------------------

@@ -6,18 +6,31 @@ ones raise `FtsError` subclasses naming the argument and what would be accepted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal, NamedTuple
 
+from fts_mcp.adapters.inspect import AdapterInfo, check_fits_base, read_adapter
+from fts_mcp.adapters.spec import (
+    EQUAL_RANKS,
+    NEEDS_DENSITY,
+    AdapterSource,
+    Combination,
+    Dtype,
+    MergeJobSpec,
+    WeightedAdapter,
+)
 from fts_mcp.config import Settings
 from fts_mcp.datasets import DatasetReport, TokenStats, require_valid, validate_dataset
 from fts_mcp.errors import FtsError, InvalidArgument, ModelUnavailable
 from fts_mcp.hub import check_available, hub_offline, resolve_model_argument
+from fts_mcp.io import sha256_file
 from fts_mcp.jobs.models import Job, JobError, JobList
 from fts_mcp.jobs.runner import Runner
-from fts_mcp.jobs.states import JobState, check_job_id
+from fts_mcp.jobs.states import JOB_ID_RE, JobState, check_job_id
 from fts_mcp.jobs.store import JobStore
 from fts_mcp.paths import resolve_inside
 from fts_mcp.planning.advice import Advice, Criteria, recommend
@@ -29,6 +42,14 @@ from fts_mcp.training.checkpoints import latest_checkpoint
 from fts_mcp.training.spec import OUTPUT_NAME_RE, LoraSpec, TrainingSpec, TrainJobSpec
 
 DEFAULT_TOKENS_PER_EXAMPLE = 512
+class _Source(NamedTuple):
+    path: str
+    weight: float
+    job_id: str | None
+    quantization: str | None
+    base: str | None
+
+
 RESUMABLE_FROM = (JobState.CANCELLED, JobState.INTERRUPTED, JobState.SUCCEEDED, JobState.FAILED)
 
 
@@ -119,6 +140,121 @@ class FineTuneService:
             raise InvalidArgument(f"job {job_id} left no checkpoint to resume from (it stopped before its first save; "
                                   "lower training.checkpoint_every_steps next time)", param="resume_from")
         return checkpoint
+
+    # ---- merging -------------------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter: str | None = None, *, adapters: list[WeightedAdapter | dict] | None = None,
+                      base_model: str | None = None, output_name: str | None = None, dtype: Dtype = "bfloat16",
+                      verify: bool = True, combination: Combination = "cat", density: float | None = None,
+                      output: Literal["model", "adapter"] = "model") -> Job:
+        """Check everything cheap (files, shapes, ranks, names), then queue a `merge` job, or return the job that
+        already produced the same result."""
+        if (adapter is None) == (adapters is None):
+            raise InvalidArgument("give adapter (one) or adapters (a weighted list), exactly one of them",
+                                  param="adapter")
+        entries = [WeightedAdapter(adapter=adapter)] if adapter is not None else \
+            [WeightedAdapter.model_validate(entry) for entry in adapters]
+        if not entries:
+            raise InvalidArgument("adapters is empty; list at least two {adapter, weight} entries", param="adapters")
+        several = adapters is not None
+        sources, infos = [], []
+        for i, entry in enumerate(entries):
+            param = f"adapters[{i}].adapter" if several else "adapter"
+            source, info = self._adapter_source(entry, param)
+            sources.append(source)
+            infos.append(info)
+        if several:
+            self._check_combination(combination, density, infos)
+        elif output == "adapter":
+            raise InvalidArgument("output='adapter' combines several adapters; one adapter is already an adapter",
+                                  param="output")
+        declared = next((s.base for s in sources if s.base), None) or infos[0].base_model
+        if base_model is None and declared is None:
+            raise InvalidArgument("the adapter does not name its base model; pass base_model", param="base_model")
+        model = resolve_model_argument(base_model or declared, self.settings)
+        config, config_path = read_config(model, self.settings.roots, hub_offline(self.settings.env))
+        arch = from_config(config, source=config_path)
+        for i, info in enumerate(infos):
+            check_fits_base(info, arch, base=model, param=f"adapters[{i}].adapter" if several else "adapter")
+        first = Path(sources[0].path)
+        name = output_name or f"{first.parent.name if sources[0].job_id else first.name}-merged"
+        if not OUTPUT_NAME_RE.match(name):
+            raise InvalidArgument(f"{name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                                  "digit", param="output_name")
+        spec_sources = [AdapterSource(path=s.path, weight=s.weight, job_id=s.job_id,
+                                      trained_quantization=s.quantization, r=info.r, alpha=info.alpha,
+                                      sha256=info.sha256) for s, info in zip(sources, infos, strict=True)]
+        combination_used = combination if several else None
+        key = hashlib.sha256(json.dumps({
+            "adapters": [(s.sha256, s.weight) for s in spec_sources], "base": model,
+            "base_config": sha256_file(Path(config_path)), "dtype": dtype, "combination": combination_used,
+            "density": density if several else None, "output": output}, sort_keys=True).encode()).hexdigest()
+        out = self.settings.home / ("models" if output == "model" else "adapters") / name
+        if (existing := self._existing_merge(out, key)) is not None:
+            return existing
+        spec = MergeJobSpec(adapters=spec_sources, base_model=model, dtype=dtype, verify=verify,
+                            combination=combination_used, density=density if several else None, output=output,
+                            output_name=name, output_dir=str(out), inputs_key=key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        job = self.store.create("merge", spec.model_dump())
+        try:
+            check_available(model, self.settings)
+        except FtsError as exc:
+            return self.store.transition(job.job_id, JobState.FAILED,
+                                         error=JobError(code=exc.code, message=exc.message, param=exc.param))
+        self.store.transition(job.job_id, JobState.QUEUED)
+        self.runner.tick()
+        return self.store.get(job.job_id)
+
+    def _adapter_source(self, entry: WeightedAdapter, param: str) -> tuple[_Source, AdapterInfo]:
+        ref = entry.adapter
+        if JOB_ID_RE.match(ref):
+            job = self.store.get(ref, log_lines=0)
+            if job.kind != "train" or job.state != JobState.SUCCEEDED or not job.artifacts.adapter_dir:
+                raise InvalidArgument(f"job {ref} is a {job.state} {job.kind} job; merge takes a succeeded training "
+                                      "job (or an adapter folder)", param=param)
+            folder = Path(job.artifacts.adapter_dir)
+            source = _Source(str(folder), entry.weight, ref, job.spec.get("quantization"), job.spec.get("base_model"))
+        else:
+            folder = resolve_inside(ref, self.settings.roots, param=param)
+            source = _Source(str(folder), entry.weight, None, None, None)
+        return source, read_adapter(folder, param=param)
+
+    @staticmethod
+    def _check_combination(combination: str, density: float | None, infos: list[AdapterInfo]) -> None:
+        if len(infos) < 2:
+            raise InvalidArgument("a combination needs at least two adapters", param="adapters")
+        ranks = sorted({i.r for i in infos})
+        if combination in EQUAL_RANKS and len(ranks) > 1:
+            raise InvalidArgument(f"combination {combination!r} needs equal ranks, got r = {ranks}; use 'cat' or "
+                                  "'svd', which take any ranks", param="combination")
+        if combination in NEEDS_DENSITY and density is None:
+            raise InvalidArgument(f"combination {combination!r} prunes each delta: give density in (0, 1], "
+                                  "e.g. 0.5", param="density")
+        if combination not in NEEDS_DENSITY and density is not None:
+            raise InvalidArgument(f"density applies to {', '.join(sorted(NEEDS_DENSITY))}, not {combination!r}",
+                                  param="density")
+
+    def _existing_merge(self, out: Path, key: str) -> Job | None:
+        """The job behind an identical earlier merge (finished or in flight); a different one under the name
+        is refused."""
+        if (out / "merge.json").is_file():
+            manifest = json.loads((out / "merge.json").read_text())
+            if manifest.get("inputs_key") == key:
+                return self.store.get(manifest["job_id"])
+            raise InvalidArgument(f"{out} already holds a merge of different inputs; choose another output_name",
+                                  param="output_name")
+        for job_id in self.store.ids_in(JobState.VALIDATING, JobState.QUEUED, JobState.RUNNING):
+            job = self.store.get(job_id, log_lines=0)
+            if job.kind == "merge" and job.spec["output_dir"] == str(out):
+                if job.spec["inputs_key"] == key:
+                    return job
+                raise InvalidArgument(f"merge job {job_id} is already writing {out} from different inputs; choose "
+                                      "another output_name", param="output_name")
+        if out.exists():
+            raise InvalidArgument(f"{out} exists and was not written by a merge; choose another output_name",
+                                  param="output_name")
+        return None
 
     def job_status(self, job_id: str, log_lines: int = 20) -> Job:
         return self.store.get(job_id, log_lines=log_lines)

@@ -59,6 +59,6 @@ def test_demo_runs_end_to_end(fts_home):
     done = subprocess.run([sys.executable, "-m", "fts_mcp", "demo", "--steps", "40"], capture_output=True, text=True,
                           timeout=180, cwd=fts_home)
     assert done.returncode == 0, done.stdout + done.stderr
-    for step in ("[1/5]", "[2/5] recommend_ft_vs_rag: neither_yet", "qlora", "[3/5] validate_dataset: ok=True",
-                 "[4/5] start_qlora_job", "succeeded, step 40"):
+    for step in ("[1/6]", "[2/6] recommend_ft_vs_rag: neither_yet", "qlora", "[3/6] validate_dataset: ok=True",
+                 "[4/6] start_qlora_job", "succeeded, step 40", "[6/6] merge_adapter", "max |logit diff|"):
         assert step in done.stdout

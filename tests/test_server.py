@@ -108,3 +108,15 @@ async def test_uncached_hub_model_on_offline_host_fails_without_hanging(fts_home
         assert again.is_error and "already failed" in again.content[0].text
         png = (await client.read_resource(f"fts://jobs/{job['job_id']}/loss.png")).contents[0]
         assert png.mime_type == "image/png"
+
+
+async def test_merge_adapter_refuses_through_mcp_with_the_argument_named(fts_home, tiny_model):
+    async with Client(mcp) as client:
+        tool = {t.name: t for t in (await client.list_tools()).tools}["merge_adapter"]
+        assert "cat" in tool.description and "equal ranks" in tool.description
+        result = await client.call_tool("merge_adapter", {"adapter": str(fts_home), "base_model": str(tiny_model)})
+        text = result.content[0].text
+        assert result.is_error and text.startswith("Error executing tool merge_adapter: adapter:")
+        assert "adapter_config.json" in text
+        result = await client.call_tool("merge_adapter", {"adapters": [{"adapter": "x", "weight": 1, "extra": 2}]})
+        assert result.is_error and "extra" in result.content[0].text

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from fts_mcp.jobs.states import JobState
 
-JobKind = Literal["train"]
+JobKind = Literal["train", "merge"]
 
 
 class Progress(BaseModel):
@@ -35,11 +35,25 @@ class ArtifactFile(BaseModel):
     sha256: str
 
 
+class Verification(BaseModel):
+    """How a merged model compares with base + adapter (unmerged) on fixed inputs."""
+
+    max_abs_logit_diff: float
+    tolerance: float = Field(description="the most this dtype is allowed to differ")
+    dtype: str
+    inputs: int = Field(description="number of fixed probe inputs compared")
+    passed: bool
+    trained_base_max_abs_logit_diff: float | None = Field(
+        None, description="merged 16-bit model vs the 4-bit base + adapter it was trained on (QLoRA adapters)")
+
+
 class Artifacts(BaseModel):
     adapter_dir: str | None = Field(None, description="PEFT adapter folder (adapter_config.json + safetensors)")
     checkpoint_dir: str | None = Field(None, description="latest resumable checkpoint")
     loss_curve: str | None = Field(None, description="loss curve PNG")
     metrics: str | None = Field(None, description="metrics.json with the final training and eval figures")
+    output_dir: str | None = Field(None, description="merged model or combined adapter folder (merge jobs)")
+    verification: Verification | None = None
     files: list[ArtifactFile] = Field(default_factory=list)
 
 

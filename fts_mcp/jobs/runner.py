@@ -109,10 +109,11 @@ class Runner:
         if job.state != JobState.RUNNING:
             raise InvalidArgument(f"job {job_id} is already {job.state}; only validating, queued or running jobs "
                                   "can be cancelled", param="job_id")
-        raw = self.store.raw(job_id)
-        if raw["cancel_requested_at"] is None:
+        # Flag first, then look for the work horse: either we see its pid and signal it, or its supervisor (which
+        # records the pid before reading the flag) sees the flag and forwards SIGTERM itself.
+        if self.store.raw(job_id)["cancel_requested_at"] is None:
             self.store.set_fields(job_id, cancel_requested_at=time.time())
-        self._signal(raw["pid"] or raw["supervisor_pid"], signal.SIGTERM)
+        self._signal(self.store.raw(job_id)["pid"], signal.SIGTERM)
         return self.store.get(job_id)
 
     def resume(self, job_id: str) -> Job:

@@ -174,7 +174,7 @@ class JobStore:
             exit_code=row["exit_code"],
             attempts=row["attempts"],
             cancel_requested=row["cancel_requested_at"] is not None,
-            resumable=state == JobState.INTERRUPTED and row["kind"] == "train",
+            resumable=state == JobState.INTERRUPTED,
             log_tail=tail_lines(self.log_path(row["id"]), log_lines),
         )
 

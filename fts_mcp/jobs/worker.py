@@ -72,8 +72,8 @@ def supervise(job_id: str) -> int:
     child = subprocess.Popen([sys.executable, "-m", "fts_mcp.jobs.worker", "--run", job_id],
                              stdin=subprocess.DEVNULL)
     store.set_fields(job_id, pid=child.pid)
-    if cancel_before_start.is_set():
-        child.send_signal(signal.SIGTERM)
+    if cancel_before_start.is_set() or store.raw(job_id)["cancel_requested_at"] is not None:
+        child.send_signal(signal.SIGTERM)  # cancelled before anyone could see the pid (see Runner.cancel)
     while True:
         try:
             code = child.wait(timeout=settings.heartbeat_seconds)
@@ -106,6 +106,8 @@ def work(job_id: str) -> int:
     job = store.get(job_id, log_lines=0)
     (store.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)  # a resumed job starts without an outcome
     try:
+        if _cancel_asked(store, job_id):
+            raise Stop("cancel")
         outcome = run_job(job, store, stop)
     except Stop:
         outcome = None
@@ -135,6 +137,10 @@ def run_job(job: Job, store: JobStore, stop: StopSignal):
         from fts_mcp.training.recipe import train
 
         return train(job, store, stop)
+    if job.kind == "merge":
+        from fts_mcp.adapters.merge import merge
+
+        return merge(job, store, stop)
     raise FtsError(f"unknown job kind {job.kind!r}", param="kind")
 
 

@@ -1,0 +1,1 @@
+"""Adapters after training: inspecting, merging and combining them (merging runs in a worker)."""

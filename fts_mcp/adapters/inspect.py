@@ -1,0 +1,115 @@
+"""Read a PEFT LoRA adapter folder without torch: its config, its tensors' shapes (from the safetensors header)
+and its files' sha256. Used to refuse bad merges before any heavy work starts."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from fts_mcp.errors import InvalidArgument
+from fts_mcp.io import sha256_file
+from fts_mcp.planning.architecture import Architecture
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+LORA_KEY = re.compile(r"layers\.(\d+)\..*?([A-Za-z0-9_]+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class AdapterInfo(BaseModel):
+    path: str
+    base_model: str | None
+    peft_type: str
+    r: int
+    alpha: float
+    target_modules: list[str] | str
+    shapes: dict[str, list[int]]
+    sha256: dict[str, str]
+    bytes: int
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+def safetensors_shapes(path: Path, *, param: str) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the file's JSON header; a truncated or garbled file is refused."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise InvalidArgument(f"{path} is truncated (no safetensors header)", param=param)
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(MAX_HEADER, size - 8):
+            raise InvalidArgument(f"{path} is corrupt: its header claims {length} bytes", param=param)
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"{path} is corrupt: unreadable safetensors header ({exc})", param=param) from exc
+    shapes, end = {}, 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        shapes[name] = list(meta["shape"])
+        end = max(end, meta["data_offsets"][1])
+    if 8 + length + end != size:
+        raise InvalidArgument(f"{path} is corrupt: {size} bytes on disk, its header describes {8 + length + end}",
+                              param=param)
+    return shapes
+
+
+def read_adapter(folder: Path, *, param: str = "adapter") -> AdapterInfo:
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    if not config_path.is_file():
+        raise InvalidArgument(f"{folder} has no {CONFIG}: expected a PEFT adapter folder (save_pretrained output)",
+                              param=param)
+    if not weights_path.is_file():
+        legacy = " (adapter_model.bin is not accepted: re-save it with safetensors)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise InvalidArgument(f"{folder} has no {WEIGHTS}{legacy}", param=param)
+    try:
+        config: dict[str, Any] = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{config_path} is not valid JSON: {exc}", param=param) from exc
+    if config.get("peft_type") != "LORA":
+        raise InvalidArgument(f"{folder} holds a {config.get('peft_type')!r} adapter; only LORA adapters merge here",
+                              param=param)
+    shapes = safetensors_shapes(weights_path, param=param)
+    if not any(".lora_A" in name for name in shapes):
+        raise InvalidArgument(f"{weights_path} holds no lora_A / lora_B tensors", param=param)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    targets = config.get("target_modules") or []
+    return AdapterInfo(
+        path=str(folder), base_model=config.get("base_model_name_or_path"), peft_type="LORA", r=int(config["r"]),
+        alpha=float(config.get("lora_alpha", config["r"])),
+        target_modules=sorted(targets) if isinstance(targets, list | set) else targets,
+        shapes=shapes, sha256={p.name: sha256_file(p) for p in files if p.name in (CONFIG, WEIGHTS)},
+        bytes=sum(p.stat().st_size for p in files))
+
+
+def check_fits_base(info: AdapterInfo, arch: Architecture, *, base: str, param: str = "adapter") -> None:
+    """Every lora_A (r x in) / lora_B (out x r) must match the base's layer of that name and index."""
+    expected = {name: (i, o) for name, i, o in arch.linear_shapes()}
+    for key, shape in info.shapes.items():
+        match = LORA_KEY.search(key)
+        if not match:
+            continue
+        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        if layer >= arch.layers:
+            raise InvalidArgument(f"adapter {info.path} has layer {layer} but {base} has {arch.layers} layers: it was "
+                                  "trained for another base model", param=param)
+        if module not in expected:
+            continue
+        size_in, size_out = expected[module]
+        want = size_in if which == "A" else size_out
+        got = shape[1] if which == "A" else shape[0]
+        if got != want:
+            side = "input" if which == "A" else "output"
+            raise InvalidArgument(f"adapter {info.path} was made for another base: its {module} (layer {layer}) has "
+                                  f"{side} size {got}, {base} has {want}; merge it into the model it was trained on "
+                                  f"({info.base_model or 'see its adapter_config.json'})", param=param)

@@ -1,0 +1,182 @@
+"""The merge recipe: load the base in 16 bits (never 4), attach the adapter(s), verify, merge, save atomically.
+
+Runs in a job's work horse. Memory: one 16-bit copy of the base; PEFT merges in place. An adapter trained on a
+4-bit base is also compared with that 4-bit base + adapter, and the difference is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from fts_mcp.adapters.spec import MergeJobSpec
+from fts_mcp.errors import FtsError
+from fts_mcp.io import sha256_file, write_bytes_atomic, write_json_atomic
+from fts_mcp.jobs.models import ArtifactFile, Artifacts, Job, Verification
+from fts_mcp.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Allowed |merged - unmerged| logit difference: absolute + relative to the largest logit, per dtype.
+TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (2e-2, 1e-2), "bfloat16": (1e-1, 5e-2)}
+PROBES = ["The quick brown fox jumps over the lazy dog.", "def fibonacci(n):\n    return",
+          "Question: what does a LoRA adapter change?\nAnswer:", "Code word for apple:"]
+MAX_SHARD = "5GB"
+
+
+class VerificationFailed(FtsError):
+    code = "verification_failed"
+
+
+def device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def probe_ids(tokenizer: Any) -> list[torch.Tensor]:
+    return [torch.tensor([tokenizer(text)["input_ids"]], device=device()) for text in PROBES]
+
+
+@torch.no_grad()
+def logits(model: Any, probes: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=ids).logits.float().cpu() for ids in probes]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def attach(base: Any, spec: MergeJobSpec) -> Any:
+    """Base + adapter, or base + the weighted combination of several (PEFT's add_weighted_adapter)."""
+    first = spec.adapters[0]
+    if spec.combination is None:
+        return PeftModel.from_pretrained(base, first.path)
+    model = PeftModel.from_pretrained(base, first.path, adapter_name="a0")
+    for i, source in enumerate(spec.adapters[1:], start=1):
+        model.load_adapter(source.path, adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(spec.adapters))]
+    kwargs = {"density": spec.density} if spec.density is not None else {}
+    model.add_weighted_adapter(names, [s.weight for s in spec.adapters], "combined",
+                               combination_type=spec.combination, **kwargs)
+    model.set_adapter("combined")
+    for name in names:
+        model.delete_adapter(name)
+    return model
+
+
+def trained_base_logits(spec: MergeJobSpec, probes: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Logits of the 4-bit base + adapter the adapter was trained with (single adapters trained with nf4)."""
+    source = spec.adapters[0]
+    if spec.combination is not None or source.trained_quantization != "nf4":
+        return None
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+    base = AutoModelForCausalLM.from_pretrained(spec.base_model, quantization_config=quant, dtype=compute,
+                                                device_map={"": device()})
+    result = logits(PeftModel.from_pretrained(base, source.path).eval(), probes)
+    del base
+    return result
+
+
+def model_card(spec: MergeJobSpec, verification: Verification | None, metrics: dict | None) -> str:
+    lines = [f"# {spec.output_name}", "", f"Merged by fts-mcp into `{spec.base_model}` in {spec.dtype}.", "",
+             "| adapter | weight | r | alpha | trained on |", "|---|---|---|---|---|"]
+    trained_on = {"nf4": "4-bit NF4 base", "none": "16-bit base", None: "unknown"}
+    for s in spec.adapters:
+        lines.append(f"| `{s.job_id or s.path}` | {s.weight:g} | {s.r} | {s.alpha:g} | "
+                     f"{trained_on[s.trained_quantization]} |")
+    if spec.combination:
+        density = f", density {spec.density}" if spec.density else ""
+        lines += ["", f"Combination: `{spec.combination}`{density}"]
+    if verification:
+        lines += ["", "## Verification", "",
+                  f"Max |logit difference| merged vs unmerged on {verification.inputs} fixed inputs: "
+                  f"{verification.max_abs_logit_diff:.3g} (tolerance {verification.tolerance:.3g})."]
+        if verification.trained_base_max_abs_logit_diff is not None:
+            lines.append(f"Against the 4-bit base the adapter was trained on: "
+                         f"{verification.trained_base_max_abs_logit_diff:.3g} (the 16-bit base is not rounded).")
+    if metrics:
+        lines += ["", "## Training", "", f"Dataset: `{metrics.get('dataset', '?')}`; steps {metrics.get('steps')}; "
+                  f"final loss {metrics.get('final_loss')}; eval loss {metrics.get('eval_loss')}."]
+    return "\n".join(lines) + "\n"
+
+
+def merge(job: Job, store: JobStore, stop: Any) -> Artifacts:
+    spec = MergeJobSpec(**job.spec)
+    out = Path(spec.output_dir)
+    staging = out.parent / f".{out.name}.{job.job_id}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    store.update_progress(job.job_id, {"phase": "loading_model"}, event=None)
+    dtype = DTYPES[spec.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    base = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype, device_map={"": device()},
+                                                low_cpu_mem_usage=True)
+    model = attach(base, spec).eval()
+    probes = probe_ids(tokenizer)
+    try:
+        store.update_progress(job.job_id, {"phase": "merging"}, event=None)
+        verification = None
+        if spec.output == "adapter":
+            model.save_pretrained(staging, selected_adapters=["combined"])
+            nested = staging / "combined"
+            if nested.is_dir():  # PEFT writes a named adapter into a subfolder
+                for item in nested.iterdir():
+                    item.rename(staging / item.name)
+                nested.rmdir()
+        else:
+            before = logits(model, probes)
+            trained = trained_base_logits(spec, probes) if spec.verify else None
+            merged = model.merge_and_unload()
+            leftovers = [n for n, _ in merged.named_modules() if "lora_" in n]
+            if leftovers:
+                raise VerificationFailed(f"LoRA layers remain after merging: {leftovers[:3]}")
+            after = logits(merged, probes)
+            diff = max_diff(before, after)
+            atol, rtol = TOLERANCE[spec.dtype]
+            tolerance = atol + rtol * max(x.abs().max().item() for x in before)
+            verification = Verification(max_abs_logit_diff=diff, tolerance=tolerance, dtype=spec.dtype,
+                                        inputs=len(probes), passed=diff <= tolerance,
+                                        trained_base_max_abs_logit_diff=max_diff(trained, after) if trained else None)
+            log.info("verification: %s", verification.model_dump())
+            if spec.verify and not verification.passed:
+                raise VerificationFailed(
+                    f"merged logits differ from base + adapter by {diff:.4g}, above the {spec.dtype} tolerance "
+                    f"{tolerance:.4g}; nothing was written. Merge in float32 to check, or with verify=false to "
+                    "keep it anyway", param="dtype")
+            store.update_progress(job.job_id, {"phase": "saving"}, event=None)
+            merged.save_pretrained(staging, max_shard_size=MAX_SHARD, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        metrics = _training_metrics(store, spec)
+        write_bytes_atomic(staging / "README.md", model_card(spec, verification, metrics).encode())
+        write_json_atomic(staging / "merge.json", {"job_id": job.job_id, "inputs_key": spec.inputs_key,
+                                                   "spec": spec.model_dump(),
+                                                   "verification": verification.model_dump() if verification else None})
+        if stop:
+            raise FtsError("cancelled before the result was published", param="job_id")
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = [ArtifactFile(path=str(p), bytes=p.stat().st_size, sha256=sha256_file(p))
+             for p in sorted(out.iterdir()) if p.is_file()]
+    return Artifacts(output_dir=str(out), verification=verification, files=files)
+
+
+def _training_metrics(store: JobStore, spec: MergeJobSpec) -> dict | None:
+    source = spec.adapters[0]
+    if spec.combination is not None or source.job_id is None:
+        return None
+    path = store.job_dir(source.job_id) / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    metrics["dataset"] = store.get(source.job_id, log_lines=0).spec.get("dataset")
+    metrics.pop("log_history", None)
+    return metrics

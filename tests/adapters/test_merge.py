@@ -1,0 +1,189 @@
+"""merge_adapter: verified merges into a 16-bit base, combinations, idempotence, and refusals before work."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fts_mcp.adapters.inspect import LORA_KEY
+from fts_mcp.config import Settings
+from fts_mcp.errors import InvalidArgument
+from fts_mcp.service import FineTuneService
+from fts_mcp.training.spec import LoraSpec, TrainingSpec
+from tests.adapters.conftest import make_adapter
+from tests.conftest import FAST_TRAINING, SAMPLE_COMPLETION, wait_for
+from tools.build_tiny_model import build
+
+PROBE = torch.tensor([[5, 40, 77, 101, 3, 9, 200, 15]])
+
+
+@pytest.fixture
+def service(fts_home):
+    s = FineTuneService(Settings.from_env())
+    yield s
+    s.close()
+
+
+def finish(service, job, timeout=120):
+    return wait_for(lambda: (j := service.job_status(job.job_id)).state.terminal and j, timeout, interval=0.3,
+                    what=f"{job.kind} job {job.job_id}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 0.5)])
+def test_merged_model_gives_the_unmerged_logits(service, tiny_model, adapter_a, dtype, tol):
+    job = service.merge_adapter(str(adapter_a), base_model=str(tiny_model), dtype=dtype)
+    done = finish(service, job)
+    assert done.state == "succeeded", (done.error, done.log_tail)
+    v = done.artifacts.verification
+    assert v.passed and v.max_abs_logit_diff <= v.tolerance and v.dtype == dtype
+    out = Path(done.artifacts.output_dir)
+    assert {"config.json", "model.safetensors", "README.md", "merge.json", "tokenizer_config.json"} <= \
+        {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert "## Verification" in card and f"{v.max_abs_logit_diff:.3g}" in card
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not [n for n, _ in merged.named_modules() if "lora" in n.lower()]  # no LoRA layers remain
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                          adapter_a).eval()
+    with torch.no_grad():
+        diff = (merged(PROBE).logits - reference(PROBE).logits).abs().max().item()
+        base_diff = (AutoModelForCausalLM.from_pretrained(tiny_model)(PROBE).logits - reference(PROBE).logits)
+    assert diff <= tol, diff
+    assert base_diff.abs().max().item() > 2.0  # the adapter changes the model a lot; the merge kept that change
+
+    again = service.merge_adapter(str(adapter_a), base_model=str(tiny_model), dtype=dtype)
+    assert again.job_id == job.job_id and service.list_jobs().total == 1  # the second identical call is a no-op
+
+
+def deltas(folder: Path) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, module) -> scaling * B @ A of a saved adapter."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    out = {}
+    for key, a in tensors.items():
+        match = LORA_KEY.search(key)
+        if match and match.group(3) == "A":
+            b = tensors[key.replace("lora_A", "lora_B")]
+            out[(int(match.group(1)), match.group(2))] = (config["lora_alpha"] / config["r"]) * b.float() @ a.float()
+    return out
+
+
+@pytest.mark.slow
+def test_cat_combination_equals_the_weighted_sum_of_deltas(service, tiny_model, adapter_a, adapter_b):
+    job = service.merge_adapter(adapters=[{"adapter": str(adapter_a), "weight": 0.7},
+                                          {"adapter": str(adapter_b), "weight": 0.3}],
+                                base_model=str(tiny_model), combination="cat", output="adapter", output_name="mix",
+                                dtype="float32")
+    done = finish(service, job)
+    assert done.state == "succeeded", (done.error, done.log_tail)
+    combined, a, b = deltas(Path(done.artifacts.output_dir)), deltas(adapter_a), deltas(adapter_b)
+    assert set(combined) == set(a) == set(b) and len(combined) == 2 * 7
+    for key, delta in combined.items():
+        torch.testing.assert_close(delta, 0.7 * a[key] + 0.3 * b[key], atol=1e-6, rtol=1e-5)
+    assert json.loads((Path(done.artifacts.output_dir) / "adapter_config.json").read_text())["r"] == 12
+
+
+@pytest.mark.slow
+def test_qlora_trained_adapter_merges_and_reports_the_difference(service, tiny_model):
+    train = service.start_training(str(tiny_model), str(SAMPLE_COMPLETION), quantization="nf4",
+                                   lora=LoraSpec(r=8), training=TrainingSpec(**{**FAST_TRAINING, "max_steps": 20}))
+    trained = finish(service, train)
+    assert trained.state == "succeeded", trained.log_tail
+    merge = service.merge_adapter(trained.job_id, dtype="float32")  # base: the training job's own
+    done = finish(service, merge)
+    assert done.state == "succeeded", (done.error, done.log_tail)
+    v = done.artifacts.verification
+    assert v.passed and v.trained_base_max_abs_logit_diff is not None
+    assert v.trained_base_max_abs_logit_diff > v.max_abs_logit_diff  # the 4-bit base really differs; it is shown
+    card = (Path(done.artifacts.output_dir) / "README.md").read_text()
+    assert "4-bit base the adapter was trained on" in card and "final loss" in card
+
+
+def test_interrupted_merge_leaves_no_output_folder(service, tiny_model, adapter_a, monkeypatch):
+    """The result is renamed into place only when complete: a failure while saving leaves nothing."""
+    from transformers import PreTrainedModel
+
+    from fts_mcp.adapters.merge import merge
+    from fts_mcp.jobs.worker import StopSignal
+
+    job = service.merge_adapter(str(adapter_a), base_model=str(tiny_model), dtype="float32", output_name="half")
+    service.cancel_job(job.job_id)  # keep the worker out of it; run the recipe here
+    finish(service, job)
+    record = service.store.get(job.job_id)
+    original = PreTrainedModel.save_pretrained
+
+    def save_then_die(self, folder, *args, **kwargs):
+        original(self, folder, *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        merge(record, service.store, StopSignal())
+    out = Path(record.spec["output_dir"])
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
+def test_bad_inputs_are_refused_before_any_work(service, fts_home, tiny_model, adapter_a, adapter_b, tmp_path):
+    other_base = build(tmp_path / "other", hidden=32, layers=2)
+    cases = [
+        (dict(adapter=str(adapter_a), base_model=str(other_base)), "adapter", "made for another base"),
+        (dict(adapter=str(fts_home)), "adapter", "no adapter_config.json"),
+        (dict(adapter="job-000000000000"), "job_id", "no job"),
+        (dict(adapter=str(adapter_a), adapters=[{"adapter": str(adapter_b)}]), "adapter", "exactly one"),
+        (dict(adapters=[{"adapter": str(adapter_a)}, {"adapter": str(adapter_b)}], combination="linear"),
+         "combination", "equal ranks"),
+        (dict(adapters=[{"adapter": str(adapter_a)}, {"adapter": str(adapter_b)}], combination="dare_ties"),
+         "combination", "equal ranks"),
+        (dict(adapters=[{"adapter": str(adapter_a)}, {"adapter": str(adapter_a)}], combination="ties"),
+         "density", "density in (0, 1]"),
+        (dict(adapters=[{"adapter": str(adapter_a)}, {"adapter": str(adapter_b)}], combination="svd", density=0.5),
+         "density", "applies to"),
+        (dict(adapter=str(adapter_a), output="adapter"), "output", "already an adapter"),
+        (dict(adapter=str(adapter_a), output_name="../up"), "output_name", "letters, digits"),
+        (dict(adapter="/etc"), "adapter", "outside the allowed roots"),
+    ]
+    for kwargs, param, words in cases:
+        kwargs.setdefault("base_model", str(tiny_model))
+        with pytest.raises(Exception) as info:
+            service.merge_adapter(**kwargs)
+        assert getattr(info.value, "param", None) == param, (kwargs, info.value)
+        assert words in str(info.value), (kwargs, str(info.value))
+    assert service.list_jobs().total == 0  # nothing was queued
+
+
+def test_corrupt_files_and_name_collisions(service, fts_home, tiny_model, adapter_a):
+    broken = fts_home / "broken"
+    shutil.copytree(adapter_a, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(InvalidArgument, match="corrupt"):
+        service.merge_adapter(str(broken), base_model=str(tiny_model))
+    (broken / "adapter_config.json").write_text("{")
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        service.merge_adapter(str(broken), base_model=str(tiny_model))
+
+    taken = fts_home / "models" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "merge.json").write_text(json.dumps({"job_id": "job-000000000000", "inputs_key": "other"}))
+    with pytest.raises(InvalidArgument, match="different inputs") as info:
+        service.merge_adapter(str(adapter_a), base_model=str(tiny_model), output_name="taken")
+    assert info.value.param == "output_name"
+
+
+def test_adapter_of_another_rank_pattern_still_reads(tiny_model, fts_home):
+    """Adapters on a subset of modules are checked only where they exist."""
+    from fts_mcp.adapters.inspect import check_fits_base, read_adapter
+    from fts_mcp.planning.architecture import from_config
+
+    folder = make_adapter(tiny_model, fts_home / "qv", r=2, seed=3, targets=["q_proj", "v_proj"])
+    info = read_adapter(folder)
+    assert info.r == 2 and info.target_modules == ["q_proj", "v_proj"]
+    check_fits_base(info, from_config(json.loads((tiny_model / "config.json").read_text()), source="t"),
+                    base=str(tiny_model))
