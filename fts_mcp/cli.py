@@ -32,6 +32,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    unit = next((u for u in units if lowered.endswith(u)), "")
+    number, factor = lowered[: len(lowered) - len(unit)], units.get(unit, 1)
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give bytes or a size such as 512MB or 2GB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
+def cmd_edge_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from fts_mcp.config import Settings
+    from fts_mcp.edge.app import serve
+
+    settings = Settings.from_env()
+    serve(args.base, args.store or str(settings.home / "store"), quantize=args.quantize,
+          max_cached_bytes=args.max_cached, max_rank=args.max_rank, host=args.host, port=args.port,
+          token=args.token or os.environ.get("FTS_AUTH_TOKEN"), cache_dir=settings.home / "edge-cache")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fts_mcp.demo import run_demo
 
@@ -105,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny model through a real MCP session, end to end")
     demo.add_argument("--steps", type=int, default=120, help="optimizer steps for the demo job")
     demo.set_defaults(func=cmd_demo)
+
+    edge = sub.add_parser("edge", help="the edge runtime: one base model, adapters swapped per request")
+    edge_sub = edge.add_subparsers(dest="action", required=True)
+    run = edge_sub.add_parser("serve", help="serve the OpenAI-compatible API with adapters from a store")
+    run.add_argument("--base", required=True, help="base model folder or hub id (loaded once)")
+    run.add_argument("--store", help="adapter store folder or URL (default: FTS_HOME/store)")
+    run.add_argument("--quantize", choices=["nf4", "none"], default="none",
+                     help="load the base in 4-bit NF4 (on a GPU) or in 16 bits")
+    run.add_argument("--max-cached", type=parse_size, default=2 * 10**9,
+                     help="bytes of adapters kept in host memory, e.g. 512MB (LRU beyond it)")
+    run.add_argument("--max-rank", type=int, default=64, help="largest adapter rank served")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8001)
+    run.add_argument("--token", help="bearer token clients must send (default: FTS_AUTH_TOKEN)")
+    run.set_defaults(func=cmd_edge_serve)
 
     jobs = sub.add_parser("jobs", help="list, inspect, cancel or resume jobs")
     jobs_sub = jobs.add_subparsers(dest="action", required=True)

@@ -71,7 +71,7 @@ async def drive(home: Path, steps: int) -> int:
 
         advice = await call(client, "recommend_ft_vs_rag", {
             "knowledge_changes": "never", "output_format": True, "labelled_examples": 16,
-            "example_quality": "high", "budget": "tight"})
+            "example_quality": "high"})
         say(f"[2/6] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
             f"{advice['summary']}")
         for verdict in advice["criteria"]:

@@ -17,13 +17,14 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
 from mcp_types import ToolAnnotations
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp import __version__
 from fts_mcp.adapters.spec import Combination, Dtype, WeightedAdapter
 from fts_mcp.config import Settings
 from fts_mcp.datasets import DatasetReport
 from fts_mcp.docs import DOC_TOPICS, read_doc
+from fts_mcp.edge.store import StoreDtype, StoreEntry
 from fts_mcp.errors import FtsError
 from fts_mcp.jobs.models import Job, JobList
 from fts_mcp.jobs.states import JobState
@@ -31,7 +32,7 @@ from fts_mcp.planning.advice import Advice, Criteria
 from fts_mcp.planning.diagnose import diagnose
 from fts_mcp.planning.estimate import ResourceEstimate
 from fts_mcp.planning.estimate import Settings as EstimateSettings
-from fts_mcp.service import FineTuneService, PlanningService
+from fts_mcp.service import Deployment, EdgeService, FineTuneService, Generation, PlanningService
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 
 log = logging.getLogger("fts_mcp.server")
@@ -105,6 +106,10 @@ def agent_errors(fn):
         except (FtsError, ValidationError) as exc:
             raise ToolError(str(exc)) from exc
     return wrapper
+
+
+class AdapterList(BaseModel):
+    adapters: list[StoreEntry]
 
 
 # ---- tools ---------------------------------------------------------------------------------------------------
@@ -245,6 +250,64 @@ def merge_adapter(
     return _service(ctx).merge_adapter(adapter, adapters=adapters, base_model=base_model, output_name=output_name,
                                        dtype=dtype, verify=verify, combination=combination, density=density,
                                        output=output)
+
+
+# ---- the edge ------------------------------------------------------------------------------------------------
+
+def _edge(ctx: Context) -> EdgeService:
+    return EdgeService(_service(ctx))
+
+
+RuntimeUrl = Annotated[str | None, Field(description="an edge runtime (fts-mcp edge serve) or a vLLM server started "
+                                                     "with runtime LoRA updating, e.g. http://127.0.0.1:8001")]
+
+
+@mcp.tool(title="Deploy an adapter to the edge store", annotations=LAUNCHES)
+@agent_errors
+def deploy_adapter(
+    adapter: Annotated[str, Field(description="a succeeded training job id or an adapter folder")],
+    name: Annotated[str, Field(description="adapter name in the store: lowercase letters, digits, '.', '_', '-'")],
+    ctx: Context,
+    version: Annotated[str | None, Field(description="v1, v2, ...; default the next version (the same bytes "
+                                                     "again reuse their version)")] = None,
+    alias: Annotated[str | None, Field(description="an alias to move to this version, e.g. prod")] = None,
+    runtime_url: RuntimeUrl = None,
+    dtype: Annotated[StoreDtype, Field(description="weights are stored in 16 bits unless asked otherwise")]
+    = "bfloat16",
+) -> Deployment:
+    """Publish an adapter as an immutable version in the edge adapter store (name/version with PEFT's files, a
+    manifest with sha256 of every file), optionally move an alias, and optionally load it into a running edge
+    runtime or vLLM server. Returns the `model` string to put in requests, the swap time, and a curl example."""
+    return _edge(ctx).deploy(adapter, name, version=version, alias=alias, runtime_url=runtime_url, dtype=dtype)
+
+
+@mcp.tool(title="List adapters in the edge store", annotations=READ_ONLY)
+@agent_errors
+def list_adapters(
+    ctx: Context,
+    name: Annotated[str | None, Field(description="only this adapter")] = None,
+) -> AdapterList:
+    """List the edge store: each adapter's versions, aliases and the manifest of its latest version."""
+    return AdapterList(adapters=_edge(ctx).list_adapters(name))
+
+
+@mcp.tool(title="Generate with an adapter", annotations=LAUNCHES)
+@agent_errors
+def generate(
+    model: Annotated[str, Field(description="a store adapter (name, name@v2, name:prod) or 'base'")],
+    ctx: Context,
+    prompt: Annotated[str | None, Field(description="plain prompt (completion form)")] = None,
+    messages: Annotated[list[dict[str, str]] | None, Field(description="chat messages [{role, content}]")] = None,
+    max_tokens: Annotated[int, Field(ge=1, le=8192)] = 64,
+    temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy")] = 0.0,
+    runtime_url: RuntimeUrl = None,
+    base_model: Annotated[str | None, Field(description="without a runtime: the base (default: the adapter's "
+                                                        "own)")] = None,
+) -> Generation:
+    """Try an adapter: send a prompt or chat to a running runtime, or without runtime_url run a one-shot worker
+    job that loads the base and the adapter, answers, and exits (slower: it loads the model each time)."""
+    return _edge(ctx).generate(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
+                               temperature=temperature, runtime_url=runtime_url, base_model=base_model)
 
 
 # ---- resources -----------------------------------------------------------------------------------------------

@@ -10,8 +10,14 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Literal, NamedTuple
+
+from pydantic import BaseModel, Field
 
 from fts_mcp.adapters.inspect import AdapterInfo, check_fits_base, read_adapter
 from fts_mcp.adapters.spec import (
@@ -25,6 +31,8 @@ from fts_mcp.adapters.spec import (
 )
 from fts_mcp.config import Settings
 from fts_mcp.datasets import DatasetReport, TokenStats, require_valid, validate_dataset
+from fts_mcp.edge.sources import StoreSource
+from fts_mcp.edge.store import AdapterStore, Manifest, StoreDtype, StoreEntry
 from fts_mcp.errors import FtsError, InvalidArgument, ModelUnavailable
 from fts_mcp.hub import check_available, hub_offline, resolve_model_argument
 from fts_mcp.io import sha256_file
@@ -342,3 +350,149 @@ class PlanningService:
         return estimate(arch, model=model, shape_source=source, methods=methods, settings=settings, gpu=card,
                         gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
                         training_tokens=training_tokens, utilization=utilization)
+
+
+class Deployment(BaseModel):
+    name: str
+    version: str
+    created: bool = Field(description="false when these exact bytes were already published (nothing changed)")
+    uri: str = Field(description="the version's folder in the store")
+    sha256: str = Field(description="sha256 of adapter_model.safetensors")
+    bytes: int
+    model: str = Field(description="the string to put in a request's `model`")
+    loaded: bool = Field(description="loaded into runtime_url")
+    swap_ms: float | None = Field(None, description="time the runtime took to load it (ms)")
+    curl: str
+    manifest: Manifest
+
+
+class Generation(BaseModel):
+    text: str
+    model: str
+    finish_reason: str | None
+    via: Literal["runtime", "job"]
+    job_id: str | None = None
+    usage: dict[str, int] | None = None
+
+
+class EdgeService:
+    """Publishing adapters to the edge store, loading them into runtimes, and trying them."""
+
+    def __init__(self, jobs: FineTuneService) -> None:
+        self.jobs = jobs
+        self.settings = jobs.settings
+        self.store = AdapterStore(Path(self.settings.env.get("FTS_STORE") or self.settings.home / "store"))
+
+    def _adapter_folder(self, ref: str, param: str = "adapter") -> tuple[Path, Job | None]:
+        if JOB_ID_RE.match(ref):
+            job = self.jobs.store.get(ref, log_lines=0)
+            if job.kind != "train" or job.state != JobState.SUCCEEDED or not job.artifacts.adapter_dir:
+                raise InvalidArgument(f"job {ref} is a {job.state} {job.kind} job; deploy a succeeded training job "
+                                      "or an adapter folder", param=param)
+            return Path(job.artifacts.adapter_dir), job
+        return resolve_inside(ref, self.settings.roots, param=param), None
+
+    def deploy(self, adapter: str, name: str, *, version: str | None = None, alias: str | None = None,
+               runtime_url: str | None = None, dtype: StoreDtype = "bfloat16") -> Deployment:
+        runtime = check_url(runtime_url) if runtime_url else None
+        folder, job = self._adapter_folder(adapter)
+        metrics = None
+        base_config = None
+        if job is not None:
+            metrics_path = self.jobs.store.job_dir(job.job_id) / "metrics.json"
+            if metrics_path.exists():
+                metrics = {k: v for k, v in json.loads(metrics_path.read_text()).items() if k != "log_history"}
+            if Path(job.spec["base_model"]).is_absolute():
+                base_config = Path(job.spec["base_model"]) / "config.json"
+        manifest, created = self.store.publish(folder, name, version=version, alias=alias, dtype=dtype,
+                                               base_config=base_config, source_job=job.job_id if job else None,
+                                               metrics=metrics)
+        model = f"{manifest.name}@{manifest.version}"
+        uri = self.store.root / manifest.name / manifest.version
+        loaded, swap_ms = False, None
+        if runtime:
+            swap_ms = post_load(runtime, model, str(uri))
+            loaded = True
+        curl = (f"curl {runtime or 'http://127.0.0.1:8001'}/v1/completions -H 'Content-Type: application/json' "
+                f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 32}}'")
+        return Deployment(name=manifest.name, version=manifest.version, created=created, uri=str(uri),
+                          sha256=manifest.files["adapter_model.safetensors"].sha256, bytes=manifest.bytes,
+                          model=model, loaded=loaded, swap_ms=swap_ms, curl=curl, manifest=manifest)
+
+    def list_adapters(self, name: str | None = None) -> list[StoreEntry]:
+        return self.store.entries(name)
+
+    def generate(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
+                 max_tokens: int = 64, temperature: float = 0.0, runtime_url: str | None = None,
+                 base_model: str | None = None, timeout: float = 600) -> Generation:
+        if (prompt is None) == (messages is None):
+            raise InvalidArgument("give prompt (text) or messages (a chat), exactly one", param="prompt")
+        if runtime_url:
+            return post_generate(check_url(runtime_url), model, prompt, messages, max_tokens, temperature)
+        adapter_dir, base = None, base_model
+        if model != "base":
+            manifest = self.store.resolve(model, param="model")
+            adapter_dir = str(StoreSource(str(self.store.root), self.settings.home / "edge-cache").folder(manifest))
+            base = base or manifest.base_model
+        if base is None:
+            raise InvalidArgument("model 'base' needs base_model", param="base_model")
+        base = resolve_model_argument(base, self.settings)
+        job = self.jobs.store.create("generate", {"base_model": base, "adapter_dir": adapter_dir, "model": model,
+                                                  "prompt": prompt, "messages": messages, "max_tokens": max_tokens,
+                                                  "temperature": temperature})
+        self.jobs.store.transition(job.job_id, JobState.QUEUED)
+        self.jobs.runner.tick()
+        deadline = time.monotonic() + timeout
+        while not (job := self.jobs.store.get(job.job_id)).state.terminal:
+            if time.monotonic() > deadline:
+                raise FtsError(f"generate job {job.job_id} did not finish within {timeout:.0f}s; follow it with "
+                               "job_status", param="job_id")
+            time.sleep(0.25)
+        if job.state != JobState.SUCCEEDED:
+            message = job.error.message if job.error else job.state
+            raise FtsError(f"generate job {job.job_id} {job.state}: {message}", param="model")
+        return Generation(text=job.artifacts.text or "", model=model, finish_reason=job.artifacts.finish_reason,
+                          via="job", job_id=job.job_id)
+
+
+def check_url(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise InvalidArgument(f"{url!r} is not an http(s) URL such as http://127.0.0.1:8001", param="runtime_url")
+    return url.rstrip("/")
+
+
+def _post(url: str, body: dict, param: str) -> tuple[bytes, dict[str, str]]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.read(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:1000]
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise InvalidArgument(f"{url} answered {exc.code}: {detail}", param=param) from exc
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise FtsError(f"cannot reach {url}: {exc}", param="runtime_url") from exc
+
+
+def post_load(runtime: str, name: str, path: str) -> float:
+    started = time.perf_counter()
+    _, headers = _post(f"{runtime}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, "runtime_url")
+    reported = {k.lower(): v for k, v in headers.items()}.get("x-fts-load-ms")
+    return float(reported) if reported else (time.perf_counter() - started) * 1000
+
+
+def post_generate(runtime: str, model: str, prompt: str | None, messages: list[dict] | None, max_tokens: int,
+                  temperature: float) -> Generation:
+    chat = messages is not None
+    body = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
+            **({"messages": messages} if chat else {"prompt": prompt})}
+    raw, _ = _post(f"{runtime}/v1/{'chat/completions' if chat else 'completions'}", body, "model")
+    answer = json.loads(raw)
+    choice = answer["choices"][0]
+    return Generation(text=choice["message"]["content"] if chat else choice["text"], model=model,
+                      finish_reason=choice.get("finish_reason"), via="runtime", usage=answer.get("usage"))

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from fts_mcp.jobs.states import JobState
 
-JobKind = Literal["train", "merge"]
+JobKind = Literal["train", "merge", "generate"]
 
 
 class Progress(BaseModel):
@@ -54,6 +54,8 @@ class Artifacts(BaseModel):
     metrics: str | None = Field(None, description="metrics.json with the final training and eval figures")
     output_dir: str | None = Field(None, description="merged model or combined adapter folder (merge jobs)")
     verification: Verification | None = None
+    text: str | None = Field(None, description="generated text (generate jobs)")
+    finish_reason: str | None = Field(None, description="stop (end of text) or length (max_tokens reached)")
     files: list[ArtifactFile] = Field(default_factory=list)
 
 

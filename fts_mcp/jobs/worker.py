@@ -141,6 +141,10 @@ def run_job(job: Job, store: JobStore, stop: StopSignal):
         from fts_mcp.adapters.merge import merge
 
         return merge(job, store, stop)
+    if job.kind == "generate":
+        from fts_mcp.edge.oneshot import generate
+
+        return generate(job, store, stop)
     raise FtsError(f"unknown job kind {job.kind!r}", param="kind")
 
 

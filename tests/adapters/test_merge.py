@@ -15,8 +15,7 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import InvalidArgument
 from fts_mcp.service import FineTuneService
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
-from tests.adapters.conftest import make_adapter
-from tests.conftest import FAST_TRAINING, SAMPLE_COMPLETION, wait_for
+from tests.conftest import FAST_TRAINING, SAMPLE_COMPLETION, make_adapter, wait_for
 from tools.build_tiny_model import build
 
 PROBE = torch.tensor([[5, 40, 77, 101, 3, 9, 200, 15]])

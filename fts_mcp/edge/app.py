@@ -1,0 +1,171 @@
+"""`fts-mcp edge serve`: the engine behind an OpenAI-compatible HTTP API, with vLLM's LoRA admin calls.
+
+    GET  /health                     GET /metrics (Prometheus text)
+    GET  /v1/models                  POST /v1/completions         POST /v1/chat/completions
+    POST /v1/load_lora_adapter {lora_name, lora_path}            POST /v1/unload_lora_adapter {lora_name}
+
+`model` in a request is an adapter (`name`, `name@v3`, `name:prod`, or a name given to load_lora_adapter) or the
+base model itself. An unknown model gets a 404 listing what is available; a corrupt adapter a 502 — and the
+runtime goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from fts_mcp.edge.engine import Engine
+from fts_mcp.edge.sources import CorruptAdapter
+from fts_mcp.edge.store import UnknownAdapter
+from fts_mcp.errors import FtsError, InvalidArgument
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    max_tokens: int = Field(64, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+
+
+class LoadRequest(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_path: str | None = None
+
+
+def error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def build_app(engine: Engine) -> Starlette:
+    def available() -> list[str]:
+        names = [engine.base_name]
+        for name, entry in engine.source.catalogue().items():
+            names += [name] + [f"{name}@{v}" for v in entry["versions"]] + [f"{name}:{a}" for a in entry["aliases"]]
+        return names + list(engine.named)
+
+    async def parse(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+        try:
+            return model.model_validate(await request.json())
+        except ValidationError as exc:
+            return error(400, str(exc))
+        except ValueError:
+            return error(400, "the body must be JSON")
+
+    async def run(body: CompletionRequest, chat: bool) -> JSONResponse:
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        try:
+            result = await anyio.to_thread.run_sync(lambda: engine.generate(
+                body.model, prompt=None if chat else (body.prompt or ""),
+                messages=[m.model_dump() for m in body.messages] if chat else None, max_tokens=body.max_tokens,
+                temperature=body.temperature, top_p=body.top_p, stop=stop))
+        except CorruptAdapter as exc:
+            return error(502, exc.message, param="model", kind="corrupt_adapter")
+        except UnknownAdapter as exc:
+            return error(404, f"{exc.message}. Available models: {', '.join(available())}", param="model",
+                         kind="model_not_found")
+        except InvalidArgument as exc:
+            return error(400, exc.message, param=exc.param)
+        except FtsError as exc:
+            return error(502, exc.message, param=exc.param, kind=exc.code)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"]}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result["text"]}
+        else:
+            choice["text"] = result["text"]
+        return JSONResponse({
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": body.model, "choices": [choice], "usage": result["usage"],
+            "fts": {"adapter": result["adapter"], "swap_ms": result["swap_ms"]}})
+
+    async def completions(request: Request) -> Response:
+        body = await parse(request, CompletionRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        if body.prompt is None:
+            return error(400, "prompt is required", param="prompt")
+        return await run(body, chat=False)
+
+    async def chat(request: Request) -> Response:
+        body = await parse(request, CompletionRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        if not body.messages:
+            return error(400, "messages is required: a list of {role, content}", param="messages")
+        return await run(body, chat=True)
+
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fts-mcp"}
+                                                        for m in available()]})
+
+    async def load(request: Request) -> Response:
+        body = await parse(request, LoadRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        if not body.lora_path:
+            return error(400, "lora_path is required: an adapter folder or a store reference", param="lora_path")
+        try:
+            ms = await anyio.to_thread.run_sync(engine.load_named, body.lora_name, body.lora_path)
+        except CorruptAdapter as exc:
+            return error(502, exc.message, param="lora_path", kind="corrupt_adapter")
+        except FtsError as exc:
+            return error(400, exc.message, param="lora_path")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                                 headers={"x-fts-load-ms": f"{ms:.3f}"})
+
+    async def unload(request: Request) -> Response:
+        body = await parse(request, LoadRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            engine.unload_named(body.lora_name)
+        except FtsError as exc:
+            return error(404, exc.message, param="lora_name")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok", "base": engine.base_name, "device": str(engine.device),
+                             "cached": list(engine.cache), "loaded": list(engine.named)})
+
+    async def metrics(_: Request) -> Response:
+        return PlainTextResponse(engine.prometheus(), media_type="text/plain; version=0.0.4")
+
+    return Starlette(routes=[
+        Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/load_lora_adapter", load, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload, methods=["POST"]),
+    ])
+
+
+def serve(base: str, store: str, *, quantize: str, max_cached_bytes: int, max_rank: int, host: str, port: int,
+          token: str | None, cache_dir) -> None:
+    import uvicorn
+
+    from fts_mcp.edge.sources import StoreSource
+    from fts_mcp.http import BearerAuth, check_bind
+
+    check_bind(host, token)
+    engine = Engine(base, StoreSource(store, cache_dir), quantize=quantize, max_rank=max_rank,
+                    max_cached_bytes=max_cached_bytes)
+    app = build_app(engine)
+    uvicorn.run(BearerAuth(app, token) if token else app, host=host, port=port, log_level="warning")

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from fts_mcp.edge.store import AdapterStore, UnknownAdapter
+from fts_mcp.errors import InvalidArgument
+from tests.conftest import make_adapter
+
+
+@pytest.fixture
+def store(tmp_path):
+    return AdapterStore(tmp_path / "store")
+
+
+def test_publish_versions_aliases_and_16_bit_weights(store, fts_home, tiny_model, adapter_a, adapter_b):
+    first, created = store.publish(adapter_a, "support")
+    assert created and first.version == "v1" and first.dtype == "bfloat16"
+    source_bytes = (adapter_a / "adapter_model.safetensors").stat().st_size
+    stored = store.root / "support" / "v1" / "adapter_model.safetensors"
+    assert stored.stat().st_size < 0.6 * source_bytes  # fp32 -> bf16 halves the weights
+    assert first.files["adapter_model.safetensors"].bytes == stored.stat().st_size
+    assert first.r == 4 and first.alpha == 8 and first.base_model
+
+    again, created = store.publish(adapter_a, "support")
+    assert not created and again.version == "v1"  # same bytes: nothing new
+
+    second, created = store.publish(adapter_b, "support", alias="prod")
+    assert created and second.version == "v2"
+    assert store.aliases("support") == {"latest": "v2", "prod": "v2"}
+    store.set_alias("support", "prod", "v1")
+    assert store.resolve("support:prod").version == "v1"
+    assert store.resolve("support").version == "v2" and store.resolve("support@v1").version == "v1"
+    index = json.loads((store.root / "index.json").read_text())
+    assert index["adapters"]["support"] == {"versions": ["v1", "v2"], "aliases": {"latest": "v2", "prod": "v1"}}
+    assert not list((store.root / "support").glob(".publish-*"))  # no temp folders left
+
+
+def test_versions_are_immutable(store, fts_home, tiny_model, adapter_a, adapter_b):
+    store.publish(adapter_a, "support", version="v1")
+    with pytest.raises(InvalidArgument, match="immutable") as info:
+        store.publish(adapter_b, "support", version="v1")
+    assert info.value.param == "version"
+    assert store.publish(adapter_a, "support", version="v1")[1] is False  # the same bytes are fine
+    assert store.versions("support") == ["v1"]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"name": "Bad Name"}, "name"), ({"name": "ok", "version": "1"}, "version"),
+    ({"name": "ok", "alias": "latest"}, "alias"), ({"name": "ok", "alias": "Prod!"}, "alias"),
+])
+def test_bad_publish_arguments(store, fts_home, adapter_a, kwargs, param):
+    with pytest.raises(InvalidArgument) as info:
+        store.publish(adapter_a, **kwargs)
+    assert info.value.param == param
+    assert not store.names()
+
+
+def test_unknown_references(store, fts_home, adapter_a):
+    store.publish(adapter_a, "support")
+    for ref, words in (("nope", "no adapter named"), ("support@v9", "no version v9"), ("support:prod", "no alias")):
+        with pytest.raises(UnknownAdapter, match=words):
+            store.resolve(ref)
+
+
+def test_publish_refuses_a_broken_adapter(store, fts_home, tiny_model):
+    folder = make_adapter(tiny_model, fts_home / "broken", r=2, seed=5)
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(InvalidArgument, match="adapter_config.json"):
+        store.publish(folder, "broken")
+    assert store.versions("broken") == []
