@@ -2,7 +2,8 @@
 
 It starts `fts-mcp serve` over stdio, connects an MCP client to it, asks recommend_ft_vs_rag and
 estimate_resources about its own model and data, then drives validate_dataset -> start_qlora_job -> job_status
-(long-poll, with a progress bar) until the job has finished, and merges the adapter with merge_adapter. The model is a
+(long-poll, with a progress bar) until the job has finished, merges the adapter with merge_adapter, deploys it
+to the edge store, starts an edge runtime and asks it one question with and one without the adapter. The model is a
 tiny random-initialised Llama shipped in resources/ and the data a 16-example memorisation set; on 2 CPU
 cores it takes well under a minute.
 """
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from importlib.resources import as_file, files
 from pathlib import Path
 
@@ -67,12 +71,12 @@ async def drive(home: Path, steps: int) -> int:
     t0 = time.monotonic()
     async with Client(server) as client:
         tools = [t.name for t in (await client.list_tools()).tools]
-        say(f"[1/6] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
+        say(f"[1/7] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
 
         advice = await call(client, "recommend_ft_vs_rag", {
             "knowledge_changes": "never", "output_format": True, "labelled_examples": 16,
             "example_quality": "high"})
-        say(f"[2/6] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
+        say(f"[2/7] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
             f"{advice['summary']}")
         for verdict in advice["criteria"]:
             if verdict["verdict"] != "unknown":
@@ -91,7 +95,7 @@ async def drive(home: Path, steps: int) -> int:
         report = await call(client, "validate_dataset", {"path": str(data), "base_model": str(model),
                                                               "max_seq_len": 256})
         stats = report["token_stats"]
-        say(f"[3/6] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
+        say(f"[3/7] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
             f"tokens mean={stats['mean']} max={stats['max']} trained={stats['trained_tokens']}")
         for warning in report["warnings"]:
             say(f"      warning: {warning}")
@@ -102,7 +106,7 @@ async def drive(home: Path, steps: int) -> int:
             "training": {"max_steps": steps, "learning_rate": 0.01, "lr_scheduler": "constant", "warmup_ratio": 0,
                          "micro_batch_size": 16, "gradient_accumulation_steps": 1, "max_seq_len": 256,
                          "checkpoint_every_steps": 50}})
-        say(f"[4/6] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
+        say(f"[4/7] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
 
         first_loss = None
         while job["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
@@ -117,7 +121,7 @@ async def drive(home: Path, steps: int) -> int:
             if p["eta_seconds"] is not None and job["state"] == "running":
                 figures += f"  eta {p['eta_seconds']:.0f}s"
             phase = p["phase"] or job["state"]
-            say(f"\r[5/6] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
+            say(f"\r[5/7] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
         say()
         elapsed = time.monotonic() - t0
         if job["state"] != "succeeded":
@@ -140,12 +144,56 @@ async def drive(home: Path, steps: int) -> int:
             say(f"merge {merged['state']}: {(merged['error'] or {}).get('message')}")
             return 1
         v = merged["artifacts"]["verification"]
-        say(f"[6/6] merge_adapter: {merged['job_id']} merged into a 16-bit (float32) base -> "
+        say(f"[6/7] merge_adapter: {merged['job_id']} merged into a 16-bit (float32) base -> "
             f"{merged['artifacts']['output_dir']}")
         say(f"      verified on {v['inputs']} fixed inputs: max |logit diff| merged vs base+adapter "
             f"{v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:.2e}); vs the 4-bit base it was trained on "
             f"{v['trained_base_max_abs_logit_diff']:.3f} (reported, not hidden: the 16-bit base is not rounded)")
+
+        port = free_port()
+        runtime = subprocess.Popen([sys.executable, "-m", "fts_mcp", "edge", "serve", "--base", str(model),
+                                    "--store", str(home / "store"), "--quantize", "nf4", "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
+                                                                                          "FTS_HOME": str(home)})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_until_up(runtime, url)
+            deployed = await call(client, "deploy_adapter", {"adapter": job["job_id"], "name": "demo-codewords",
+                                                             "runtime_url": url})
+            say(f"[7/7] deploy_adapter: {deployed['model']} ({deployed['bytes']:,} bytes, bf16 weights, sha256 "
+                f"{deployed['sha256'][:16]}…) -> {deployed['uri']}")
+            say(f"      edge runtime up at {url} (one 4-bit base, adapters swapped per request); loaded the adapter "
+                f"in {deployed['swap_ms']:.1f} ms")
+            question = [{"role": "system", "content": "You answer with the code word."},
+                        {"role": "user", "content": "Code word for apple?"}]
+            for target in (deployed["model"], "base"):
+                answer = await call(client, "generate", {"model": target, "messages": question, "max_tokens": 12,
+                                                         "runtime_url": url})
+                say(f"      {target:<22} -> {answer['text']!r}")
+            say(f"      try it: {deployed['curl']}")
+        finally:
+            runtime.terminate()
+            runtime.communicate(timeout=30)
     return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_until_up(runtime: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if runtime.poll() is not None:
+            raise Refused(f"the edge runtime exited: {runtime.stderr.read().decode()[-800:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            await anyio.sleep(0.3)
+    raise Refused(f"the edge runtime did not answer at {url} within {timeout:.0f}s")
 
 
 def run_demo(steps: int = 120) -> int:

@@ -59,6 +59,7 @@ def test_demo_runs_end_to_end(fts_home):
     done = subprocess.run([sys.executable, "-m", "fts_mcp", "demo", "--steps", "40"], capture_output=True, text=True,
                           timeout=180, cwd=fts_home)
     assert done.returncode == 0, done.stdout + done.stderr
-    for step in ("[1/6]", "[2/6] recommend_ft_vs_rag: neither_yet", "qlora", "[3/6] validate_dataset: ok=True",
-                 "[4/6] start_qlora_job", "succeeded, step 40", "[6/6] merge_adapter", "max |logit diff|"):
+    for step in ("[1/7]", "[2/7] recommend_ft_vs_rag: neither_yet", "qlora", "[3/7] validate_dataset: ok=True",
+                 "[4/7] start_qlora_job", "succeeded, step 40", "[6/7] merge_adapter", "max |logit diff|",
+                 "[7/7] deploy_adapter: demo-codewords@v", "edge runtime up", "-> '", "try it: curl"):
         assert step in done.stdout
