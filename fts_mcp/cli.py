@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = edge_sub.add_parser("serve", help="serve the OpenAI-compatible API with adapters from a store")
     run.add_argument("--base", required=True, help="base model folder or hub id (loaded once)")
     run.add_argument("--store", help="adapter store folder or URL (default: FTS_HOME/store)")
-    run.add_argument("--quantize", choices=["nf4", "none"], default="none",
-                     help="load the base in 4-bit NF4 (on a GPU) or in 16 bits")
+    run.add_argument("--quantize", choices=["auto", "nf4", "none"], default="auto",
+                     help="load the base in 4-bit NF4 or in 16 bits; auto: NF4 when a GPU is visible")
     run.add_argument("--max-cached", type=parse_size, default=2 * 10**9,
                      help="bytes of adapters kept in host memory, e.g. 512MB (LRU beyond it)")
     run.add_argument("--max-rank", type=int, default=64, help="largest adapter rank served")

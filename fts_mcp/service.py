@@ -32,9 +32,9 @@ from fts_mcp.adapters.spec import (
 from fts_mcp.config import Settings
 from fts_mcp.datasets import DatasetReport, TokenStats, require_valid, validate_dataset
 from fts_mcp.edge.sources import StoreSource
-from fts_mcp.edge.store import AdapterStore, Manifest, StoreDtype, StoreEntry
-from fts_mcp.errors import FtsError, InvalidArgument, ModelUnavailable
-from fts_mcp.hub import check_available, hub_offline, resolve_model_argument
+from fts_mcp.edge.store import AdapterStore, Manifest, StoreDtype, StoreEntry, store_root
+from fts_mcp.errors import FtsError, InvalidArgument, JobNotFound, ModelUnavailable
+from fts_mcp.hub import check_available, hub_offline, looks_like_path, resolve_model_argument
 from fts_mcp.io import sha256_file
 from fts_mcp.jobs.models import Job, JobError, JobList
 from fts_mcp.jobs.runner import Runner
@@ -223,10 +223,22 @@ class FineTuneService:
                                       "job (or an adapter folder)", param=param)
             folder = Path(job.artifacts.adapter_dir)
             source = _Source(str(folder), entry.weight, ref, job.spec.get("quantization"), job.spec.get("base_model"))
+        elif not looks_like_path(ref):  # a store reference: name, name@v2, name:prod
+            manifest = AdapterStore(store_root(self.settings)).resolve(ref, param=param)
+            folder = StoreSource(str(store_root(self.settings)), self.settings.home / "edge-cache").folder(manifest)
+            source = _Source(str(folder), entry.weight, None, self._trained_quantization(manifest.source_job),
+                             manifest.base_model)
         else:
             folder = resolve_inside(ref, self.settings.roots, param=param)
             source = _Source(str(folder), entry.weight, None, None, None)
         return source, read_adapter(folder, param=param)
+
+    def _trained_quantization(self, job_id: str | None) -> str | None:
+        """How the base was loaded when the adapter was trained, if its training job is on record here."""
+        try:
+            return self.store.get(job_id, log_lines=0).spec.get("quantization") if job_id else None
+        except JobNotFound:
+            return None
 
     @staticmethod
     def _check_combination(combination: str, density: float | None, infos: list[AdapterInfo]) -> None:
@@ -381,7 +393,7 @@ class EdgeService:
     def __init__(self, jobs: FineTuneService) -> None:
         self.jobs = jobs
         self.settings = jobs.settings
-        self.store = AdapterStore(Path(self.settings.env.get("FTS_STORE") or self.settings.home / "store"))
+        self.store = AdapterStore(store_root(self.settings))
 
     def _adapter_folder(self, ref: str, param: str = "adapter") -> tuple[Path, Job | None]:
         if JOB_ID_RE.match(ref):

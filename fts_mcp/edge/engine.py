@@ -54,7 +54,7 @@ class Metrics:
 
 
 class Engine:
-    def __init__(self, base: str, source: StoreSource, *, quantize: str = "none", max_rank: int = 64,
+    def __init__(self, base: str, source: StoreSource, *, quantize: str = "auto", max_rank: int = 64,
                  max_cached_bytes: int = 2 << 30) -> None:
         self.base_name = base
         self.source = source
@@ -65,7 +65,7 @@ class Engine:
             if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         quant = None
-        if quantize == "nf4":
+        if quantize == "nf4" or (quantize == "auto" and self.device.type == "cuda"):
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=self.dtype, bnb_4bit_quant_storage=self.dtype)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=self.dtype, quantization_config=quant,

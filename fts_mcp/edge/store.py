@@ -75,6 +75,11 @@ class StoreEntry(BaseModel):
     latest: Manifest | None = None
 
 
+def store_root(settings) -> Path:
+    """The edge store folder: FTS_STORE, else FTS_HOME/store."""
+    return Path(settings.env.get("FTS_STORE") or settings.home / "store")
+
+
 def parse_ref(ref: str, *, param: str = "model") -> tuple[str, str | None, str | None]:
     """'name', 'name@v3' or 'name:prod' -> (name, version, alias)."""
     if "@" in ref:

@@ -224,3 +224,11 @@ async def test_deploy_and_generate_through_mcp(edge):
         bad = await client.call_tool("deploy_adapter", {"adapter": edge.jobs["forward"].job_id, "name": "fwd",
                                                         "version": "v1", "runtime_url": "ftp://x"})
         assert bad.is_error and "runtime_url" in bad.content[0].text
+
+
+def test_merge_takes_a_store_reference(edge):
+    job = edge.service.merge_adapter("forward@v1", dtype="float32", output_name="forward-merged")
+    done = wait_for(lambda: (j := edge.service.job_status(job.job_id)).state.terminal and j, 120, 0.3)
+    assert done.state == "succeeded", (done.error, done.log_tail)
+    assert done.artifacts.verification.passed
+    assert done.spec["adapters"][0]["trained_quantization"] == "none"  # found through the manifest's source job

@@ -46,3 +46,36 @@ def test_queue_drains_without_any_server(fts_home, tiny_model):
     assert done
     assert [reader.job_status(j.job_id).state for j in (first, second)] == ["succeeded", "succeeded"]
     reader.close()
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(fts_home, monkeypatch):
+    """Cancel asks politely (SIGTERM); past FTS_CANCEL_GRACE_SECONDS the runner sends SIGKILL."""
+    import time
+
+    from fts_mcp.jobs.runner import Runner
+    from fts_mcp.jobs.states import JobState
+    from fts_mcp.jobs.store import JobStore
+
+    monkeypatch.setenv("FTS_CANCEL_GRACE_SECONDS", "0.5")
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                                 "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    job = store.create("train", {"output_name": "x"})
+    store.transition(job.job_id, JobState.QUEUED)
+    store.claim_next(settings.slots)
+    store.set_fields(job.job_id, supervisor_pid=stubborn.pid, pid=stubborn.pid)
+    store.heartbeat(job.job_id)
+    runner = Runner(settings, store)
+    runner.cancel(job.job_id)
+    time.sleep(0.2)
+    assert stubborn.poll() is None  # SIGTERM ignored: still alive inside the grace period
+    wait_for(lambda: runner.tick() or stubborn.poll() is not None, 10, what="SIGKILL after the grace period")
+    assert stubborn.returncode == -signal.SIGKILL
+    stubborn.stdout.close()
+    done = wait_for(lambda: runner.tick() or store.get(job.job_id).state.terminal and store.get(job.job_id), 10,
+                    what="the job to settle")
+    assert done.state == "cancelled"
+    store.close()
