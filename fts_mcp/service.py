@@ -50,6 +50,8 @@ from fts_mcp.training.checkpoints import latest_checkpoint
 from fts_mcp.training.spec import OUTPUT_NAME_RE, LoraSpec, TrainingSpec, TrainJobSpec
 
 DEFAULT_TOKENS_PER_EXAMPLE = 512
+
+
 class _Source(NamedTuple):
     path: str
     weight: float
