@@ -113,6 +113,50 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    service = _service()
+    try:
+        job = service.merge_adapter(args.adapter, base_model=args.base_model, output_name=args.output_name,
+                                    dtype=args.dtype, verify=not args.no_verify)
+        _print_job(job, args.json)
+    finally:
+        service.close()
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from fts_mcp.service import EdgeService
+
+    service = _service()
+    try:
+        deployed = EdgeService(service).deploy(args.adapter, args.name, version=args.version, alias=args.alias,
+                                               runtime_url=args.runtime_url)
+    finally:
+        service.close()
+    if args.json:
+        print(deployed.model_dump_json(indent=2))
+    else:
+        print(f"{deployed.model}  {'published' if deployed.created else 'already published'}  {deployed.bytes:,} bytes"
+              f"  {deployed.uri}" + (f"  loaded in {deployed.swap_ms:.1f} ms" if deployed.loaded else ""))
+        print(deployed.curl)
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from fts_mcp.service import EdgeService
+
+    service = _service()
+    try:
+        entries = EdgeService(service).list_adapters(args.name)
+    finally:
+        service.close()
+    for entry in entries:
+        aliases = ", ".join(f"{a}->{v}" for a, v in entry.aliases.items())
+        print(f"{entry.name:<24} versions {', '.join(entry.versions)}  aliases {aliases}  "
+              f"r={entry.latest.r} base={entry.latest.base_model}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fts-mcp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=8001)
     run.add_argument("--token", help="bearer token clients must send (default: FTS_AUTH_TOKEN)")
     run.set_defaults(func=cmd_edge_serve)
+
+    merge = sub.add_parser("merge", help="merge an adapter into its 16-bit base (a background merge job)")
+    merge.add_argument("adapter", help="training job id, adapter folder or store reference")
+    merge.add_argument("--base-model")
+    merge.add_argument("--output-name")
+    merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    merge.add_argument("--no-verify", action="store_true", help="keep a merge even beyond the dtype's tolerance")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(func=cmd_merge)
+
+    deploy = sub.add_parser("deploy", help="publish an adapter to the edge store (and load it into a runtime)")
+    deploy.add_argument("adapter", help="training job id or adapter folder")
+    deploy.add_argument("name")
+    deploy.add_argument("--version")
+    deploy.add_argument("--alias")
+    deploy.add_argument("--runtime-url")
+    deploy.add_argument("--json", action="store_true")
+    deploy.set_defaults(func=cmd_deploy)
+
+    adapters = sub.add_parser("adapters", help="list the edge store")
+    adapters.add_argument("name", nargs="?")
+    adapters.set_defaults(func=cmd_adapters)
 
     jobs = sub.add_parser("jobs", help="list, inspect, cancel or resume jobs")
     jobs_sub = jobs.add_subparsers(dest="action", required=True)

@@ -63,3 +63,17 @@ def test_demo_runs_end_to_end(fts_home):
                  "[4/7] start_qlora_job", "succeeded, step 40", "[6/7] merge_adapter", "max |logit diff|",
                  "[7/7] deploy_adapter: demo-codewords@v", "edge runtime up", "-> '", "try it: curl"):
         assert step in done.stdout
+
+
+def test_deploy_adapters_and_merge_commands(fts_home, tiny_model, adapter_a, capsys):
+    assert main(["deploy", str(adapter_a), "support", "--alias", "prod"]) == 0
+    out = capsys.readouterr().out
+    assert "support@v1  published" in out and "curl" in out
+    assert main(["deploy", str(adapter_a), "support"]) == 0
+    assert "already published" in capsys.readouterr().out
+    assert main(["adapters"]) == 0
+    assert "prod->v1" in capsys.readouterr().out
+    assert main(["deploy", str(adapter_a), "Bad Name"]) == 2
+    assert "name:" in capsys.readouterr().err
+    assert main(["merge", str(fts_home), "--base-model", str(tiny_model)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
