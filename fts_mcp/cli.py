@@ -6,21 +6,24 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 from fts_mcp.errors import FtsError
 
 
-def _service():
-    from fts_mcp.config import Settings
-    from fts_mcp.service import FineTuneService
+def _core():
+    from fts_mcp.core import Core
 
-    return FineTuneService(Settings.from_env())
+    return Core()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # stdout carries protocol messages only
+    from fts_mcp.config import Settings
     from fts_mcp.server import mcp
+
+    settings = Settings.from_env()
+    print(f"fts-mcp: FTS_HOME {settings.home}; path arguments must lie inside: "
+          f"{', '.join(map(str, settings.roots))} (set FTS_ROOTS to change)", file=sys.stderr)
 
     if args.transport == "stdio":
         mcp.run()
@@ -51,10 +54,8 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     from fts_mcp.config import Settings
     from fts_mcp.edge.app import serve
 
-    settings = Settings.from_env()
-    serve(args.base, args.store or str(settings.home / "store"), quantize=args.quantize,
-          max_cached_bytes=args.max_cached, max_rank=args.max_rank, host=args.host, port=args.port,
-          token=args.token or os.environ.get("FTS_AUTH_TOKEN"), cache_dir=settings.home / "edge-cache")
+    serve(Settings.from_env(), args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
+          max_rank=args.max_rank, host=args.host, port=args.port, token=args.token or os.environ.get("FTS_AUTH_TOKEN"))
     return 0
 
 
@@ -81,58 +82,65 @@ def _print_job(job, as_json: bool) -> None:
         print(f"    adapter {job.artifacts.adapter_dir}")
 
 
+def _follow_log(core, job_id: str) -> None:
+    """Print the job's log as it grows until the job ends (the same long-poll loop as job_status)."""
+    import anyio
+
+    from fts_mcp.jobs.watch import watch
+
+    shown = 0
+
+    async def show(_job) -> None:
+        nonlocal shown
+        text = core.jobs.log(job_id)
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+
+    async def follow() -> None:
+        job = await watch(lambda: core.jobs.get(job_id, log_lines=0), wait_seconds=1e9, on_poll=show,
+                          until_terminal=True, poll_seconds=1.0)
+        await show(job)  # what the worker wrote as it finished
+
+    anyio.run(follow)
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
-    service = _service()
-    try:
+    with _core() as core:
         if args.action == "list":
-            listing = service.list_jobs(args.state, args.limit)
+            listing = core.jobs.list(args.state, args.limit)
             if args.json:
                 print(listing.model_dump_json(indent=2))
             for job in [] if args.json else listing.jobs:
                 _print_job(job, False)
         elif args.action == "status":
-            _print_job(service.job_status(args.job_id, log_lines=args.log_lines), args.json)
+            _print_job(core.jobs.get(args.job_id, log_lines=args.log_lines), args.json)
         elif args.action == "cancel":
-            _print_job(service.cancel_job(args.job_id), args.json)
+            _print_job(core.jobs.cancel(args.job_id), args.json)
         elif args.action == "resume":
-            _print_job(service.resume_job(args.job_id), args.json)
+            _print_job(core.jobs.resume(args.job_id), args.json)
         elif args.action == "logs":
-            shown = 0
-            while True:
-                text = service.job_log(args.job_id)
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-                if not args.follow or service.job_status(args.job_id, log_lines=0).state.terminal:
-                    break
-                time.sleep(1.0)
+            if args.follow:
+                _follow_log(core, args.job_id)
+            else:
+                sys.stdout.write(core.jobs.log(args.job_id))
         else:
             raise AssertionError(args.action)
-    finally:
-        service.close()
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    service = _service()
-    try:
-        job = service.merge_adapter(args.adapter, base_model=args.base_model, output_name=args.output_name,
-                                    dtype=args.dtype, verify=not args.no_verify)
-        _print_job(job, args.json)
-    finally:
-        service.close()
+    with _core() as core:
+        job = core.merging.merge(args.adapter, base_model=args.base_model, output_name=args.output_name,
+                                 dtype=args.dtype, verify=not args.no_verify)
+    _print_job(job, args.json)
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from fts_mcp.service import EdgeService
-
-    service = _service()
-    try:
-        deployed = EdgeService(service).deploy(args.adapter, args.name, version=args.version, alias=args.alias,
-                                               runtime_url=args.runtime_url)
-    finally:
-        service.close()
+    with _core() as core:
+        deployed = core.edge.deploy(args.adapter, args.name, version=args.version, alias=args.alias,
+                                    runtime_url=args.runtime_url)
     if args.json:
         print(deployed.model_dump_json(indent=2))
     else:
@@ -143,13 +151,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    from fts_mcp.service import EdgeService
-
-    service = _service()
-    try:
-        entries = EdgeService(service).list_adapters(args.name)
-    finally:
-        service.close()
+    with _core() as core:
+        entries = core.edge.list_adapters(args.name)
     for entry in entries:
         aliases = ", ".join(f"{a}->{v}" for a, v in entry.aliases.items())
         print(f"{entry.name:<24} versions {', '.join(entry.versions)}  aliases {aliases}  "
@@ -180,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge_sub = edge.add_subparsers(dest="action", required=True)
     run = edge_sub.add_parser("serve", help="serve the OpenAI-compatible API with adapters from a store")
     run.add_argument("--base", required=True, help="base model folder or hub id (loaded once)")
-    run.add_argument("--store", help="adapter store folder or URL (default: FTS_HOME/store)")
+    run.add_argument("--store", help="adapter store folder or URL (default: FTS_STORE, else FTS_HOME/store)")
     run.add_argument("--quantize", choices=["auto", "nf4", "none"], default="auto",
                      help="load the base in 4-bit NF4 or in 16 bits; auto: NF4 when a GPU is visible")
     run.add_argument("--max-cached", type=parse_size, default=2 * 10**9,

@@ -3,7 +3,8 @@
 | variable | meaning | default |
 |---|---|---|
 | `FTS_HOME` | where jobs, the job store and outputs live | the per-user data folder (`platformdirs`) |
-| `FTS_ROOTS` | `os.pathsep`-separated folders that path arguments must be inside | `FTS_HOME` and the start folder |
+| `FTS_ROOTS` | `os.pathsep`-separated folders path arguments must be in | `FTS_HOME` + start folder (not `/`, `~`) |
+| `FTS_STORE` | the adapter store folder, the same for every command and tool | `FTS_HOME/store` |
 | `FTS_GPUS` | CUDA device indices to run jobs on (`0,1`), or `none` for the CPU slot | every visible CUDA device |
 | `FTS_TRUST_REMOTE_CODE` | `1` lets models run code shipped in their repository | off |
 | `FTS_CANCEL_GRACE_SECONDS` | how long a cancelled worker may take to checkpoint before SIGKILL | 60 |
@@ -62,6 +63,14 @@ def _float_env(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def default_roots(home: Path, cwd: Path, user_home: Path) -> tuple[Path, ...]:
+    """FTS_HOME, and the folder the server started in unless that is `/` or the user's home: desktop clients
+    often start servers there, and neither may silently make the whole disk (or every dotfile) readable."""
+    if cwd in (Path(cwd.anchor), user_home, home):
+        return (home,)
+    return (home, cwd)
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -83,7 +92,7 @@ class Settings:
         if env.get("FTS_ROOTS"):
             roots = tuple(Path(p).expanduser().resolve() for p in env["FTS_ROOTS"].split(os.pathsep) if p)
         else:
-            roots = (home, Path.cwd().resolve())
+            roots = default_roots(home, Path.cwd().resolve(), Path(env.get("HOME") or Path.home()).resolve())
         return cls(
             home=home,
             roots=roots,
@@ -92,6 +101,16 @@ class Settings:
             cancel_grace_seconds=_float_env(env, "FTS_CANCEL_GRACE_SECONDS", 60.0),
             env=env,
         )
+
+    @property
+    def store(self) -> Path:
+        """The adapter store every command and tool publishes to and serves from."""
+        return Path(self.env.get("FTS_STORE") or self.home / "store").expanduser().resolve()
+
+    @property
+    def edge_cache(self) -> Path:
+        """Where adapters fetched from an HTTP store are kept, by version."""
+        return self.home / "edge-cache"
 
     @property
     def db_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""Atomic artifact writes: temp file or folder in the same directory, then rename."""
+"""Atomic artifact writes (temp file in the same folder, then rename) and artifact fingerprints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from fts_mcp.jobs.models import ArtifactFile
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -34,3 +36,9 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def artifact_files(folder: Path) -> list[ArtifactFile]:
+    """Every file of a finished artifact folder with its size and sha256, for the job's `artifacts.files`."""
+    return [ArtifactFile(path=str(p), bytes=p.stat().st_size, sha256=sha256_file(p))
+            for p in sorted(folder.iterdir()) if p.is_file()]

@@ -1,4 +1,4 @@
-"""The MCP layer: thin tools and resources over `FineTuneService`.
+"""The MCP layer: thin tools, resources and prompts over the typed core (`fts_mcp.core.Core`).
 
 Each tool validates its arguments through its signature (the signature is the schema), calls the core and
 returns a pydantic model (structured output). Domain errors become tool errors the agent can act on.
@@ -21,18 +21,19 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp import __version__
 from fts_mcp.adapters.spec import Combination, Dtype, WeightedAdapter
-from fts_mcp.config import Settings
+from fts_mcp.core import Core
 from fts_mcp.datasets import DatasetReport
 from fts_mcp.docs import DOC_TOPICS, read_doc
+from fts_mcp.edge.service import Deployment, Generation
 from fts_mcp.edge.store import StoreDtype, StoreEntry
 from fts_mcp.errors import FtsError
 from fts_mcp.jobs.models import Job, JobList
 from fts_mcp.jobs.states import JobState
+from fts_mcp.jobs.watch import watch
 from fts_mcp.planning.advice import Advice, Criteria
 from fts_mcp.planning.diagnose import diagnose
 from fts_mcp.planning.estimate import ResourceEstimate
 from fts_mcp.planning.estimate import Settings as EstimateSettings
-from fts_mcp.service import Deployment, EdgeService, FineTuneService, Generation, PlanningService
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 
 log = logging.getLogger("fts_mcp.server")
@@ -46,45 +47,48 @@ with a checkpoint; resume_job continues an interrupted one. Jobs outlive this se
 Paths must lie inside the configured roots."""
 
 TICK_SECONDS = 1.0
-POLL_SECONDS = 0.25
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+# Starts work; asked twice, starts it twice.
 LAUNCHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+# Starts work, but the same request again returns the first result (merge and deploy are keyed by their inputs;
+# resuming a job that already resumed leaves it as it is).
+LAUNCHES_ONCE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                                open_world_hint=False)
 STOPS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+# May talk to a runtime at a URL the agent gives.
+REACHES_OUT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                              open_world_hint=True)
 
 JobId = Annotated[str, Field(description="job id as returned by start_qlora_job or list_jobs, e.g. job-0123456789ab")]
 
 
-async def _monitor(service: FineTuneService) -> None:
+async def _monitor(core: Core) -> None:
     """Every server watches every job: start queued ones on free slots, notice dead workers."""
     while True:
         try:
-            await anyio.to_thread.run_sync(service.runner.tick)
+            await anyio.to_thread.run_sync(core.jobs.runner.tick)
         except Exception:  # process boundary: the loop must outlive a transient store error
             log.exception("job monitor tick failed")
         await anyio.sleep(TICK_SECONDS)
 
 
 @asynccontextmanager
-async def lifespan(_server: MCPServer) -> AsyncIterator[FineTuneService]:
-    service = FineTuneService(Settings.from_env())
+async def lifespan(_server: MCPServer) -> AsyncIterator[Core]:
+    core = Core()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_monitor, service)
+        tg.start_soon(_monitor, core)
         try:
-            yield service
+            yield core
         finally:
             tg.cancel_scope.cancel()
-    service.close()
+    core.close()
 
 
 mcp = MCPServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
 
 
-def _service(ctx: Context) -> FineTuneService:
+def _core(ctx: Context) -> Core:
     return ctx.request_context.lifespan_context
-
-
-def _planning(ctx: Context) -> PlanningService:
-    return PlanningService(_service(ctx).settings)
 
 
 def agent_errors(fn):
@@ -129,7 +133,7 @@ def validate_dataset(
     lines. Returns ok, the format, the example count, errors with line numbers, warnings (e.g. too few
     examples: 100-500 is the floor for style, 1K-10K for robust task learning) and, with base_model, token
     statistics (lengths, trained tokens, how many exceed max_seq_len)."""
-    return _service(ctx).validate_dataset(path, base_model, max_seq_len)
+    return _core(ctx).training.validate_dataset(path, base_model, max_seq_len)
 
 
 @mcp.tool(title="Start a QLoRA / LoRA fine-tuning job", annotations=LAUNCHES)
@@ -152,13 +156,14 @@ def start_qlora_job(
                                                          "continue from its last checkpoint (same model and lora)")]
     = None,
 ) -> Job:
-    """Launch a LoRA / QLoRA fine-tune as a background job and return at once with the job (state queued).
+    """Launch a LoRA / QLoRA fine-tune as a background job and return at once with the job: running when a
+    device slot is free, else queued behind the jobs holding them.
 
     The dataset is validated first; a bad one is refused with its line errors and nothing is queued. The job
     runs in its own worker process and outlives this server. Follow it with job_status(job_id,
     wait_seconds=60); when it is succeeded, artifacts.adapter_dir holds the PEFT adapter."""
-    return _service(ctx).start_training(base_model, dataset, output_name=output_name, lora=lora,
-                                        quantization=quantization, training=training, resume_from=resume_from)
+    return _core(ctx).training.start(base_model, dataset, output_name=output_name, lora=lora,
+                                     quantization=quantization, training=training, resume_from=resume_from)
 
 
 @mcp.tool(title="Job status (long-poll)", annotations=READ_ONLY)
@@ -173,23 +178,18 @@ async def job_status(
     """Get a job's state, progress (step/total, epoch, loss, eval loss, learning rate, tokens/s, ETA), error,
     artifacts and the tail of its log. With wait_seconds it returns as soon as the state changes, so one call
     can wait through a whole short job."""
-    service = _service(ctx)
-    job = await anyio.to_thread.run_sync(service.job_status, job_id)
-    if wait_seconds <= 0 or job.state.terminal:
-        return job
-    start_state, last_step = job.state, None
-    deadline = anyio.current_time() + wait_seconds
-    while True:
+    core = _core(ctx)
+    last_step = None
+
+    async def report(job: Job) -> None:
+        nonlocal last_step
         p = job.progress
         if p.step != last_step:
             last_step = p.step
             loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
             await ctx.report_progress(p.step, p.total_steps, f"{job.state} step {p.step}/{p.total_steps or '?'}{loss}")
-        remaining = deadline - anyio.current_time()
-        if job.state != start_state or remaining <= 0:
-            return job
-        await anyio.sleep(min(POLL_SECONDS, remaining))
-        job = await anyio.to_thread.run_sync(service.job_status, job_id)
+
+    return await watch(lambda: core.jobs.get(job_id), wait_seconds=wait_seconds, on_poll=report)
 
 
 @mcp.tool(title="List jobs", annotations=READ_ONLY)
@@ -200,27 +200,28 @@ def list_jobs(
     limit: Annotated[int, Field(ge=1, le=1000, description="most recent first")] = 20,
 ) -> JobList:
     """List jobs on this host, newest first, from every server and CLI sharing this FTS_HOME."""
-    return _service(ctx).list_jobs(state, limit)
+    return _core(ctx).jobs.list(state, limit)
 
 
 @mcp.tool(title="Cancel a job", annotations=STOPS)
 @agent_errors
 def cancel_job(job_id: JobId, ctx: Context) -> Job:
     """Cancel a job. Queued jobs are cancelled at once; a running job gets SIGTERM, saves a checkpoint and
-    reads cancelled once its worker has exited (its GPU memory is then free). A cancelled training job can be
-    continued later with start_qlora_job(resume_from=job_id)."""
-    return _service(ctx).cancel_job(job_id)
+    reads cancelled once its worker has exited (its GPU memory is then free). A job that has already ended is
+    returned unchanged. A cancelled job with a checkpoint continues with resume_job."""
+    return _core(ctx).jobs.cancel(job_id)
 
 
-@mcp.tool(title="Resume an interrupted job", annotations=LAUNCHES)
+@mcp.tool(title="Resume a stopped job", annotations=LAUNCHES)
 @agent_errors
 def resume_job(job_id: JobId, ctx: Context) -> Job:
-    """Queue an interrupted job again (its worker was killed, ran out of memory or the host restarted). It
-    continues from its last checkpoint: the step count, optimizer and scheduler state carry on."""
-    return _service(ctx).resume_job(job_id)
+    """Queue a job again where it stopped: an interrupted job (its worker was killed, ran out of memory or the
+    host restarted), or a cancelled one that saved a checkpoint (`resumable: true` on the job). It continues
+    from its last checkpoint: the step count, optimizer and scheduler state carry on."""
+    return _core(ctx).jobs.resume(job_id)
 
 
-@mcp.tool(title="Merge adapters into a model", annotations=LAUNCHES)
+@mcp.tool(title="Merge adapters into a model", annotations=LAUNCHES_ONCE)
 @agent_errors
 def merge_adapter(
     ctx: Context,
@@ -247,22 +248,18 @@ def merge_adapter(
     is exactly the weighted sum of the deltas, any ranks; `svd` is that sum truncated back to a rank, any ranks;
     `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` need equal ranks and are not exact (the last
     four prune each delta to `density`). Follow it with job_status; artifacts.output_dir holds the result."""
-    return _service(ctx).merge_adapter(adapter, adapters=adapters, base_model=base_model, output_name=output_name,
-                                       dtype=dtype, verify=verify, combination=combination, density=density,
-                                       output=output)
+    return _core(ctx).merging.merge(adapter, adapters=adapters, base_model=base_model, output_name=output_name,
+                                    dtype=dtype, verify=verify, combination=combination, density=density,
+                                    output=output)
 
 
 # ---- the edge ------------------------------------------------------------------------------------------------
-
-def _edge(ctx: Context) -> EdgeService:
-    return EdgeService(_service(ctx))
-
 
 RuntimeUrl = Annotated[str | None, Field(description="an edge runtime (fts-mcp edge serve) or a vLLM server started "
                                                      "with runtime LoRA updating, e.g. http://127.0.0.1:8001")]
 
 
-@mcp.tool(title="Deploy an adapter to the edge store", annotations=LAUNCHES)
+@mcp.tool(title="Deploy an adapter to the edge store", annotations=LAUNCHES_ONCE)
 @agent_errors
 def deploy_adapter(
     adapter: Annotated[str, Field(description="a succeeded training job id or an adapter folder")],
@@ -278,7 +275,7 @@ def deploy_adapter(
     """Publish an adapter as an immutable version in the edge adapter store (name/version with PEFT's files, a
     manifest with sha256 of every file), optionally move an alias, and optionally load it into a running edge
     runtime or vLLM server. Returns the `model` string to put in requests, the swap time, and a curl example."""
-    return _edge(ctx).deploy(adapter, name, version=version, alias=alias, runtime_url=runtime_url, dtype=dtype)
+    return _core(ctx).edge.deploy(adapter, name, version=version, alias=alias, runtime_url=runtime_url, dtype=dtype)
 
 
 @mcp.tool(title="List adapters in the edge store", annotations=READ_ONLY)
@@ -288,12 +285,12 @@ def list_adapters(
     name: Annotated[str | None, Field(description="only this adapter")] = None,
 ) -> AdapterList:
     """List the edge store: each adapter's versions, aliases and the manifest of its latest version."""
-    return AdapterList(adapters=_edge(ctx).list_adapters(name))
+    return AdapterList(adapters=_core(ctx).edge.list_adapters(name))
 
 
-@mcp.tool(title="Generate with an adapter", annotations=LAUNCHES)
+@mcp.tool(title="Generate with an adapter", annotations=REACHES_OUT)
 @agent_errors
-def generate(
+async def generate(
     model: Annotated[str, Field(description="a store adapter (name, name@v2, name:prod) or 'base'")],
     ctx: Context,
     prompt: Annotated[str | None, Field(description="plain prompt (completion form)")] = None,
@@ -303,11 +300,15 @@ def generate(
     runtime_url: RuntimeUrl = None,
     base_model: Annotated[str | None, Field(description="without a runtime: the base (default: the adapter's "
                                                         "own)")] = None,
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600, description="give up (and cancel the one-shot job) "
+                                                                       "after this long")] = 300,
 ) -> Generation:
     """Try an adapter: send a prompt or chat to a running runtime, or without runtime_url run a one-shot worker
-    job that loads the base and the adapter, answers, and exits (slower: it loads the model each time)."""
-    return _edge(ctx).generate(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                               temperature=temperature, runtime_url=runtime_url, base_model=base_model)
+    job that loads the base and the adapter, answers, and exits (slower: it loads the model each time). The job
+    is cancelled if it outlives timeout_seconds or the call."""
+    return await _core(ctx).edge.generate(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
+                                          temperature=temperature, runtime_url=runtime_url, base_model=base_model,
+                                          timeout=timeout_seconds)
 
 
 # ---- resources -----------------------------------------------------------------------------------------------
@@ -321,17 +322,17 @@ def _resource(fn, *args):
 
 @mcp.resource("fts://jobs/{job_id}", mime_type="application/json", description="A job record as JSON")
 def job_resource(job_id: str, ctx: Context) -> str:
-    return _resource(_service(ctx).job_status, job_id).model_dump_json(indent=2)
+    return _resource(_core(ctx).jobs.get, job_id).model_dump_json(indent=2)
 
 
 @mcp.resource("fts://jobs/{job_id}/log", mime_type="text/plain", description="The job's worker log (last 256 KiB)")
 def job_log_resource(job_id: str, ctx: Context) -> str:
-    return _resource(_service(ctx).job_log, job_id)
+    return _resource(_core(ctx).jobs.log, job_id)
 
 
 @mcp.resource("fts://jobs/{job_id}/loss.png", mime_type="image/png", description="Loss curve so far")
 def job_loss_resource(job_id: str, ctx: Context) -> bytes:
-    return _resource(_service(ctx).loss_curve, job_id)
+    return _resource(_core(ctx).jobs.loss_curve, job_id)
 
 
 # ---- planning ------------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def recommend_ft_vs_rag(
                         factual_accuracy_with_sources=factual_accuracy_with_sources, budget=budget,
                         maximum_quality=maximum_quality, labelled_examples=labelled_examples,
                         example_quality=example_quality, latency_sensitive=latency_sensitive, deployment=deployment)
-    return _planning(ctx).recommend_ft_vs_rag(criteria)
+    return _core(ctx).planning.recommend_ft_vs_rag(criteria)
 
 
 Count = Annotated[int | None, Field(None, ge=1, le=10_000_000)]
@@ -413,7 +414,7 @@ def estimate_resources(
                                 optimizer=optimizer)
     shape = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
              "vocab": vocab}
-    return _planning(ctx).estimate_resources(
+    return _core(ctx).planning.estimate_resources(
         base_model=base_model, params=params, shape=shape, method=method, settings=settings,
         dataset_examples=dataset_examples, tokens_per_example=tokens_per_example, dataset_tokens=dataset_tokens,
         epochs=epochs, gpu=gpu, gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
@@ -454,12 +455,12 @@ def plan_finetune(use_case: str, data_available: str, hardware: str) -> list:
 @mcp.prompt(title="Diagnose a job")
 def diagnose_job(job_id: str, ctx: Context) -> list:
     """Read a job's status, loss curve and log, and suggest fixes (loss not falling, out of memory, diverging)."""
-    service = _service(ctx)
+    jobs = _core(ctx).jobs
     try:
-        job = service.job_status(job_id, log_lines=40)
+        job = jobs.get(job_id, log_lines=40)
     except FtsError as exc:
         raise ToolError(str(exc)) from exc
-    findings = diagnose(job, service.store.events(job_id, kind="progress"), service.job_log(job_id))
+    findings = diagnose(job, jobs.store.events(job_id, kind="progress"), jobs.log(job_id))
     found = "\n".join(f"- {f.problem}: {f.evidence}. Fix: {f.fix}" for f in findings) or "- no known problem pattern"
     return [UserMessage(
         f"Diagnose fine-tuning job {job_id}.\n\nStatus:\n{job.model_dump_json(indent=2, exclude={'log_tail'})}\n\n"

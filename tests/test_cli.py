@@ -8,7 +8,7 @@ import pytest
 
 from fts_mcp.cli import main
 from fts_mcp.config import Settings
-from fts_mcp.service import FineTuneService
+from fts_mcp.core import Core
 from tests.conftest import REPO, SAMPLE_CHAT
 
 
@@ -20,16 +20,22 @@ def test_server_module_never_imports_torch(fts_home):
 
 
 def test_jobs_commands(fts_home, capsys):
-    service = FineTuneService(Settings.from_env())
-    job = service.start_training("acme/missing", str(SAMPLE_CHAT))  # fails in validation: offline, not cached
+    service = Core(Settings.from_env())
+    job = service.training.start("acme/missing", str(SAMPLE_CHAT))  # fails in validation: offline, not cached
     service.close()
     assert main(["jobs", "list"]) == 0
     assert job.job_id in capsys.readouterr().out
     assert main(["jobs", "status", job.job_id, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["error"]["code"] == "model_unavailable"
+    capsys.readouterr()
+    log = fts_home / "jobs" / job.job_id / "worker.log"
+    log.write_text("step 1 loss=2.0\nstep 2 loss=1.5\n")
     assert main(["jobs", "logs", job.job_id]) == 0
-    assert main(["jobs", "cancel", job.job_id]) == 2
-    assert "already failed" in capsys.readouterr().err
+    assert capsys.readouterr().out == log.read_text()
+    assert main(["jobs", "logs", "--follow", job.job_id]) == 0  # an ended job: prints it all once and returns
+    assert capsys.readouterr().out == log.read_text()
+    assert main(["jobs", "cancel", job.job_id]) == 0  # cancelling an ended job leaves it as it was
+    assert "failed" in capsys.readouterr().out
     assert main(["jobs", "status", "job-000000000000"]) == 2
     assert "no job job-000000000000" in capsys.readouterr().err
     assert main(["jobs", "list", "--limit", "0"]) == 2

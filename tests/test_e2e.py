@@ -3,6 +3,7 @@
 Each test states the character of its job (finishes, runs long, is killed) as rq's fixtures do.
 """
 
+import base64
 import os
 import signal
 import time
@@ -59,6 +60,22 @@ async def until(client: Client, job_id: str, predicate, timeout: float, what: st
         await anyio.sleep(0.1)
 
 
+def assert_plots_a_falling_curve(png: bytes) -> None:
+    """The loss-curve image draws a line whose left end sits higher than its right end (y grows downwards)."""
+    import io
+
+    import numpy as np
+    from matplotlib import image
+
+    pixels = image.imread(io.BytesIO(png), format="png")[..., :3]
+    line = (np.abs(pixels - np.array([0x1F, 0x77, 0xB4]) / 255).sum(axis=-1) < 0.1)  # the train-loss colour
+    columns = np.flatnonzero(line.any(axis=0))
+    assert columns.size > 100, "no loss line drawn"
+    first, last = columns[:10], columns[-10:]
+    top = lambda cols: np.mean([np.flatnonzero(line[:, c]).mean() for c in cols])  # noqa: E731
+    assert top(first) < top(last), "the plotted loss does not fall"
+
+
 def generate_all(model_dir: Path, adapter: Path | None, records: list[dict]) -> list[str]:
     """Greedy answers from the 4-bit base the adapter was trained on (with the adapter when given)."""
     import torch
@@ -104,6 +121,9 @@ async def test_qlora_job_learns_the_training_targets(fts_home, tiny_model):
         notes: list = []
         job = await until(client, job["job_id"], record, 240, "training to finish", notes)
         assert job["state"] == "succeeded", job
+        resource = (await client.read_resource(f"fts://jobs/{job['job_id']}/loss.png")).contents[0]
+        png = base64.b64decode(resource.blob)
+        assert resource.mime_type == "image/png"
     steps = [progress for progress, _, _ in notes]
     assert len(steps) >= 3 and steps == sorted(steps) and notes[-1][1] == 160  # MCP progress while long-polling
     assert "loss" in notes[-1][2]
@@ -116,6 +136,7 @@ async def test_qlora_job_learns_the_training_targets(fts_home, tiny_model):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
     assert Path(job["artifacts"]["loss_curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_plots_a_falling_curve(png)
 
     records = [json.loads(line) for line in SAMPLE_COMPLETION.read_text().splitlines()]
     targets = [r["completion"] for r in records]
@@ -123,37 +144,42 @@ async def test_qlora_job_learns_the_training_targets(fts_home, tiny_model):
     assert not set(generate_all(tiny_model, None, records)) & set(targets)
 
 
-async def test_cancel_checkpoints_and_a_new_job_resumes_from_it(fts_home, tiny_model):
-    """Runs long: cancelled mid-run, its checkpoint seeds a second job that continues the step count."""
+async def test_cancel_checkpoints_then_resumes_in_place_and_as_a_new_job(fts_home, tiny_model):
+    """Runs long: cancelled mid-run with a checkpoint; resume_job continues it in place, and a finished job's
+    checkpoint seeds a new job (resume_from) that continues the step count."""
     async with connect(fts_home) as client:
-        job = await start(client, tiny_model, 100_000, every=100_000, data=SAMPLE_CHAT)
+        job = await start(client, tiny_model, 40, every=100_000, data=SAMPLE_CHAT)
         job_id = job["job_id"]
         running = await until(client, job_id, lambda j: j["progress"]["step"] >= 5, 120, "a few steps")
+        assert running["progress"]["eta_seconds"] is not None
         pid = running["pid"]
         await call(client, "cancel_job", job_id=job_id)
         job = await until(client, job_id, lambda j: j["state"] in TERMINAL, 60, "the cancel")
         assert job["state"] == "cancelled" and job["error"] is None
+        assert job["progress"]["eta_seconds"] is None and job["progress"]["phase"] is None  # nothing stale
         assert not pid_alive(pid)  # the worker (and its GPU memory) is gone once the job reads cancelled
         checkpoint = Path(job["artifacts"]["checkpoint_dir"])
         stopped_at = int(checkpoint.name.split("-")[1])
         assert stopped_at >= 5 and (checkpoint / "optimizer.pt").exists()
+        assert job["resumable"]  # a cancel that left a checkpoint can continue in place
 
-        again = await client.call_tool("cancel_job", {"job_id": job_id})
-        assert again.is_error and "already cancelled" in again.content[0].text
-        in_place = await client.call_tool("resume_job", {"job_id": job_id})
-        assert in_place.is_error and "resume_from" in in_place.content[0].text
+        again = await call(client, "cancel_job", job_id=job_id)  # idempotent: an ended job comes back unchanged
+        assert again["state"] == "cancelled" and again["updated_at"] == job["updated_at"]
+        resumed = await call(client, "resume_job", job_id=job_id)
+        assert resumed["state"] in ("queued", "running") and not resumed["cancel_requested"]
+        done = await until(client, job_id, lambda j: j["state"] in TERMINAL, 120, "the resumed job")
+        assert done["state"] == "succeeded", done
+        assert done["progress"]["step"] == 40 and done["attempts"] == 2
+        assert done["progress"]["phase"] is None and not done["resumable"]
+        log = (await client.read_resource(f"fts://jobs/{job_id}/log")).contents[0].text
+        assert f"resuming from {checkpoint}" in log
 
-        follow = await start(client, tiny_model, stopped_at + 5, data=SAMPLE_CHAT, every=100_000)
-        assert follow["state"] in ("queued", "running")
-        await call(client, "cancel_job", job_id=follow["job_id"])  # wrong one: started without resume_from
         follow = await call(client, "start_qlora_job", base_model=str(tiny_model), dataset=str(SAMPLE_CHAT),
                             lora={"r": 16}, resume_from=job_id,
-                            training={**FAST_TRAINING, "max_steps": stopped_at + 5, "checkpoint_every_steps": 100_000})
-        done = await until(client, follow["job_id"], lambda j: j["state"] in TERMINAL, 120, "the resumed job")
+                            training={**FAST_TRAINING, "max_steps": 45, "checkpoint_every_steps": 100_000})
+        done = await until(client, follow["job_id"], lambda j: j["state"] in TERMINAL, 120, "the follow-up job")
         assert done["state"] == "succeeded", done
-        assert done["progress"]["step"] == stopped_at + 5
-        assert any(f"resuming from {checkpoint}" in line for line in (await client.read_resource(
-            f"fts://jobs/{follow['job_id']}/log")).contents[0].text.splitlines())
+        assert done["progress"]["step"] == 45
 
 
 async def test_killed_worker_is_interrupted_and_resumes_where_it_left_off(fts_home, tiny_model):
@@ -164,8 +190,8 @@ async def test_killed_worker_is_interrupted_and_resumes_where_it_left_off(fts_ho
         job = await until(client, job_id, lambda j: j["progress"]["step"] >= 25, 120, "step 25")
         os.kill(job["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
-        job = await until(client, job_id, lambda j: j["state"] in TERMINAL, 10, "the kill to be noticed")
-        assert time.monotonic() - killed_at < 5
+        job = await until(client, job_id, lambda j: j["state"] in TERMINAL, 20, "the kill to be noticed")
+        assert time.monotonic() - killed_at < 15  # the mechanism is tested exactly in tests/jobs; this has slack
         assert job["state"] == "interrupted" and job["resumable"]
         assert job["error"]["code"] == "worker_killed" and "SIGKILL" in job["error"]["message"]
         assert job["exit_code"] == -signal.SIGKILL
@@ -205,8 +231,8 @@ async def test_worker_and_supervisor_killed_is_detected_by_the_server(fts_home, 
         os.kill(supervisor, signal.SIGKILL)
         os.kill(job["pid"], signal.SIGKILL)
         died = time.monotonic()
-        job = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 10, "the deaths to be noticed")
-        assert time.monotonic() - died <= 5.0
+        job = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 20, "the deaths to be noticed")
+        assert time.monotonic() - died <= 15.0  # the mechanism is tested exactly in tests/jobs; this has slack
         assert job["state"] == "interrupted" and job["error"]["code"] == "worker_lost"
 
 
@@ -226,14 +252,20 @@ def server_children() -> list[int]:
 
 async def test_job_survives_its_server_and_a_new_server_sees_it_finish(fts_home, tiny_model):
     """Finishes, unattended: the server that started it is SIGKILLed mid-run."""
-    with pytest.raises(BaseException):  # noqa: B017 - the session dies with its server, however it surfaces
+    killed: list[int] = []
+    try:
         async with connect(fts_home) as client:
             job = await start(client, tiny_model, 150, data=SAMPLE_CHAT)
             job_id = job["job_id"]
             await until(client, job_id, lambda j: j["progress"]["step"] >= 5, 120, "training")
             (server_pid,) = server_children()
             os.kill(server_pid, signal.SIGKILL)
-            await call(client, "list_jobs")
+            killed.append(server_pid)
+            await call(client, "list_jobs")  # the session dies with its server, however that surfaces
+    except Exception:
+        if not killed:  # anything before the kill is a real failure
+            raise
+    assert killed and not pid_alive(killed[0])
     async with connect(fts_home, mode="legacy") as client:
         job = await call(client, "job_status", job_id=job_id)
         assert job["state"] == "running" and job["progress"]["step"] >= 5  # live status from the new server

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fts_mcp.config import Settings
-from fts_mcp.service import FineTuneService
+from fts_mcp.core import Core
 from tests.conftest import REPO, SAMPLE_CHAT
 from tests.test_transports import http_server
 
@@ -38,8 +38,8 @@ def stdio_target(home: Path) -> list[str]:
 @pytest.fixture
 def job_id(fts_home) -> str:
     """A job on record (it failed validation: its hub model is not cached on this offline host)."""
-    service = FineTuneService(Settings.from_env())
-    job = service.start_training("acme/not-cached", str(SAMPLE_CHAT))
+    service = Core(Settings.from_env())
+    job = service.training.start("acme/not-cached", str(SAMPLE_CHAT))
     service.close()
     return job.job_id
 

@@ -57,20 +57,21 @@ def run_baseline(model_dir: Path, adapter: Path) -> dict:
 
 
 def run_project(model_dir: Path, adapter: Path) -> dict:
-    from fts_mcp.adapters.merge import merge
-    from fts_mcp.config import Settings
-    from fts_mcp.jobs.worker import StopSignal
-    from fts_mcp.service import FineTuneService
+    from fts_mcp.adapters.merge import run
+    from fts_mcp.adapters.spec import MergeJobSpec
+    from fts_mcp.core import Core
+    from fts_mcp.jobs.context import recording_context
 
     with tempfile.TemporaryDirectory() as home:
         os.environ.update(FTS_HOME=home, FTS_ROOTS=f"{home}{os.pathsep}{model_dir.parent}", FTS_GPUS="none")
-        service = FineTuneService(Settings.from_env())
-        service.runner.tick = lambda: None  # run the recipe in this process, not in a worker
-        job = service.merge_adapter(str(adapter), base_model=str(model_dir), dtype="bfloat16", output_name="bench")
+        core = Core()
+        core.jobs.runner.tick = lambda: None  # run the recipe in this process, not in a worker
+        job = core.merging.merge(str(adapter), base_model=str(model_dir), dtype="bfloat16", output_name="bench")
+        ctx, _ = recording_context(Path(home), job.job_id)
         t0 = time.perf_counter()
-        artifacts = merge(service.store.get(job.job_id), service.store, StopSignal())
+        artifacts = run(MergeJobSpec(**job.spec), ctx)
         total = time.perf_counter() - t0
-        service.close()
+        core.close()
     return {"total_s": total, "peak_bytes": peak_memory_bytes(),
             "max_abs_logit_diff": artifacts.verification.max_abs_logit_diff}
 

@@ -63,7 +63,8 @@ def peak_memory_bytes() -> int:
 def run_project(folder: Path, args: argparse.Namespace) -> dict:
     from datasets import Dataset
 
-    from fts_mcp.training.recipe import compute_dtype, load_model, load_tokenizer, make_trainer
+    from fts_mcp.models.loading import compute_dtype, load_model, load_tokenizer
+    from fts_mcp.training.recipe import make_trainer
     from fts_mcp.training.spec import LoraSpec, TrainingSpec, TrainJobSpec
 
     spec = TrainJobSpec(base_model=str(folder), dataset="-", dataset_format="text", dataset_examples=0,
@@ -73,8 +74,8 @@ def run_project(folder: Path, args: argparse.Namespace) -> dict:
                                               learning_rate=1e-4, warmup_ratio=0, logging_steps=args.steps,
                                               checkpoint_every_steps=10**6, gradient_checkpointing=True))
     dtype = compute_dtype()
-    tokenizer = load_tokenizer(spec)
-    model = load_model(spec, dtype)
+    tokenizer = load_tokenizer(spec.base_model, trust_remote_code=False)
+    model = load_model(spec.base_model, trust_remote_code=False, quantization="nf4", dtype=dtype)
     data = Dataset.from_list(random_rows(SHAPES[args.shape][5], args.steps * args.batch, args.seq))
     with tempfile.TemporaryDirectory() as checkpoints:
         trainer = make_trainer(spec, model, tokenizer, data, None, Path(checkpoints), dtype, callbacks=[])

@@ -1,12 +1,13 @@
 """The merge recipe: load the base in 16 bits (never 4), attach the adapter(s), verify, merge, save atomically.
 
-Runs in a job's work horse. Memory: one 16-bit copy of the base; PEFT merges in place. An adapter trained on a
-4-bit base is also compared with that 4-bit base + adapter, and the difference is reported, not hidden.
+`run(spec, ctx)` runs in a job's work horse and knows nothing of the job store. Memory: one 16-bit copy of the
+base; PEFT merges in place. An adapter trained on a 4-bit base is also compared with that 4-bit base + adapter,
+and the difference is reported, not hidden. The merged folder carries the tokenizer and chat template the
+adapter was trained with (saved beside it), so `apply_chat_template` works on the merged model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,17 +15,16 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from fts_mcp.adapters.spec import MergeJobSpec
 from fts_mcp.errors import FtsError
-from fts_mcp.io import sha256_file, write_bytes_atomic, write_json_atomic
-from fts_mcp.jobs.models import ArtifactFile, Artifacts, Job, Verification
-from fts_mcp.jobs.store import JobStore
+from fts_mcp.io import artifact_files, write_bytes_atomic, write_json_atomic
+from fts_mcp.jobs.context import JobContext
+from fts_mcp.jobs.models import Artifacts, Verification
+from fts_mcp.models import loading
+from fts_mcp.models.refs import companion_files
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Allowed |merged - unmerged| logit difference: absolute + relative to the largest logit, per dtype.
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (2e-2, 1e-2), "bfloat16": (1e-1, 5e-2)}
 PROBES = ["The quick brown fox jumps over the lazy dog.", "def fibonacci(n):\n    return",
@@ -36,12 +36,8 @@ class VerificationFailed(FtsError):
     code = "verification_failed"
 
 
-def device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 def probe_ids(tokenizer: Any) -> list[torch.Tensor]:
-    return [torch.tensor([tokenizer(text)["input_ids"]], device=device()) for text in PROBES]
+    return [torch.tensor([tokenizer(text)["input_ids"]], device=loading.device()) for text in PROBES]
 
 
 @torch.no_grad()
@@ -76,11 +72,7 @@ def trained_base_logits(spec: MergeJobSpec, probes: list[torch.Tensor]) -> list[
     source = spec.adapters[0]
     if spec.combination is not None or source.trained_quantization != "nf4":
         return None
-    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
-    base = AutoModelForCausalLM.from_pretrained(spec.base_model, quantization_config=quant, dtype=compute,
-                                                device_map={"": device()})
+    base = loading.load_model(spec.base_model, trust_remote_code=spec.trust_remote_code, quantization="nf4")
     result = logits(PeftModel.from_pretrained(base, source.path).eval(), probes)
     del base
     return result
@@ -109,20 +101,25 @@ def model_card(spec: MergeJobSpec, verification: Verification | None, metrics: d
     return "\n".join(lines) + "\n"
 
 
-def merge(job: Job, store: JobStore, stop: Any) -> Artifacts:
-    spec = MergeJobSpec(**job.spec)
+def tokenizer_source(spec: MergeJobSpec) -> str:
+    """Where the tokenizer comes from: the (first) adapter's folder when training saved it there (with the chat
+    template it was trained with), else the base model."""
+    first = Path(spec.adapters[0].path)
+    return str(first) if any(f.name.startswith("tokenizer") for f in companion_files(first)) else spec.base_model
+
+
+def run(spec: MergeJobSpec, ctx: JobContext) -> Artifacts:
     out = Path(spec.output_dir)
-    staging = out.parent / f".{out.name}.{job.job_id}.tmp"
+    staging = out.parent / f".{out.name}.{ctx.job_id}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    store.update_progress(job.job_id, {"phase": "loading_model"}, event=None)
-    dtype = DTYPES[spec.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
-    base = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype, device_map={"": device()},
-                                                low_cpu_mem_usage=True)
+    ctx.phase("loading_model")
+    tokenizer = loading.load_tokenizer(tokenizer_source(spec), trust_remote_code=spec.trust_remote_code)
+    base = loading.load_model(spec.base_model, trust_remote_code=spec.trust_remote_code,
+                              dtype=loading.DTYPES[spec.dtype])
     model = attach(base, spec).eval()
     probes = probe_ids(tokenizer)
     try:
-        store.update_progress(job.job_id, {"phase": "merging"}, event=None)
+        ctx.phase("merging")
         verification = None
         if spec.output == "adapter":
             model.save_pretrained(staging, selected_adapters=["combined"])
@@ -131,6 +128,7 @@ def merge(job: Job, store: JobStore, stop: Any) -> Artifacts:
                 for item in nested.iterdir():
                     item.rename(staging / item.name)
                 nested.rmdir()
+            tokenizer.save_pretrained(staging)
         else:
             before = logits(model, probes)
             trained = trained_base_logits(spec, probes) if spec.verify else None
@@ -151,32 +149,16 @@ def merge(job: Job, store: JobStore, stop: Any) -> Artifacts:
                     f"merged logits differ from base + adapter by {diff:.4g}, above the {spec.dtype} tolerance "
                     f"{tolerance:.4g}; nothing was written. Merge in float32 to check, or with verify=false to "
                     "keep it anyway", param="dtype")
-            store.update_progress(job.job_id, {"phase": "saving"}, event=None)
+            ctx.phase("saving")
             merged.save_pretrained(staging, max_shard_size=MAX_SHARD, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-        metrics = _training_metrics(store, spec)
-        write_bytes_atomic(staging / "README.md", model_card(spec, verification, metrics).encode())
-        write_json_atomic(staging / "merge.json", {"job_id": job.job_id, "inputs_key": spec.inputs_key,
+        write_bytes_atomic(staging / "README.md", model_card(spec, verification, spec.training_metrics).encode())
+        write_json_atomic(staging / "merge.json", {"job_id": ctx.job_id, "inputs_key": spec.inputs_key,
                                                    "spec": spec.model_dump(),
                                                    "verification": verification.model_dump() if verification else None})
-        if stop:
+        if ctx.stop:
             raise FtsError("cancelled before the result was published", param="job_id")
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    files = [ArtifactFile(path=str(p), bytes=p.stat().st_size, sha256=sha256_file(p))
-             for p in sorted(out.iterdir()) if p.is_file()]
-    return Artifacts(output_dir=str(out), verification=verification, files=files)
-
-
-def _training_metrics(store: JobStore, spec: MergeJobSpec) -> dict | None:
-    source = spec.adapters[0]
-    if spec.combination is not None or source.job_id is None:
-        return None
-    path = store.job_dir(source.job_id) / "metrics.json"
-    if not path.exists():
-        return None
-    metrics = json.loads(path.read_text())
-    metrics["dataset"] = store.get(source.job_id, log_lines=0).spec.get("dataset")
-    metrics.pop("log_history", None)
-    return metrics
+    return Artifacts(output_dir=str(out), verification=verification, files=artifact_files(out))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,3 +46,6 @@ class MergeJobSpec(BaseModel):
     output_name: str
     output_dir: str
     inputs_key: str = Field(description="sha256 of everything that determines the result")
+    trust_remote_code: bool = False
+    training_metrics: dict[str, Any] | None = Field(None, description="the training job's figures, for the model "
+                                                                      "card (single adapters from a job on record)")

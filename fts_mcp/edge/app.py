@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,8 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from fts_mcp.edge.engine import Engine
-from fts_mcp.edge.sources import CorruptAdapter
-from fts_mcp.edge.store import UnknownAdapter
+from fts_mcp.edge.store import CorruptAdapter, UnknownAdapter
 from fts_mcp.errors import FtsError, InvalidArgument
 
 
@@ -146,7 +146,7 @@ def build_app(engine: Engine) -> Starlette:
                              "cached": list(engine.cache), "loaded": list(engine.named)})
 
     async def metrics(_: Request) -> Response:
-        return PlainTextResponse(engine.prometheus(), media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[
         Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
@@ -157,15 +157,18 @@ def build_app(engine: Engine) -> Starlette:
     ])
 
 
-def serve(base: str, store: str, *, quantize: str, max_cached_bytes: int, max_rank: int, host: str, port: int,
-          token: str | None, cache_dir) -> None:
+def serve(settings, base: str, store: str | None, *, quantize: str, max_cached_bytes: int, max_rank: int, host: str,
+          port: int, token: str | None) -> None:
+    """Load the base once and serve. `store` defaults to the one every command uses (FTS_STORE, else
+    FTS_HOME/store); a URL serves an HTTP store through a local cache."""
     import uvicorn
 
     from fts_mcp.edge.sources import StoreSource
     from fts_mcp.http import BearerAuth, check_bind
 
     check_bind(host, token)
-    engine = Engine(base, StoreSource(store, cache_dir), quantize=quantize, max_rank=max_rank,
-                    max_cached_bytes=max_cached_bytes)
+    engine = Engine(base, StoreSource(store or settings.store, settings.edge_cache), quantize=quantize,
+                    max_rank=max_rank, max_cached_bytes=max_cached_bytes, roots=settings.roots,
+                    trust_remote_code=settings.trust_remote_code)
     app = build_app(engine)
     uvicorn.run(BearerAuth(app, token) if token else app, host=host, port=port, log_level="warning")

@@ -5,7 +5,7 @@ Serving an adapter copies its factors into the slot — zero-padded to the slot'
 B @ A unchanged — and sets each layer's scaling: an in-place copy of a few MB instead of PEFT's
 `load_adapter` (which builds new modules). Adapters wait in a host-memory LRU cache bounded in bytes (pinned
 on CUDA so the copy runs at full bandwidth). One request runs at a time under a lock, so a request is never
-answered with another request's adapter.
+answered with another request's adapter. Figures are kept with `prometheus_client`, one registry per engine.
 """
 
 from __future__ import annotations
@@ -15,22 +15,24 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from fts_mcp.adapters.inspect import CONFIG, LORA_KEY, WEIGHTS
+from fts_mcp.adapters.inspect import CONFIG, LORA_KEY, WEIGHTS, read_adapter
 from fts_mcp.edge.sources import StoreSource
 from fts_mcp.errors import InvalidArgument
+from fts_mcp.models import loading
+from fts_mcp.paths import resolve_inside
 from fts_mcp.training.data import encode_chat_prompt, encode_prompt
 
 SLOT = "slot"
-SWAP_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000, 2500)
+SWAP_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass
@@ -41,35 +43,43 @@ class Cached:
     bytes: int
 
 
-@dataclass
 class Metrics:
-    swaps: list[float] = field(default_factory=list)  # ms, bounded below
-    hits: int = 0
-    misses: int = 0
-    requests: dict[str, int] = field(default_factory=dict)
+    """The runtime's Prometheus figures (served at /metrics)."""
 
-    def observe_swap(self, ms: float) -> None:
-        self.swaps.append(ms)
-        del self.swaps[:-10_000]
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.swap = Histogram("fts_edge_swap_seconds", "Time to move an adapter into the device slot",
+                              buckets=SWAP_BUCKETS_SECONDS, registry=self.registry)
+        self.hits = Counter("fts_edge_cache_hits", "Adapter requests served from the host cache",
+                            registry=self.registry)
+        self.misses = Counter("fts_edge_cache_misses", "Adapter requests read from the store",
+                              registry=self.registry)
+        self.evictions = Counter("fts_edge_cache_evictions", "Adapters evicted from the host cache",
+                                 registry=self.registry)
+        self.requests = Counter("fts_edge_requests", "Completion requests by adapter", ["adapter"],
+                                registry=self.registry)
+        self.tokens = Counter("fts_edge_completion_tokens", "Generated tokens by adapter", ["adapter"],
+                              registry=self.registry)
+        self.cached = Gauge("fts_edge_cached_adapters", "Adapters in the host cache", registry=self.registry)
+        self.cached_bytes = Gauge("fts_edge_cached_bytes", "Bytes of adapters in the host cache",
+                                  registry=self.registry)
 
 
 class Engine:
     def __init__(self, base: str, source: StoreSource, *, quantize: str = "auto", max_rank: int = 64,
-                 max_cached_bytes: int = 2 << 30) -> None:
+                 max_cached_bytes: int = 2 << 30, roots: tuple[Path, ...] = (), trust_remote_code: bool = False
+                 ) -> None:
         self.base_name = base
         self.source = source
+        self.roots = roots  # folders load_lora_adapter may read besides the store
         self.max_rank = max_rank
         self.max_cached_bytes = max_cached_bytes
-        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-        self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
-            if self.device.type == "cuda" else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
-        quant = None
-        if quantize == "nf4" or (quantize == "auto" and self.device.type == "cuda"):
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=self.dtype, bnb_4bit_quant_storage=self.dtype)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=self.dtype, quantization_config=quant,
-                                                     device_map={"": str(self.device)})
+        self.device = loading.device()
+        self.dtype = loading.compute_dtype(self.device)
+        self.tokenizer = loading.load_tokenizer(base, trust_remote_code=trust_remote_code, param="--base")
+        nf4 = quantize == "nf4" or (quantize == "auto" and self.device.type == "cuda")
+        model = loading.load_model(base, trust_remote_code=trust_remote_code, quantization="nf4" if nf4 else "none",
+                                   dtype=self.dtype, on=self.device, param="--base")
         self.model = get_peft_model(model, LoraConfig(r=max_rank, lora_alpha=max_rank, lora_dropout=0.0,
                                                       target_modules="all-linear"), adapter_name=SLOT).eval()
         prefix = "base_model.model."
@@ -127,17 +137,23 @@ class Engine:
 
     def _cached(self, key: str, folder: Path) -> Cached:
         if key in self.cache:
-            self.metrics.hits += 1
+            self.metrics.hits.inc()
             self.cache.move_to_end(key)
             return self.cache[key]
-        self.metrics.misses += 1
+        self.metrics.misses.inc()
         entry = self._read(key, folder)
         self.cache[key] = entry
         while sum(c.bytes for c in self.cache.values()) > self.max_cached_bytes and len(self.cache) > 1:
             evicted, _ = self.cache.popitem(last=False)
+            self.metrics.evictions.inc()
             if self.active is not None and self.active.key == evicted:
                 self.active = None
+        self._gauge_cache()
         return entry
+
+    def _gauge_cache(self) -> None:
+        self.metrics.cached.set(len(self.cache))
+        self.metrics.cached_bytes.set(sum(c.bytes for c in self.cache.values()))
 
     def resolve(self, model: str) -> tuple[str, Path] | None:
         """The adapter a request's `model` names: (key, folder); None for the base model itself."""
@@ -149,17 +165,34 @@ class Engine:
         return f"{manifest.name}@{manifest.version}", self.source.folder(manifest)
 
     def load_named(self, name: str, path: str) -> float:
-        """vLLM's load_lora_adapter: a folder path or a store reference, under `name`. Returns load ms."""
+        """vLLM's load_lora_adapter: a store reference or a version's folder in this runtime's store (verified
+        against its manifest), or an adapter folder inside the roots this runtime was given (checked like any
+        adapter before it is read). Returns load ms."""
         started = time.perf_counter()
-        folder = Path(path)
-        if not (folder / CONFIG).is_file():
-            manifest = self.source.resolve(path)
-            folder = self.source.folder(manifest)
+        folder = self._named_folder(path)
         with self.lock:
             self.cache.pop(name, None)
             self._cached(name, folder)
             self.named[name] = folder
         return (time.perf_counter() - started) * 1000
+
+    def _named_folder(self, path: str) -> Path:
+        if not path.startswith(("/", ".", "~")):
+            return self.source.folder(self.source.resolve(path, param="lora_path"))
+        store = self.source.local
+        resolved = Path(path).expanduser().resolve()
+        if store is not None and resolved.is_relative_to(store.root):
+            parts = resolved.relative_to(store.root).parts
+            if len(parts) != 2:
+                raise InvalidArgument(f"{path!r} is inside the store but is not a version folder (name/vN)",
+                                      param="lora_path")
+            return self.source.folder(store.manifest(*parts))
+        if not self.roots:
+            raise InvalidArgument("this runtime loads adapters from its store only; give a store reference "
+                                  "such as name@v1", param="lora_path")
+        folder = resolve_inside(path, self.roots, param="lora_path")
+        read_adapter(folder, param="lora_path")
+        return folder
 
     def unload_named(self, name: str) -> None:
         if name not in self.named:
@@ -168,6 +201,7 @@ class Engine:
         with self.lock:
             del self.named[name]
             self.cache.pop(name, None)
+            self._gauge_cache()
             if self.active is not None and self.active.key == name:
                 self.active = None
 
@@ -194,9 +228,9 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.active = entry
-        ms = (time.perf_counter() - started) * 1000
-        self.metrics.observe_swap(ms)
-        return ms
+        seconds = time.perf_counter() - started
+        self.metrics.swap.observe(seconds)
+        return seconds * 1000
 
     # ---- generation ----------------------------------------------------------------------------------------
 
@@ -214,36 +248,14 @@ class Engine:
                 swap_ms = self._swap(self._cached(*target))
                 context = nullcontext()
             key = target[0] if target else "base"
-            self.metrics.requests[key] = self.metrics.requests.get(key, 0) + 1
-            with context, torch.no_grad():
-                output = self.model.generate(
-                    input_ids=torch.tensor([ids], device=self.device), max_new_tokens=max_tokens,
-                    do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                    top_p=top_p if temperature > 0 else None, pad_token_id=self.tokenizer.pad_token_id)
-        new = output[0][len(ids):].tolist()
-        eos = self.tokenizer.eos_token_id
-        finish = "stop" if eos in new else "length"
-        text = self.tokenizer.decode(new[: new.index(eos)] if eos in new else new, skip_special_tokens=True)
+            with context:
+                text, finish, new_tokens = loading.generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
+                                                            temperature=temperature, top_p=top_p)
+        self.metrics.requests.labels(adapter=key).inc()
+        self.metrics.tokens.labels(adapter=key).inc(new_tokens)
         for marker in stop or []:
             if marker and marker in text:
                 text, finish = text[: text.index(marker)], "stop"
         return {"text": text, "finish_reason": finish, "adapter": key, "swap_ms": swap_ms,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new),
-                          "total_tokens": len(ids) + len(new)}}
-
-    def prometheus(self) -> str:
-        lines = ["# HELP fts_edge_swap_ms Time to move an adapter into the slot (ms).",
-                 "# TYPE fts_edge_swap_ms histogram"]
-        swaps = list(self.metrics.swaps)
-        for bound in SWAP_BUCKETS_MS:
-            lines.append(f'fts_edge_swap_ms_bucket{{le="{bound}"}} {sum(1 for s in swaps if s <= bound)}')
-        lines += [f'fts_edge_swap_ms_bucket{{le="+Inf"}} {len(swaps)}', f"fts_edge_swap_ms_sum {sum(swaps):.3f}",
-                  f"fts_edge_swap_ms_count {len(swaps)}",
-                  "# TYPE fts_edge_cache_hits_total counter", f"fts_edge_cache_hits_total {self.metrics.hits}",
-                  "# TYPE fts_edge_cache_misses_total counter", f"fts_edge_cache_misses_total {self.metrics.misses}",
-                  "# TYPE fts_edge_loaded_adapters gauge", f"fts_edge_loaded_adapters {len(self.cache)}",
-                  "# TYPE fts_edge_cached_bytes gauge",
-                  f"fts_edge_cached_bytes {sum(c.bytes for c in self.cache.values())}",
-                  "# TYPE fts_edge_requests_total counter"]
-        lines += [f'fts_edge_requests_total{{adapter="{k}"}} {v}' for k, v in sorted(self.metrics.requests.items())]
-        return "\n".join(lines) + "\n"
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": new_tokens,
+                          "total_tokens": len(ids) + new_tokens}}

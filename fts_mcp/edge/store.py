@@ -7,10 +7,16 @@ Layout (servable as-is by any static HTTP server or CDN):
     <name>/<version>/manifest.json     name, version, base model, rank, alpha, targets, dtype, files (bytes, sha256)
     <name>/<version>/adapter_config.json
     <name>/<version>/adapter_model.safetensors
+    <name>/<version>/tokenizer*.json, chat_template.jinja ...   the tokenizer the adapter was trained with
 
 Versions are immutable: publishing other bytes under an existing version is refused, the same bytes are a
-no-op. A version appears whole or not at all (written to a temp folder, then renamed). Pure Python: weight
+no-op. A version appears whole or not at all (written to a temp folder, then renamed); alias and index files
+are read-modified-written under a file lock, so several processes may publish at once. Pure Python: weight
 conversion to 16 bits happens in a short-lived subprocess (`fts_mcp.edge.convert`), torch never loads here.
+
+The store's own files are untrusted input too: every reference is checked against the name, version and
+alias grammar where it enters (`parse_ref`), every path is proven to lie inside the store, and a manifest
+whose name or version disagrees with its folder is refused as corrupt.
 """
 
 from __future__ import annotations
@@ -25,22 +31,34 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from filelock import FileLock
+from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp.adapters.inspect import CONFIG, WEIGHTS, read_adapter
 from fts_mcp.errors import FtsError, InvalidArgument
 from fts_mcp.io import sha256_file, write_json_atomic
+from fts_mcp.models.refs import COMPANION_FILES, companion_files
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v[1-9][0-9]{0,8}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 StoreDtype = Literal["bfloat16", "float16", "float32"]
+# The only files a stored version may hold: PEFT's two, and the tokenizer files saved beside them.
+ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, *COMPANION_FILES})
+REF_FORMS = ("a store reference is name, name@v3 or name:alias; names are 1-64 lowercase letters, digits, '.', "
+             "'_' or '-', starting with a letter or digit")
 
 
 class UnknownAdapter(InvalidArgument):
     """The reference names no adapter, version or alias in the store."""
 
     code = "model_not_found"
+
+
+class CorruptAdapter(FtsError):
+    """A stored file or manifest is not what the store says it is."""
+
+    code = "corrupt_adapter"
 
 
 class StoredFile(BaseModel):
@@ -75,76 +93,136 @@ class StoreEntry(BaseModel):
     latest: Manifest | None = None
 
 
-def store_root(settings) -> Path:
-    """The edge store folder: FTS_STORE, else FTS_HOME/store."""
-    return Path(settings.env.get("FTS_STORE") or settings.home / "store")
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 80 else value[:77] + "...")
 
 
 def parse_ref(ref: str, *, param: str = "model") -> tuple[str, str | None, str | None]:
-    """'name', 'name@v3' or 'name:prod' -> (name, version, alias)."""
+    """'name', 'name@v3' or 'name:prod' -> (name, version, alias), each checked against its grammar."""
+    if not isinstance(ref, str) or not ref:
+        raise InvalidArgument(f"expected a store reference; {REF_FORMS}", param=param)
+    name, version, alias = ref, None, None
     if "@" in ref:
         name, version = ref.split("@", 1)
         if not VERSION_RE.match(version):
-            raise InvalidArgument(f"{ref!r}: versions look like v1, v2, ...", param=param)
-        return name, version, None
-    if ":" in ref:
+            raise InvalidArgument(f"{_shown(ref)}: versions look like v1, v2, ...", param=param)
+    elif ":" in ref:
         name, alias = ref.split(":", 1)
-        return name, None, alias
-    return ref, None, None
+        if not ALIAS_RE.match(alias):
+            raise InvalidArgument(f"{_shown(ref)}: aliases are lowercase words such as prod or latest", param=param)
+    if not NAME_RE.match(name):
+        raise InvalidArgument(f"{_shown(ref)} is not a store reference; {REF_FORMS}", param=param)
+    return name, version, alias
+
+
+def pick_version(name: str, version: str | None, alias: str | None, versions: list[str], aliases: dict[str, str],
+                 *, param: str = "model", known: list[str] | None = None) -> str:
+    """The one resolution rule, for local and HTTP stores alike: an alias, a version, or `latest` (else the
+    highest version) for a bare name."""
+    if not versions:
+        raise UnknownAdapter(f"no adapter named {name!r} in the store; available: {', '.join(known or []) or 'none'}",
+                             param=param)
+    if alias is not None:
+        if alias not in aliases:
+            raise UnknownAdapter(f"{name} has no alias {alias!r}; aliases: {', '.join(aliases) or 'none'}",
+                                 param=param)
+        version = aliases[alias]
+    if version is None:
+        version = aliases.get("latest", versions[-1])
+    if version not in versions:
+        raise UnknownAdapter(f"{name} has no version {version}; versions: {', '.join(versions)}", param=param)
+    return version
 
 
 def version_key(version: str) -> int:
     return int(version[1:])
 
 
+def check_aliases(raw: object, source: str) -> dict[str, str]:
+    """An aliases mapping read from a store file or index: alias -> version, both well formed."""
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and ALIAS_RE.match(k) and isinstance(v, str)
+                                            and VERSION_RE.match(v) for k, v in raw.items()):
+        raise CorruptAdapter(f"{source} is not a mapping of aliases to versions", param="model")
+    return raw
+
+
+def check_manifest(manifest: Manifest, name: str, version: str, source: str) -> Manifest:
+    """A manifest must describe the folder it sits in and list only an adapter's own files, by plain name."""
+    if manifest.name != name or manifest.version != version:
+        raise CorruptAdapter(f"{source} says it is {manifest.name}@{manifest.version}, but it is stored as "
+                             f"{name}@{version}; refused", param="model")
+    strange = sorted(f for f in manifest.files if f not in ADAPTER_FILES)
+    if strange or CONFIG not in manifest.files or WEIGHTS not in manifest.files:
+        raise CorruptAdapter(f"{source} lists {', '.join(map(_shown, strange)) or 'no adapter weights'}; a stored "
+                             f"version holds {CONFIG}, {WEIGHTS} and tokenizer files only", param="model")
+    return manifest
+
+
 class AdapterStore:
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root = Path(root).resolve()
+
+    def path(self, name: str, version: str | None = None) -> Path:
+        """The folder of a name (or one version), proven to lie inside the store."""
+        if not NAME_RE.match(name) or (version is not None and not VERSION_RE.match(version)):
+            raise InvalidArgument(f"{_shown(name if version is None else f'{name}@{version}')} is not a store "
+                                  f"reference; {REF_FORMS}", param="model")
+        folder = (self.root / name / (version or "")).resolve()
+        if not folder.is_relative_to(self.root):
+            raise CorruptAdapter(f"{name}{'@' + version if version else ''} leads outside the store; refused",
+                                 param="model")
+        return folder
+
+    def lock(self) -> FileLock:
+        """Held while alias and index files are read, modified and written (several processes may publish)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.root / ".lock", timeout=60)
 
     # ---- reading -------------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if NAME_RE.match(p.name) and not p.is_symlink() and p.is_dir())
 
     def versions(self, name: str) -> list[str]:
-        folder = self.root / name
+        folder = self.path(name)
         if not folder.is_dir():
             return []
-        return sorted((p.name for p in folder.iterdir() if p.is_dir() and VERSION_RE.match(p.name)), key=version_key)
+        return sorted((p.name for p in folder.iterdir() if VERSION_RE.match(p.name) and not p.is_symlink()
+                       and p.is_dir()), key=version_key)
 
     def aliases(self, name: str) -> dict[str, str]:
-        path = self.root / name / "aliases.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        path = self.path(name) / "aliases.json"
+        if not path.is_file():
+            return {}
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptAdapter(f"{path} is not valid JSON ({exc})", param="model") from exc
+        return check_aliases(raw, str(path))
 
     def manifest(self, name: str, version: str) -> Manifest:
-        path = self.root / name / version / "manifest.json"
+        path = self.path(name, version) / "manifest.json"
         if not path.is_file():
-            raise InvalidArgument(f"{name}@{version} is not in the store", param="version")
-        return Manifest.model_validate_json(path.read_text())
+            raise UnknownAdapter(f"{name}@{version} is not in the store", param="version")
+        try:
+            manifest = Manifest.model_validate_json(path.read_text())
+        except (ValidationError, UnicodeDecodeError) as exc:
+            raise CorruptAdapter(f"{path} is not a valid manifest", param="model") from exc
+        return check_manifest(manifest, name, version, str(path))
 
     def resolve(self, ref: str, *, param: str = "model") -> Manifest:
         """A reference -> its manifest. Plain names mean the `latest` alias (or the highest version)."""
         name, version, alias = parse_ref(ref, param=param)
         versions = self.versions(name)
-        if not versions:
-            raise UnknownAdapter(f"no adapter named {name!r} in the store; available: "
-                                 f"{', '.join(self.names()) or 'none'}", param=param)
-        if alias is not None:
-            aliases = self.aliases(name)
-            if alias not in aliases:
-                raise UnknownAdapter(f"{name} has no alias {alias!r}; aliases: {', '.join(aliases) or 'none'}",
-                                     param=param)
-            version = aliases[alias]
-        if version is None:
-            version = self.aliases(name).get("latest", versions[-1])
-        if version not in versions:
-            raise UnknownAdapter(f"{name} has no version {version}; versions: {', '.join(versions)}", param=param)
+        version = pick_version(name, version, alias, versions, self.aliases(name) if versions else {}, param=param,
+                               known=self.names())
         return self.manifest(name, version)
 
     def entries(self, name: str | None = None) -> list[StoreEntry]:
-        names = [name] if name else self.names()
+        names = [parse_ref(name, param="name")[0]] if name else self.names()
         out = []
         for n in names:
             versions = self.versions(n)
@@ -169,11 +247,13 @@ class AdapterStore:
                                   "itself)", param="alias")
         info = read_adapter(adapter_dir, param="adapter")
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / name).mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root / name, prefix=".publish-") as tmp:
+        self.path(name).mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.path(name), prefix=".publish-") as tmp, self.lock():
             staging = Path(tmp) / "v"
             staging.mkdir()
             shutil.copyfile(adapter_dir / CONFIG, staging / CONFIG)
+            for companion in companion_files(adapter_dir):  # the tokenizer and chat template it was trained with
+                shutil.copyfile(companion, staging / companion.name)
             convert_weights(adapter_dir / WEIGHTS, staging / WEIGHTS, dtype)
             files = {p.name: StoredFile(bytes=p.stat().st_size, sha256=sha256_file(p))
                      for p in sorted(staging.iterdir())}
@@ -196,24 +276,30 @@ class AdapterStore:
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source_job=source_job,
                     metrics=metrics)
                 write_json_atomic(staging / "manifest.json", manifest.model_dump())
-                staging.rename(self.root / name / version)
+                staging.rename(self.path(name, version))
                 created = True
-        aliases = self.aliases(name)
-        if created and (not aliases.get("latest") or version_key(manifest.version) >= version_key(aliases["latest"])):
-            aliases["latest"] = manifest.version
-        if alias:
-            aliases[alias] = manifest.version
-        write_json_atomic(self.root / name / "aliases.json", aliases)
-        self.write_index()
+            aliases = self.aliases(name)
+            if created and (not aliases.get("latest")
+                            or version_key(manifest.version) >= version_key(aliases["latest"])):
+                aliases["latest"] = manifest.version
+            if alias:
+                aliases[alias] = manifest.version
+            write_json_atomic(self.path(name) / "aliases.json", aliases)
+            self._write_index()
         return manifest, created
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        if version not in self.versions(name):
-            raise InvalidArgument(f"{name} has no version {version}", param="version")
-        write_json_atomic(self.root / name / "aliases.json", {**self.aliases(name), alias: version})
-        self.write_index()
+        if not ALIAS_RE.match(alias):
+            raise InvalidArgument(f"{_shown(alias)}: aliases are lowercase words such as prod or staging",
+                                  param="alias")
+        with self.lock():
+            if version not in self.versions(name):
+                raise InvalidArgument(f"{name} has no version {version}", param="version")
+            write_json_atomic(self.path(name) / "aliases.json", {**self.aliases(name), alias: version})
+            self._write_index()
 
-    def write_index(self) -> None:
+    def _write_index(self) -> None:
+        """Rewrite index.json from the folders; call with the lock held."""
         write_json_atomic(self.root / "index.json", {"adapters": {
             n: {"versions": self.versions(n), "aliases": self.aliases(n)} for n in self.names() if self.versions(n)}})
 

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+
+import psutil
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import InvalidArgument
@@ -32,16 +33,11 @@ def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs (macOS): kill(0) is all we have
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def signal_name(code: int) -> str:
@@ -99,7 +95,8 @@ class Runner:
     # ---- operations the tools call -------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a job: at once if it has not started; else SIGTERM, the worker checkpoints and records it."""
+        """Cancel a job: at once if it has not started; else SIGTERM, the worker checkpoints and records it.
+        A job that has already ended is returned unchanged (cancelling is idempotent)."""
         job = self.store.get(job_id)
         if job.state in (JobState.VALIDATING, JobState.QUEUED):
             try:
@@ -107,8 +104,7 @@ class Runner:
             except StaleState:
                 job = self.store.get(job_id)  # it started meanwhile: cancel the running worker below
         if job.state != JobState.RUNNING:
-            raise InvalidArgument(f"job {job_id} is already {job.state}; only validating, queued or running jobs "
-                                  "can be cancelled", param="job_id")
+            return job
         # Flag first, then look for the work horse: either we see its pid and signal it, or its supervisor (which
         # records the pid before reading the flag) sees the flag and forwards SIGTERM itself.
         if self.store.raw(job_id)["cancel_requested_at"] is None:
@@ -117,14 +113,19 @@ class Runner:
         return self.store.get(job_id)
 
     def resume(self, job_id: str) -> Job:
-        """Queue an interrupted job again; its worker continues from the last checkpoint."""
+        """Queue a stopped job again (the rule is `states.resumable`); its worker continues from the last
+        checkpoint."""
         job = self.store.get(job_id)
-        if job.state != JobState.INTERRUPTED:
-            hint = (" A cancelled job continues as a new job: start_qlora_job(resume_from=...)"
-                    if job.state == JobState.CANCELLED else "")
-            raise InvalidArgument(f"job {job_id} is {job.state}; only interrupted jobs resume in place.{hint}",
-                                  param="job_id")
-        job = self.store.transition(job_id, JobState.QUEUED, expect=JobState.INTERRUPTED)
+        if not job.resumable:
+            why = "it left no checkpoint" if job.state == JobState.CANCELLED else f"it is {job.state}"
+            hint = (" A finished training job continues as a new job: start_qlora_job(resume_from=...)"
+                    if job.state in (JobState.SUCCEEDED, JobState.FAILED) and job.kind == "train" else "")
+            raise InvalidArgument(f"job {job_id} cannot resume: {why}; interrupted jobs, and cancelled jobs with a "
+                                  f"checkpoint, resume in place.{hint}", param="job_id")
+        try:
+            self.store.transition(job_id, JobState.QUEUED, expect=job.state)
+        except StaleState:
+            pass  # another process resumed it first: the same outcome
         self.tick()
         return self.store.get(job_id)
 

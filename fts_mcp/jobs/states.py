@@ -3,9 +3,12 @@
     validating -> queued -> running -> succeeded | failed | cancelled | interrupted
     interrupted -> queued            (resume)
 
+    interrupted -> queued            (resume_job: the worker continues from the last checkpoint)
+    cancelled   -> queued            (resume_job, when the cancel left a checkpoint)
+
 `validating` covers the checks a job needs before it may wait for a slot (its base model can be found);
-`interrupted` is a worker that died or was stopped without finishing (killed, OOM-killed, host shutdown):
-it keeps its checkpoints and is the one terminal state that may be resumed in place.
+`interrupted` is a worker that died or was stopped without finishing (killed, OOM-killed, host shutdown).
+`resumable` below is the one rule for which stopped jobs `resume_job` continues in place.
 """
 
 from __future__ import annotations
@@ -39,8 +42,15 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.INTERRUPTED: frozenset({JobState.QUEUED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
+
+
+def resumable(state: JobState, has_checkpoint: bool) -> bool:
+    """Whether `resume_job` continues a job in place: an interrupted job always (from its last checkpoint, or
+    from the start when it had none: merge and generate jobs simply run again); a cancelled job when the cancel
+    left a checkpoint to continue from. Succeeded and failed jobs do not resume."""
+    return state == JobState.INTERRUPTED or (state == JobState.CANCELLED and has_checkpoint)
 
 
 def check_transition(job_id: str, current: JobState, target: JobState) -> None:

@@ -24,7 +24,7 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import JobNotFound
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.models import Artifacts, Job, JobError, JobList, Progress
-from fts_mcp.jobs.states import JobState, check_job_id, check_transition
+from fts_mcp.jobs.states import JobState, check_job_id, check_transition, resumable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -174,7 +174,7 @@ class JobStore:
             exit_code=row["exit_code"],
             attempts=row["attempts"],
             cancel_requested=row["cancel_requested_at"] is not None,
-            resumable=state == JobState.INTERRUPTED,
+            resumable=resumable(state, artifacts.checkpoint_dir is not None),
             log_tail=tail_lines(self.log_path(row["id"]), log_lines),
         )
 
@@ -203,8 +203,10 @@ class JobStore:
                 raise StaleState(f"job {job_id} is {current}, no longer {expect}")
             check_transition(job_id, current, target)
             fields: dict[str, Any] = {"state": target.value, "updated_at": now}
-            if target.terminal:
+            if target.terminal:  # a finished job is doing nothing and will take no more time
                 fields["finished_at"] = now
+                progress = json.loads(self._row(db, job_id)["progress"])
+                fields["progress"] = json.dumps({**progress, "phase": None, "eta_seconds": None})
             if target == JobState.QUEUED:  # a resume clears what the last attempt left
                 fields.update(finished_at=None, error=None, exit_code=None, pid=None, supervisor_pid=None,
                               heartbeat_at=None, claimed_at=None, cancel_requested_at=None, slot=None)

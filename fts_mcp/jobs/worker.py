@@ -5,7 +5,9 @@ It is two processes, as rq's worker and its work horse are:
 * the **supervisor** (this module's `supervise`) starts the job's work in a child, writes the heartbeat
   every second, forwards SIGTERM, and when the child exits without recording a terminal state it records
   how it died (`interrupted` with the exit code or signal; `cancelled` if a cancel was asked for);
-* the **work horse** (`--run`) imports torch and does the job. SIGTERM asks it to checkpoint and stop.
+* the **work horse** (`--run`) runs the job's recipe (`fts_mcp.jobs.kinds`), the only place torch is imported.
+  It hands the recipe a `JobContext` over the store, so recipes never touch SQLite. SIGTERM asks it to
+  checkpoint and stop.
 """
 
 from __future__ import annotations
@@ -22,35 +24,14 @@ import traceback
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
 from fts_mcp.io import write_json_atomic
+from fts_mcp.jobs.context import JobContext, Stop, StopSignal
+from fts_mcp.jobs.kinds import KINDS, recipe
 from fts_mcp.jobs.models import Artifacts, Job, JobError
 from fts_mcp.jobs.runner import RESULT_NAME, Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
 from fts_mcp.jobs.store import JobStore
 
 log = logging.getLogger("fts_mcp.worker")
-
-
-class Stop(BaseException):
-    """Raised in the work horse's main thread when it must stop before the training loop could checkpoint."""
-
-
-class StopSignal:
-    """Set by SIGTERM (cancel) or by losing the supervisor; read by the training loop at each step end.
-
-    Outside the loop (loading, tokenizing) there is nothing to checkpoint, so the signal raises `Stop` at once.
-    """
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.in_loop = False
-
-    def set(self, reason: str) -> None:
-        self.reason = self.reason or reason
-        if not self.in_loop:
-            raise Stop(reason)
-
-    def __bool__(self) -> bool:
-        return self.reason is not None
 
 
 def supervise(job_id: str) -> int:
@@ -131,21 +112,21 @@ def work(job_id: str) -> int:
     return 0
 
 
-def run_job(job: Job, store: JobStore, stop: StopSignal):
-    """Dispatch on the job kind. Imported lazily: only the work horse loads torch."""
-    if job.kind == "train":
-        from fts_mcp.training.recipe import train
+def run_job(job: Job, store: JobStore, stop: StopSignal) -> Artifacts | None:
+    """Run the job's recipe with a context over the store; None means it stopped early with a checkpoint."""
+    spec = KINDS[job.kind].spec.model_validate(job.spec)
 
-        return train(job, store, stop)
-    if job.kind == "merge":
-        from fts_mcp.adapters.merge import merge
+    def report(figures: dict, event: bool = True) -> None:
+        store.update_progress(job.job_id, figures, event="progress" if event else None)
 
-        return merge(job, store, stop)
-    if job.kind == "generate":
-        from fts_mcp.edge.oneshot import generate
+    def checkpoint(folder) -> None:
+        artifacts = store.get(job.job_id, log_lines=0).artifacts
+        artifacts.checkpoint_dir = str(folder)
+        store.set_artifacts(job.job_id, artifacts)
 
-        return generate(job, store, stop)
-    raise FtsError(f"unknown job kind {job.kind!r}", param="kind")
+    ctx = JobContext(job_id=job.job_id, workdir=store.job_dir(job.job_id), report=report, checkpoint=checkpoint,
+                     stop=stop)
+    return recipe(job.kind)(spec, ctx)
 
 
 def _unexpected(exc: Exception) -> JobError:

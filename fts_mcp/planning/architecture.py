@@ -96,7 +96,7 @@ def from_config(config: dict, *, source: str) -> Architecture:
 
 def read_config(model: str, roots: tuple[Path, ...], offline: bool) -> tuple[dict, str]:
     """config.json of a local model folder inside the roots, or of a hub id from the local cache."""
-    from fts_mcp.hub import looks_like_path
+    from fts_mcp.models.refs import looks_like_path
     from fts_mcp.paths import resolve_inside
 
     if looks_like_path(model):

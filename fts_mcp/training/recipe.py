@@ -1,7 +1,8 @@
 """The QLoRA / LoRA training recipe, top to bottom: setup -> data -> train -> save.
 
-Runs in a job's work horse process (see fts_mcp.jobs.worker); the only module besides the tokenizer helpers
-that imports torch. The same code runs on CUDA and on the CPU (bitsandbytes 4-bit works on both).
+`run(spec, ctx)`: runs in a job's work horse (see fts_mcp.jobs.worker) and knows nothing of the job store: it
+reports through `ctx`. Models load through `fts_mcp.models.loading`. The same code runs on CUDA and on the CPU
+(bitsandbytes 4-bit works on both).
 """
 
 from __future__ import annotations
@@ -17,52 +18,21 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from fts_mcp.datasets import read_dataset
-from fts_mcp.errors import DatasetInvalid, InvalidArgument, ModelUnavailable
-from fts_mcp.io import sha256_file, write_bytes_atomic, write_json_atomic
-from fts_mcp.jobs.models import ArtifactFile, Artifacts, Job
-from fts_mcp.jobs.store import JobStore
+from fts_mcp.errors import DatasetInvalid, InvalidArgument
+from fts_mcp.io import artifact_files, write_bytes_atomic, write_json_atomic
+from fts_mcp.jobs.context import JobContext
+from fts_mcp.jobs.models import Artifacts
+from fts_mcp.models.loading import compute_dtype, load_model, load_tokenizer
 from fts_mcp.plots import loss_curve_png
 from fts_mcp.training.checkpoints import latest_checkpoint
 from fts_mcp.training.data import encode_record
 from fts_mcp.training.spec import TrainJobSpec
 
 log = logging.getLogger(__name__)
-
-
-def compute_dtype() -> torch.dtype:
-    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (fastest there for tiny models)."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def load_tokenizer(spec: TrainJobSpec) -> Any:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.base_model, trust_remote_code=spec.trust_remote_code)
-    except OSError as exc:
-        raise ModelUnavailable(f"cannot load the tokenizer of {spec.base_model!r}: {exc}", param="base_model") from exc
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(spec: TrainJobSpec, dtype: torch.dtype) -> Any:
-    quantization = None
-    if spec.quantization == "nf4":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
-                                          bnb_4bit_quant_storage=dtype)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    try:
-        return AutoModelForCausalLM.from_pretrained(spec.base_model, quantization_config=quantization, dtype=dtype,
-                                                    device_map={"": device},
-                                                    trust_remote_code=spec.trust_remote_code)
-    except OSError as exc:
-        raise ModelUnavailable(f"cannot load {spec.base_model!r}: {exc}", param="base_model") from exc
 
 
 def build_datasets(spec: TrainJobSpec, tokenizer: Any) -> tuple[Dataset, Dataset | None]:
@@ -80,26 +50,33 @@ def build_datasets(spec: TrainJobSpec, tokenizer: Any) -> tuple[Dataset, Dataset
 
 
 class Progress(TrainerCallback):
-    """Writes step, loss, learning rate, tokens/s and ETA to the store; turns a stop request into a checkpoint."""
+    """Reports step, loss, learning rate, tokens/s and ETA through the job context; turns a stop request into a
+    checkpoint.
 
-    def __init__(self, store: JobStore, job_id: str, stop: Any, checkpoints: Path) -> None:
-        self.store, self.job_id, self.stop, self.checkpoints = store, job_id, stop, checkpoints
-        self.t0 = time.monotonic()
-        self.step0 = 0
-        self.last = (time.monotonic(), 0)
+    Rates count only this run's work: the trainer calls `on_train_begin` before it restores a checkpoint's
+    state (step, tokens seen), so the baseline is taken at the first step instead.
+    """
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.start: tuple[float, int] | None = None  # (time, step) of this run's first step
+        self.last: tuple[float, int] | None = None  # (time, tokens seen) at the last logged loss
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.t0, self.step0 = time.monotonic(), state.global_step
-        self.last = (self.t0, state.num_input_tokens_seen or 0)
-        self.store.update_progress(self.job_id, {"phase": "training", "step": state.global_step,
-                                                 "total_steps": state.max_steps}, event=None)
+        self.ctx.report({"phase": "training", "total_steps": state.max_steps}, event=False)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            now = time.monotonic()
+            self.start, self.last = (now, state.global_step), (now, state.num_input_tokens_seen or 0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        done = state.global_step - self.step0
-        eta = (time.monotonic() - self.t0) / done * (state.max_steps - state.global_step) if done else None
-        self.store.update_progress(self.job_id, {"step": state.global_step, "total_steps": state.max_steps,
-                                                 "epoch": state.epoch, "eta_seconds": eta}, event=None)
-        if self.stop:
+        started, step0 = self.start or (time.monotonic(), state.global_step)
+        done = state.global_step - step0
+        eta = (time.monotonic() - started) / done * (state.max_steps - state.global_step) if done else None
+        self.ctx.report({"step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
+                         "eta_seconds": eta}, event=False)
+        if self.ctx.stop:
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -109,21 +86,19 @@ class Progress(TrainerCallback):
         now, seen = time.monotonic(), state.num_input_tokens_seen or 0
         figures: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
         if "loss" in logs:
-            then, seen_then = self.last
             figures.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), logged=True)
-            if now > then and seen > seen_then:
-                figures["tokens_per_second"] = (seen - seen_then) / (now - then)
+            if self.last is not None:
+                then, seen_then = self.last
+                if now > then and seen > seen_then:
+                    figures["tokens_per_second"] = (seen - seen_then) / (now - then)
             self.last = (now, seen)
         if "eval_loss" in logs:
             figures["eval_loss"] = logs["eval_loss"]
         if len(figures) > 2:
-            self.store.update_progress(self.job_id, figures)
+            self.ctx.report(figures)
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = self.checkpoints / f"checkpoint-{state.global_step}"
-        artifacts = self.store.get(self.job_id, log_lines=0).artifacts
-        artifacts.checkpoint_dir = str(checkpoint)
-        self.store.set_artifacts(self.job_id, artifacts)
+        self.ctx.checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def trainer_config(spec: TrainJobSpec, checkpoints: Path, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
@@ -182,42 +157,43 @@ def make_trainer(spec: TrainJobSpec, model: Any, tokenizer: Any, train_data: Dat
                               param="lora.target_modules") from exc
 
 
-def train(job: Job, store: JobStore, stop: Any) -> Artifacts | None:
+def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     """Run one training job. Returns its artifacts, or None when stopped (a checkpoint was saved)."""
-    spec = TrainJobSpec(**job.spec)
-    folder = store.job_dir(job.job_id)
+    folder = ctx.workdir
     checkpoints = folder / "checkpoints"
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
     # 1. setup
-    store.update_progress(job.job_id, {"phase": "loading_model"}, event=None)
+    ctx.phase("loading_model")
     set_seed(spec.training.seed)
     dtype = compute_dtype()
-    tokenizer = load_tokenizer(spec)
-    model = load_model(spec, dtype)
+    tokenizer = load_tokenizer(spec.base_model, trust_remote_code=spec.trust_remote_code)
+    model = load_model(spec.base_model, trust_remote_code=spec.trust_remote_code, quantization=spec.quantization,
+                       dtype=dtype)
 
     # 2. data
-    store.update_progress(job.job_id, {"phase": "tokenizing"}, event=None)
+    ctx.phase("tokenizing")
     train_data, eval_data = build_datasets(spec, tokenizer)
     trainer = make_trainer(spec, model, tokenizer, train_data, eval_data, checkpoints, dtype,
-                           callbacks=[Progress(store, job.job_id, stop, checkpoints)])
+                           callbacks=[Progress(ctx)])
 
     # 3. train (continuing from this job's own checkpoint, else from the one it was asked to resume)
     resume = latest_checkpoint(checkpoints) or (Path(spec.resume_checkpoint) if spec.resume_checkpoint else None)
     if resume is not None:
         log.info("resuming from %s", resume)
-    stop.in_loop = True
+    ctx.stop.in_loop = True
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
-        stop.in_loop = False
-    if stop:
-        log.info("stopped (%s) at step %d; checkpoint saved", stop.reason, trainer.state.global_step)
+        ctx.stop.in_loop = False
+    if ctx.stop:
+        log.info("stopped (%s) at step %d; checkpoint saved", ctx.stop.reason, trainer.state.global_step)
         return None
     final_eval = trainer.evaluate() if eval_data is not None else {}
 
-    # 4. save: adapter (PEFT format), metrics, loss curve; each written to a temp name, then renamed
-    store.update_progress(job.job_id, {"phase": "saving"}, event=None)
+    # 4. save: adapter (PEFT format, with the tokenizer and chat template it was trained with), metrics, loss
+    # curve; each written to a temp name, then renamed
+    ctx.phase("saving")
     adapter_dir = folder / "adapter"
     staging = folder / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -227,29 +203,29 @@ def train(job: Job, store: JobStore, stop: Any) -> Artifacts | None:
     staging.rename(adapter_dir)
 
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    history = trainer.state.log_history
     metrics = {
         "output_name": spec.output_name,
         "base_model": spec.base_model,
+        "dataset": spec.dataset,
         "quantization": spec.quantization,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_loss": result.training_loss,
-        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         "eval_loss": final_eval.get("eval_loss"),
         "train_runtime_seconds": result.metrics.get("train_runtime"),
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "log_history": trainer.state.log_history,
+        "log_history": history,
     }
     write_json_atomic(folder / "metrics.json", metrics)
-    points = store.events(job.job_id, kind="progress")
-    write_bytes_atomic(folder / "loss.png", loss_curve_png(points, title=f"{spec.output_name} ({job.job_id})"))
+    points = [{**h, "logged": True} for h in history]
+    write_bytes_atomic(folder / "loss.png", loss_curve_png(points, title=f"{spec.output_name} ({ctx.job_id})"))
     if final_eval:
-        store.update_progress(job.job_id, {"eval_loss": final_eval.get("eval_loss"), "step": trainer.state.global_step})
+        ctx.report({"eval_loss": final_eval.get("eval_loss"), "step": trainer.state.global_step})
 
-    files = [ArtifactFile(path=str(p), bytes=p.stat().st_size, sha256=sha256_file(p))
-             for p in sorted(adapter_dir.iterdir()) if p.is_file()]
     return Artifacts(adapter_dir=str(adapter_dir), checkpoint_dir=str(latest_checkpoint(checkpoints) or "") or None,
-                     loss_curve=str(folder / "loss.png"), metrics=str(folder / "metrics.json"), files=files)
-
+                     loss_curve=str(folder / "loss.png"), metrics=str(folder / "metrics.json"),
+                     files=artifact_files(adapter_dir))

@@ -5,13 +5,11 @@ Each knob's help says what it trades (memory, speed, quality), as torchtune's co
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$", min_length=1, max_length=200)]
-OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class LoraSpec(BaseModel):

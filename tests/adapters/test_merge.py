@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from fts_mcp.adapters.inspect import LORA_KEY
 from fts_mcp.config import Settings
+from fts_mcp.core import Core
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.service import FineTuneService
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 from tests.conftest import FAST_TRAINING, SAMPLE_COMPLETION, make_adapter, wait_for
 from tools.build_tiny_model import build
@@ -23,20 +23,20 @@ PROBE = torch.tensor([[5, 40, 77, 101, 3, 9, 200, 15]])
 
 @pytest.fixture
 def service(fts_home):
-    s = FineTuneService(Settings.from_env())
+    s = Core(Settings.from_env())
     yield s
     s.close()
 
 
 def finish(service, job, timeout=120):
-    return wait_for(lambda: (j := service.job_status(job.job_id)).state.terminal and j, timeout, interval=0.3,
+    return wait_for(lambda: (j := service.jobs.get(job.job_id)).state.terminal and j, timeout, interval=0.3,
                     what=f"{job.kind} job {job.job_id}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 0.5)])
 def test_merged_model_gives_the_unmerged_logits(service, tiny_model, adapter_a, dtype, tol):
-    job = service.merge_adapter(str(adapter_a), base_model=str(tiny_model), dtype=dtype)
+    job = service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype=dtype)
     done = finish(service, job)
     assert done.state == "succeeded", (done.error, done.log_tail)
     v = done.artifacts.verification
@@ -57,8 +57,8 @@ def test_merged_model_gives_the_unmerged_logits(service, tiny_model, adapter_a, 
     assert diff <= tol, diff
     assert base_diff.abs().max().item() > 2.0  # the adapter changes the model a lot; the merge kept that change
 
-    again = service.merge_adapter(str(adapter_a), base_model=str(tiny_model), dtype=dtype)
-    assert again.job_id == job.job_id and service.list_jobs().total == 1  # the second identical call is a no-op
+    again = service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype=dtype)
+    assert again.job_id == job.job_id and service.jobs.list().total == 1  # the second identical call is a no-op
 
 
 def deltas(folder: Path) -> dict[tuple[int, str], torch.Tensor]:
@@ -76,7 +76,7 @@ def deltas(folder: Path) -> dict[tuple[int, str], torch.Tensor]:
 
 @pytest.mark.slow
 def test_cat_combination_equals_the_weighted_sum_of_deltas(service, tiny_model, adapter_a, adapter_b):
-    job = service.merge_adapter(adapters=[{"adapter": str(adapter_a), "weight": 0.7},
+    job = service.merging.merge(adapters=[{"adapter": str(adapter_a), "weight": 0.7},
                                           {"adapter": str(adapter_b), "weight": 0.3}],
                                 base_model=str(tiny_model), combination="cat", output="adapter", output_name="mix",
                                 dtype="float32")
@@ -91,11 +91,11 @@ def test_cat_combination_equals_the_weighted_sum_of_deltas(service, tiny_model, 
 
 @pytest.mark.slow
 def test_qlora_trained_adapter_merges_and_reports_the_difference(service, tiny_model):
-    train = service.start_training(str(tiny_model), str(SAMPLE_COMPLETION), quantization="nf4",
+    train = service.training.start(str(tiny_model), str(SAMPLE_COMPLETION), quantization="nf4",
                                    lora=LoraSpec(r=8), training=TrainingSpec(**{**FAST_TRAINING, "max_steps": 20}))
     trained = finish(service, train)
     assert trained.state == "succeeded", trained.log_tail
-    merge = service.merge_adapter(trained.job_id, dtype="float32")  # base: the training job's own
+    merge = service.merging.merge(trained.job_id, dtype="float32")  # base: the training job's own
     done = finish(service, merge)
     assert done.state == "succeeded", (done.error, done.log_tail)
     v = done.artifacts.verification
@@ -109,13 +109,14 @@ def test_interrupted_merge_leaves_no_output_folder(service, tiny_model, adapter_
     """The result is renamed into place only when complete: a failure while saving leaves nothing."""
     from transformers import PreTrainedModel
 
-    from fts_mcp.adapters.merge import merge
-    from fts_mcp.jobs.worker import StopSignal
+    from fts_mcp.adapters.merge import run
+    from fts_mcp.adapters.spec import MergeJobSpec
+    from fts_mcp.jobs.context import recording_context
 
-    job = service.merge_adapter(str(adapter_a), base_model=str(tiny_model), dtype="float32", output_name="half")
-    service.cancel_job(job.job_id)  # keep the worker out of it; run the recipe here
+    job = service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype="float32", output_name="half")
+    service.jobs.cancel(job.job_id)  # keep the worker out of it; run the recipe here
     finish(service, job)
-    record = service.store.get(job.job_id)
+    record = service.jobs.store.get(job.job_id)
     original = PreTrainedModel.save_pretrained
 
     def save_then_die(self, folder, *args, **kwargs):
@@ -124,7 +125,7 @@ def test_interrupted_merge_leaves_no_output_folder(service, tiny_model, adapter_
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_die)
     with pytest.raises(OSError, match="disk full"):
-        merge(record, service.store, StopSignal())
+        run(MergeJobSpec(**record.spec), recording_context(service.jobs.store.job_dir(job.job_id), job.job_id)[0])
     out = Path(record.spec["output_dir"])
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
@@ -151,10 +152,10 @@ def test_bad_inputs_are_refused_before_any_work(service, fts_home, tiny_model, a
     for kwargs, param, words in cases:
         kwargs.setdefault("base_model", str(tiny_model))
         with pytest.raises(Exception) as info:
-            service.merge_adapter(**kwargs)
+            service.merging.merge(**kwargs)
         assert getattr(info.value, "param", None) == param, (kwargs, info.value)
         assert words in str(info.value), (kwargs, str(info.value))
-    assert service.list_jobs().total == 0  # nothing was queued
+    assert service.jobs.list().total == 0  # nothing was queued
 
 
 def test_corrupt_files_and_name_collisions(service, fts_home, tiny_model, adapter_a):
@@ -163,16 +164,16 @@ def test_corrupt_files_and_name_collisions(service, fts_home, tiny_model, adapte
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(InvalidArgument, match="corrupt"):
-        service.merge_adapter(str(broken), base_model=str(tiny_model))
+        service.merging.merge(str(broken), base_model=str(tiny_model))
     (broken / "adapter_config.json").write_text("{")
     with pytest.raises(InvalidArgument, match="not valid JSON"):
-        service.merge_adapter(str(broken), base_model=str(tiny_model))
+        service.merging.merge(str(broken), base_model=str(tiny_model))
 
     taken = fts_home / "models" / "taken"
     taken.mkdir(parents=True)
     (taken / "merge.json").write_text(json.dumps({"job_id": "job-000000000000", "inputs_key": "other"}))
     with pytest.raises(InvalidArgument, match="different inputs") as info:
-        service.merge_adapter(str(adapter_a), base_model=str(tiny_model), output_name="taken")
+        service.merging.merge(str(adapter_a), base_model=str(tiny_model), output_name="taken")
     assert info.value.param == "output_name"
 
 

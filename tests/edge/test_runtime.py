@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from fts_mcp.config import Settings
-from fts_mcp.service import EdgeService, FineTuneService
+from fts_mcp.core import Core
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 from tests.conftest import FAST_TRAINING, SAMPLE_COMPLETION, make_adapter, wait_for, write_jsonl
 from tests.test_transports import free_port
@@ -72,18 +72,18 @@ def edge(tmp_path_factory, tiny_model):
         for key, value in {"FTS_HOME": str(home), "FTS_ROOTS": os.pathsep.join(roots),
                            "FTS_GPUS": "none", "HF_HUB_OFFLINE": "1"}.items():
             env.setenv(key, value)
-        service = FineTuneService(Settings.from_env())
+        service = Core(Settings.from_env())
         records = [json.loads(line) for line in SAMPLE_COMPLETION.read_text().splitlines()]
         backward = write_jsonl(root / "backward.jsonl", [{"prompt": r["prompt"], "completion": r["completion"][::-1]}
                                                          for r in records])
         training = TrainingSpec(**{**FAST_TRAINING, "max_steps": 60})
-        jobs = {name: service.start_training(str(tiny_model), str(data), lora=LoraSpec(r=8, dropout=0.0),
+        jobs = {name: service.training.start(str(tiny_model), str(data), lora=LoraSpec(r=8, dropout=0.0),
                                              quantization="none", training=training, output_name=name)
                 for name, data in (("forward", SAMPLE_COMPLETION), ("backward", backward))}
         for job in jobs.values():
-            done = wait_for(lambda j=job: (x := service.job_status(j.job_id)).state.terminal and x, 180, 0.5)
+            done = wait_for(lambda j=job: (x := service.jobs.get(j.job_id)).state.terminal and x, 180, 0.5)
             assert done.state == "succeeded", done.log_tail
-        edge = EdgeService(service)
+        edge = service.edge
         deployed = {name: edge.deploy(job.job_id, name) for name, job in jobs.items()}
         port = free_port()
         runtime = subprocess.Popen([sys.executable, "-m", "fts_mcp", "edge", "serve", "--base", str(tiny_model),
@@ -227,8 +227,8 @@ async def test_deploy_and_generate_through_mcp(edge):
 
 
 def test_merge_takes_a_store_reference(edge):
-    job = edge.service.merge_adapter("forward@v1", dtype="float32", output_name="forward-merged")
-    done = wait_for(lambda: (j := edge.service.job_status(job.job_id)).state.terminal and j, 120, 0.3)
+    job = edge.service.merging.merge("forward@v1", dtype="float32", output_name="forward-merged")
+    done = wait_for(lambda: (j := edge.service.jobs.get(job.job_id)).state.terminal and j, 120, 0.3)
     assert done.state == "succeeded", (done.error, done.log_tail)
     assert done.artifacts.verification.passed
     assert done.spec["adapters"][0]["trained_quantization"] == "none"  # found through the manifest's source job

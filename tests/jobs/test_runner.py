@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from fts_mcp.config import Settings
+from fts_mcp.core import Core
 from fts_mcp.jobs.runner import death_error, pid_alive
-from fts_mcp.service import FineTuneService
 from fts_mcp.training.spec import TrainingSpec
 from tests.conftest import FAST_TRAINING, SAMPLE_CHAT, wait_for
 
@@ -33,25 +33,23 @@ def test_zombies_count_as_dead():
 @pytest.mark.slow
 def test_queue_drains_without_any_server(fts_home, tiny_model):
     """Two jobs queued from the core with no MCP server running: the first worker hands the slot on."""
-    service = FineTuneService(Settings.from_env())
+    service = Core(Settings.from_env())
     training = TrainingSpec(**{**FAST_TRAINING, "max_steps": 5})
-    first = service.start_training(str(tiny_model), str(SAMPLE_CHAT), training=training)
-    second = service.start_training(str(tiny_model), str(SAMPLE_CHAT), training=training)
+    first = service.training.start(str(tiny_model), str(SAMPLE_CHAT), training=training)
+    second = service.training.start(str(tiny_model), str(SAMPLE_CHAT), training=training)
     assert (first.state, second.state) == ("running", "queued")
     service.close()
 
-    reader = FineTuneService(Settings.from_env())
-    done = wait_for(lambda: all(reader.job_status(j.job_id).state.terminal for j in (first, second)), 120,
+    reader = Core(Settings.from_env())
+    done = wait_for(lambda: all(reader.jobs.get(j.job_id).state.terminal for j in (first, second)), 120,
                     interval=0.5, what="both jobs")
     assert done
-    assert [reader.job_status(j.job_id).state for j in (first, second)] == ["succeeded", "succeeded"]
+    assert [reader.jobs.get(j.job_id).state for j in (first, second)] == ["succeeded", "succeeded"]
     reader.close()
 
 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(fts_home, monkeypatch):
     """Cancel asks politely (SIGTERM); past FTS_CANCEL_GRACE_SECONDS the runner sends SIGKILL."""
-    import time
-
     from fts_mcp.jobs.runner import Runner
     from fts_mcp.jobs.states import JobState
     from fts_mcp.jobs.store import JobStore
@@ -70,12 +68,80 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(fts_home
     store.heartbeat(job.job_id)
     runner = Runner(settings, store)
     runner.cancel(job.job_id)
-    time.sleep(0.2)
-    assert stubborn.poll() is None  # SIGTERM ignored: still alive inside the grace period
+    runner.tick()  # inside the grace period: a tick must not kill it
+    with pytest.raises(subprocess.TimeoutExpired):
+        stubborn.wait(timeout=0.3)  # SIGTERM ignored: still alive
     wait_for(lambda: runner.tick() or stubborn.poll() is not None, 10, what="SIGKILL after the grace period")
     assert stubborn.returncode == -signal.SIGKILL
     stubborn.stdout.close()
     done = wait_for(lambda: runner.tick() or store.get(job.job_id).state.terminal and store.get(job.job_id), 10,
                     what="the job to settle")
     assert done.state == "cancelled"
+    store.close()
+
+
+# ---- death detection, deterministically: the mechanism (pids, heartbeat age, exit status), not the clock --------
+
+def running_job(store, settings, **fields):
+    from fts_mcp.jobs.states import JobState
+
+    job = store.create("train", {"output_name": "x"})
+    store.transition(job.job_id, JobState.QUEUED)
+    store.claim_next(settings.slots)
+    store.set_fields(job.job_id, **fields)
+    return job.job_id
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("heartbeat_age, worker_alive, expected", [
+    (10.0, False, "interrupted"),  # supervisor and worker gone, heartbeat stale: lost
+    (0.0, False, "running"),  # just exited: its own record may still be on the way
+    (10.0, True, "running"),  # an orphaned worker is killed first, settled on a later tick
+])
+def test_a_vanished_supervisor_is_declared_lost_once_its_heartbeat_is_stale(fts_home, heartbeat_age, worker_alive,
+                                                                           expected):
+    import time
+
+    from fts_mcp.jobs.runner import Runner
+    from fts_mcp.jobs.store import JobStore
+
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) if worker_alive else None
+    job_id = running_job(store, settings, supervisor_pid=dead_pid(), pid=worker.pid if worker else dead_pid(),
+                         heartbeat_at=time.time() - heartbeat_age)
+    Runner(settings, store).tick()
+    job = store.get(job_id)
+    assert job.state == expected
+    if expected == "interrupted":
+        assert job.error.code == "worker_lost" and job.resumable
+    if worker is not None:
+        assert worker.wait(timeout=10) == -signal.SIGKILL  # the orphan does not keep the slot's device
+    store.close()
+
+
+@pytest.mark.parametrize("exit_code, cancel, expected_state, expected_code", [
+    (-signal.SIGKILL, False, "interrupted", "worker_killed"),
+    (1, False, "interrupted", "worker_crashed"),
+    (-signal.SIGTERM, True, "cancelled", None),
+])
+def test_settle_records_how_the_work_horse_ended(fts_home, exit_code, cancel, expected_state, expected_code):
+    import time
+
+    from fts_mcp.jobs.runner import settle
+    from fts_mcp.jobs.store import JobStore
+
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    job_id = running_job(store, settings, supervisor_pid=os.getpid(), pid=dead_pid(),
+                         **({"cancel_requested_at": time.time()} if cancel else {}))
+    settle(store, job_id, exit_code)
+    job = store.get(job_id)
+    assert (job.state, job.error.code if job.error else None, job.exit_code) == \
+        (expected_state, expected_code, exit_code)
     store.close()

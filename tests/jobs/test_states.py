@@ -1,13 +1,13 @@
 import pytest
 
 from fts_mcp.errors import IllegalTransition, InvalidArgument
-from fts_mcp.jobs.states import TERMINAL, TRANSITIONS, JobState, check_job_id, check_transition
+from fts_mcp.jobs.states import TERMINAL, TRANSITIONS, JobState, check_job_id, check_transition, resumable
 
 LEGAL = [
     ("validating", "queued"), ("validating", "failed"), ("validating", "cancelled"),
     ("queued", "running"), ("queued", "cancelled"), ("queued", "failed"),
     ("running", "succeeded"), ("running", "failed"), ("running", "cancelled"), ("running", "interrupted"),
-    ("interrupted", "queued"),
+    ("interrupted", "queued"), ("cancelled", "queued"),
 ]
 
 
@@ -26,9 +26,20 @@ def test_every_pair_is_allowed_or_raises(current, target):
             check_transition("job-000000000000", current, target)
 
 
-def test_terminal_states_only_resume_from_interrupted():
+def test_terminal_states_only_resume_from_interrupted_or_cancelled():
     assert TERMINAL == {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
-    assert all(not TRANSITIONS[s] for s in TERMINAL if s != JobState.INTERRUPTED)
+    assert all(not TRANSITIONS[s] for s in TERMINAL if s not in (JobState.INTERRUPTED, JobState.CANCELLED))
+
+
+@pytest.mark.parametrize("state, has_checkpoint, expected", [
+    ("interrupted", True, True), ("interrupted", False, True),  # merge/generate jobs simply run again
+    ("cancelled", True, True), ("cancelled", False, False),
+    ("succeeded", True, False), ("failed", True, False), ("running", True, False),
+])
+def test_one_rule_for_resuming(state, has_checkpoint, expected):
+    assert resumable(JobState(state), has_checkpoint) is expected
+    # every resumable state can actually be queued again
+    assert not expected or JobState.QUEUED in TRANSITIONS[JobState(state)]
 
 
 @pytest.mark.parametrize("bad", ["", "job-", "job-XYZ", "job-0123456789abc", "../job-0123456789ab", "JOB-0123456789ab"])

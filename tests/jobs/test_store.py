@@ -92,3 +92,15 @@ def test_concurrent_claims_from_several_processes_never_share_a_slot(store, tmp_
 
 def test_store_uses_wal_so_readers_do_not_block_the_worker(store):
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("terminal", ["succeeded", "cancelled", "interrupted", "failed"])
+def test_an_ended_job_shows_no_phase_or_eta(store, terminal):
+    """A finished job is doing nothing and will take no more time; its last figures stay."""
+    job = store.create("train", {"output_name": "x"})
+    store.transition(job.job_id, JobState.QUEUED)
+    store.claim_next(("cpu",))
+    store.update_progress(job.job_id, {"phase": "saving", "eta_seconds": 12.0, "step": 7, "loss": 0.5})
+    done = store.transition(job.job_id, JobState(terminal))
+    assert done.progress.phase is None and done.progress.eta_seconds is None
+    assert done.progress.step == 7 and done.progress.loss == 0.5

@@ -9,7 +9,7 @@ from fts_mcp.planning.estimate import REFERENCE_SHAPES
 from fts_mcp.planning.estimate import Settings as EstimateSettings
 from fts_mcp.planning.gpus import find_gpu
 from fts_mcp.planning.memory import lora_params, memory
-from fts_mcp.service import PlanningService
+from fts_mcp.planning.service import Planning
 
 QLORA = {"lora_r": 16, "target_modules": "all-linear", "gradient_checkpointing": True, "optimizer": "adamw_32bit"}
 
@@ -54,7 +54,7 @@ def test_double_quantization_and_checkpointing_terms():
 
 @pytest.fixture
 def planner(tmp_path):
-    return PlanningService(Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_ROOTS": str(tmp_path),
+    return Planning(Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_ROOTS": str(tmp_path),
                                               "HF_HUB_OFFLINE": "1", "FTS_GPUS": "none"}))
 
 

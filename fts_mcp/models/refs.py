@@ -1,4 +1,4 @@
-"""Where a base model comes from: a local folder inside the roots, or a hub id read through huggingface-hub's cache."""
+"""Naming a base model: a local folder inside the roots, or a hub id read through huggingface-hub's cache. No torch."""
 
 from __future__ import annotations
 
@@ -49,3 +49,15 @@ def check_available(model: str, settings: Settings, *, param: str = "base_model"
         raise ModelUnavailable(
             f"{model!r} is not in the local Hugging Face cache and this host is offline (HF_HUB_OFFLINE=1); "
             f"download it first (`hf download {model}`) or pass a local model folder", param=param)
+
+
+# Files beside the weights that make a model or adapter folder usable the way it was trained: the tokenizer and
+# its chat template (`apply_chat_template` needs them) and the generation config.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "spiece.model")
+
+
+def companion_files(folder: Path) -> list[Path]:
+    """The tokenizer, chat template and generation config files present in `folder`."""
+    return [folder / name for name in COMPANION_FILES if (folder / name).is_file()]

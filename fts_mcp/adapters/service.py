@@ -1,0 +1,151 @@
+"""Merging from the caller's side: check everything cheap (files, shapes, ranks, names) and submit a `merge`
+job, or return the job that already produced the same result. Pure Python; the merge runs in a worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from fts_mcp.adapters.inspect import AdapterInfo, check_fits_base, read_adapter
+from fts_mcp.adapters.resolve import ResolvedAdapter, resolve_adapter, trained_quantization
+from fts_mcp.adapters.spec import (
+    EQUAL_RANKS,
+    NEEDS_DENSITY,
+    AdapterSource,
+    Combination,
+    Dtype,
+    MergeJobSpec,
+    WeightedAdapter,
+)
+from fts_mcp.config import Settings
+from fts_mcp.errors import InvalidArgument
+from fts_mcp.io import sha256_file
+from fts_mcp.jobs.models import Job
+from fts_mcp.jobs.service import Jobs
+from fts_mcp.jobs.states import JobState
+from fts_mcp.models.refs import hub_offline, resolve_model_argument
+from fts_mcp.names import check_output_name
+from fts_mcp.planning.architecture import from_config, read_config
+
+
+class Merging:
+    def __init__(self, settings: Settings, jobs: Jobs) -> None:
+        self.settings = settings
+        self.jobs = jobs
+
+    def merge(self, adapter: str | None = None, *, adapters: list[WeightedAdapter | dict] | None = None,
+              base_model: str | None = None, output_name: str | None = None, dtype: Dtype = "bfloat16",
+              verify: bool = True, combination: Combination = "cat", density: float | None = None,
+              output: Literal["model", "adapter"] = "model") -> Job:
+        if (adapter is None) == (adapters is None):
+            raise InvalidArgument("give adapter (one) or adapters (a weighted list), exactly one of them",
+                                  param="adapter")
+        entries = [WeightedAdapter(adapter=adapter)] if adapter is not None else \
+            [WeightedAdapter.model_validate(entry) for entry in adapters]
+        if not entries:
+            raise InvalidArgument("adapters is empty; list at least two {adapter, weight} entries", param="adapters")
+        several = adapters is not None
+        params = [f"adapters[{i}].adapter" if several else "adapter" for i in range(len(entries))]
+        sources: list[ResolvedAdapter] = []
+        infos: list[AdapterInfo] = []
+        for entry, param in zip(entries, params, strict=True):
+            source = resolve_adapter(entry.adapter, self.settings, self.jobs, param=param)
+            sources.append(source)
+            infos.append(read_adapter(source.folder, param=param))
+        if several:
+            check_combination(combination, density, infos)
+        elif output == "adapter":
+            raise InvalidArgument("output='adapter' combines several adapters; one adapter is already an adapter",
+                                  param="output")
+        declared = next((s.base_model for s in sources if s.base_model), None) or infos[0].base_model
+        if base_model is None and declared is None:
+            raise InvalidArgument("the adapter does not name its base model; pass base_model", param="base_model")
+        model = resolve_model_argument(base_model or declared, self.settings)
+        config, config_path = read_config(model, self.settings.roots, hub_offline(self.settings.env))
+        arch = from_config(config, source=config_path)
+        for info, param in zip(infos, params, strict=True):
+            check_fits_base(info, arch, base=model, param=param)
+        first = sources[0]
+        name = check_output_name(output_name or default_name(first))
+        spec_sources = [
+            AdapterSource(path=str(s.folder), weight=e.weight, job_id=s.job.job_id if s.job else None,
+                          trained_quantization=s.job.spec.get("quantization") if s.job else
+                          trained_quantization(self.jobs, s.manifest.source_job if s.manifest else None),
+                          r=info.r, alpha=info.alpha, sha256=info.sha256)
+            for s, e, info in zip(sources, entries, infos, strict=True)]
+        combination_used = combination if several else None
+        key = hashlib.sha256(json.dumps({
+            "adapters": [(s.sha256, s.weight) for s in spec_sources], "base": model,
+            "base_config": sha256_file(Path(config_path)), "dtype": dtype, "combination": combination_used,
+            "density": density if several else None, "output": output}, sort_keys=True).encode()).hexdigest()
+        out = self.settings.home / ("models" if output == "model" else "adapters") / name
+        if (existing := self._existing(out, key)) is not None:
+            return existing
+        spec = MergeJobSpec(adapters=spec_sources, base_model=model, dtype=dtype, verify=verify,
+                            combination=combination_used, density=density if several else None, output=output,
+                            output_name=name, output_dir=str(out), inputs_key=key,
+                            trust_remote_code=self.settings.trust_remote_code,
+                            training_metrics=None if several else self._training_metrics(first))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return self.jobs.submit("merge", spec, model=model)
+
+    def _training_metrics(self, source: ResolvedAdapter) -> dict | None:
+        """The training job's final figures, for the merged model's card."""
+        if source.job is None or not source.job.artifacts.metrics:
+            return None
+        path = Path(source.job.artifacts.metrics)
+        if not path.is_file():
+            return None
+        metrics = json.loads(path.read_text())
+        metrics.pop("log_history", None)
+        metrics.setdefault("dataset", source.job.spec.get("dataset"))
+        return metrics
+
+    def _existing(self, out: Path, key: str) -> Job | None:
+        """The job behind an identical earlier merge (finished or in flight); a different one under the name
+        is refused."""
+        if (out / "merge.json").is_file():
+            manifest = json.loads((out / "merge.json").read_text())
+            if manifest.get("inputs_key") == key:
+                return self.jobs.get(manifest["job_id"])
+            raise InvalidArgument(f"{out} already holds a merge of different inputs; choose another output_name",
+                                  param="output_name")
+        for job_id in self.jobs.store.ids_in(JobState.VALIDATING, JobState.QUEUED, JobState.RUNNING):
+            job = self.jobs.get(job_id, log_lines=0)
+            if job.kind == "merge" and job.spec["output_dir"] == str(out):
+                if job.spec["inputs_key"] == key:
+                    return job
+                raise InvalidArgument(f"merge job {job_id} is already writing {out} from different inputs; choose "
+                                      "another output_name", param="output_name")
+        if out.exists():
+            raise InvalidArgument(f"{out} exists and was not written by a merge; choose another output_name",
+                                  param="output_name")
+        return None
+
+
+def default_name(source: ResolvedAdapter) -> str:
+    """<job folder>-merged, <name>-<version>-merged, or <folder>-merged."""
+    if source.job is not None:
+        stem = source.folder.parent.name
+    elif source.manifest is not None:
+        stem = f"{source.manifest.name}-{source.manifest.version}"
+    else:
+        stem = source.folder.name
+    return f"{stem}-merged"[-64:].lstrip("._-")
+
+
+def check_combination(combination: str, density: float | None, infos: list[AdapterInfo]) -> None:
+    if len(infos) < 2:
+        raise InvalidArgument("a combination needs at least two adapters", param="adapters")
+    ranks = sorted({i.r for i in infos})
+    if combination in EQUAL_RANKS and len(ranks) > 1:
+        raise InvalidArgument(f"combination {combination!r} needs equal ranks, got r = {ranks}; use 'cat' or "
+                              "'svd', which take any ranks", param="combination")
+    if combination in NEEDS_DENSITY and density is None:
+        raise InvalidArgument(f"combination {combination!r} prunes each delta: give density in (0, 1], "
+                              "e.g. 0.5", param="density")
+    if combination not in NEEDS_DENSITY and density is not None:
+        raise InvalidArgument(f"density applies to {', '.join(sorted(NEEDS_DENSITY))}, not {combination!r}",
+                              param="density")

@@ -1,0 +1,80 @@
+"""Jobs as callers see them: one submit path for every kind, status, list, cancel, resume, logs, loss curve.
+
+Everything here goes through the store's atomic transitions and the runner, so it is safe from any number of
+server and CLI processes sharing one FTS_HOME.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import FtsError, InvalidArgument
+from fts_mcp.jobs.models import Job, JobError, JobKind, JobList
+from fts_mcp.jobs.runner import Runner
+from fts_mcp.jobs.states import JobState, check_job_id
+from fts_mcp.jobs.store import JobStore
+from fts_mcp.models.refs import check_available
+
+LOG_BYTES = 256 * 1024
+
+
+class Jobs:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings)
+        self.runner = Runner(settings, self.store)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def submit(self, kind: JobKind, spec: BaseModel, *, model: str | None = None) -> Job:
+        """Create a job (validating), check its base model can be found, queue it and start it if a slot is free.
+
+        A model that cannot be found fails the job with the reason (it stays on record); everything else was
+        checked by the caller before calling here.
+        """
+        job = self.store.create(kind, spec.model_dump())
+        if model is not None:
+            try:
+                check_available(model, self.settings)
+            except FtsError as exc:
+                return self.store.transition(job.job_id, JobState.FAILED,
+                                             error=JobError(code=exc.code, message=exc.message, param=exc.param))
+        self.store.transition(job.job_id, JobState.QUEUED)
+        self.runner.tick()
+        return self.store.get(job.job_id)
+
+    def get(self, job_id: str, log_lines: int = 20) -> Job:
+        return self.store.get(check_job_id(job_id), log_lines=log_lines)
+
+    def list(self, state: str | None = None, limit: int = 20) -> JobList:
+        if state is not None and state not in JobState.__members__.values():
+            raise InvalidArgument(f"{state!r} is not a job state; use one of {', '.join(JobState)}", param="state")
+        if not 1 <= limit <= 1000:
+            raise InvalidArgument(f"limit must be between 1 and 1000, got {limit}", param="limit")
+        return self.store.list(JobState(state) if state else None, limit)
+
+    def cancel(self, job_id: str) -> Job:
+        return self.runner.cancel(check_job_id(job_id))
+
+    def resume(self, job_id: str) -> Job:
+        return self.runner.resume(check_job_id(job_id))
+
+    def log(self, job_id: str, max_bytes: int = LOG_BYTES) -> str:
+        """The end of the job's worker log (at most `max_bytes`)."""
+        self.get(job_id, log_lines=0)
+        path = self.store.log_path(job_id)
+        if not path.exists():
+            return ""
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(max(0, size - max_bytes))
+            return fh.read().decode("utf-8", "replace")
+
+    def loss_curve(self, job_id: str) -> bytes:
+        from fts_mcp.plots import loss_curve_png  # lazy: matplotlib is only loaded when a plot is asked for
+
+        job = self.get(job_id, log_lines=0)
+        return loss_curve_png(self.store.events(job_id, kind="progress"),
+                              title=f"{job.spec.get('output_name', job.kind)} ({job_id})")

@@ -1,0 +1,68 @@
+"""Planning from the caller's side: advice and estimates, plus reading a model's config.json (never its weights).
+Pure: no torch, no jobs."""
+
+from __future__ import annotations
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import InvalidArgument
+from fts_mcp.models.refs import hub_offline
+from fts_mcp.planning.advice import Advice, Criteria, recommend
+from fts_mcp.planning.architecture import Architecture, from_config, read_config
+from fts_mcp.planning.estimate import METHODS, MethodChoice, ResourceEstimate, estimate, shape_for_params
+from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.planning.gpus import find_gpu
+
+DEFAULT_TOKENS_PER_EXAMPLE = 512
+
+
+class Planning:
+    """Planning answers: pure arithmetic and advice, plus reading a model's config.json (never its weights)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def recommend_ft_vs_rag(self, criteria: Criteria) -> Advice:
+        return recommend(criteria)
+
+    def estimate_resources(self, *, base_model: str | None = None, params: int | None = None,
+                           shape: dict[str, int | None] | None = None, method: MethodChoice = "all",
+                           settings: EstimateSettings, dataset_examples: int | None = None,
+                           tokens_per_example: int | None = None, dataset_tokens: int | None = None,
+                           epochs: float = 3.0, gpu: str | None = None, gpu_memory_gb: float | None = None,
+                           price_per_gpu_hour: float | None = None, utilization: float | None = None
+                           ) -> ResourceEstimate:
+        shape = {k: v for k, v in (shape or {}).items() if v is not None}
+        given = [name for name, present in (("base_model", base_model), ("params", params), ("layers...", shape))
+                 if present]
+        if len(given) != 1:
+            raise InvalidArgument("give exactly one of base_model (folder or hub id), params (a parameter count) or "
+                                  "the architecture numbers (layers, hidden, intermediate, heads, kv_heads, vocab); "
+                                  f"got {', '.join(given) or 'none'}", param="base_model")
+        if base_model is not None:
+            config, source = read_config(base_model, self.settings.roots, hub_offline(self.settings.env))
+            arch, model = from_config(config, source=source), base_model
+        elif params is not None:
+            arch, name = shape_for_params(params)
+            model, source = f"{params / 1e9:.1f}B parameters", f"assumed: {name} shape (nearest parameter count)"
+        else:
+            needed = ("layers", "hidden", "intermediate", "heads", "vocab")
+            missing = [k for k in needed if k not in shape]
+            if missing:
+                raise InvalidArgument(f"explicit architecture needs {', '.join(needed)} (kv_heads defaults to heads); "
+                                      f"missing {', '.join(missing)}", param=missing[0])
+            shape.setdefault("kv_heads", shape["heads"])
+            arch, model, source = Architecture(**shape), "explicit architecture", "explicit"
+        if gpu is not None and gpu_memory_gb is not None:
+            raise InvalidArgument("give gpu (a known card) or gpu_memory_gb (any card), not both", param="gpu")
+        card = find_gpu(gpu) if gpu is not None else None
+        if dataset_tokens is not None and dataset_examples is not None:
+            raise InvalidArgument("give dataset_examples (with tokens_per_example) or dataset_tokens, not both",
+                                  param="dataset_tokens")
+        tokens = dataset_tokens
+        if dataset_examples is not None:
+            tokens = dataset_examples * (tokens_per_example or min(settings.seq_len, DEFAULT_TOKENS_PER_EXAMPLE))
+        training_tokens = int(tokens * epochs) if tokens is not None else None
+        methods = METHODS if method == "all" else (method,)
+        return estimate(arch, model=model, shape_source=source, methods=methods, settings=settings, gpu=card,
+                        gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
+                        training_tokens=training_tokens, utilization=utilization)

@@ -1,0 +1,94 @@
+"""Training from the caller's side: validate a dataset (with token statistics under the model's tokenizer) and
+submit a `train` job. Pure Python: the tokenizer runs in a short-lived subprocess, torch never loads here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fts_mcp.config import Settings
+from fts_mcp.datasets import DatasetReport, TokenStats, require_valid, validate_dataset
+from fts_mcp.errors import InvalidArgument, ModelUnavailable
+from fts_mcp.jobs.models import Job
+from fts_mcp.jobs.service import Jobs
+from fts_mcp.jobs.states import JobState, check_job_id
+from fts_mcp.models.refs import check_available, resolve_model_argument
+from fts_mcp.names import check_output_name
+from fts_mcp.paths import resolve_inside
+from fts_mcp.training.checkpoints import latest_checkpoint
+from fts_mcp.training.spec import LoraSpec, TrainingSpec, TrainJobSpec
+
+# A new job may start from the checkpoint of one that stopped or ended.
+RESUMABLE_FROM = (JobState.CANCELLED, JobState.INTERRUPTED, JobState.SUCCEEDED, JobState.FAILED)
+
+
+class Training:
+    def __init__(self, settings: Settings, jobs: Jobs) -> None:
+        self.settings = settings
+        self.jobs = jobs
+
+    def validate_dataset(self, path: str, base_model: str | None = None, max_seq_len: int = 2048) -> DatasetReport:
+        file = resolve_inside(path, self.settings.roots, param="path")
+        report = validate_dataset(file)
+        if base_model is not None and report.ok:
+            model = resolve_model_argument(base_model, self.settings)
+            check_available(model, self.settings)
+            report.token_stats = self._token_stats(model, file, max_seq_len)
+            if report.token_stats.over_max_seq_len:
+                report.warnings.append(f"{report.token_stats.over_max_seq_len} examples are longer than "
+                                       f"max_seq_len={max_seq_len} and will be truncated")
+        return report
+
+    def _token_stats(self, model: str, file: Path, max_seq_len: int) -> TokenStats:
+        command = [sys.executable, "-m", "fts_mcp.training.tokstats", model, str(file), str(max_seq_len)]
+        if self.settings.trust_remote_code:
+            command.append("--trust")
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                                  env={**self.settings.env, "HF_HUB_DOWNLOAD_TIMEOUT": "30"})
+        except subprocess.TimeoutExpired as exc:
+            raise ModelUnavailable(f"loading the tokenizer of {model!r} took over 10 minutes", param="base_model") \
+                from exc
+        lines = done.stdout.strip().splitlines()
+        answer = json.loads(lines[-1]) if lines else {"ok": False, "message": done.stderr.strip()[-500:]}
+        if not answer["ok"]:
+            raise ModelUnavailable(f"cannot load the tokenizer of {model!r}: {answer['message']}", param="base_model")
+        return TokenStats(**answer["stats"])
+
+    def start(self, base_model: str, dataset: str, *, output_name: str | None = None, lora: LoraSpec | None = None,
+              quantization: str = "nf4", training: TrainingSpec | None = None, resume_from: str | None = None) -> Job:
+        """Validate everything, then submit a `train` job. A bad dataset raises with its line errors; no job."""
+        if quantization not in ("nf4", "none"):
+            raise InvalidArgument(f"{quantization!r} is not a quantization; use 'nf4' (QLoRA) or 'none' (16-bit LoRA)",
+                                  param="quantization")
+        file = resolve_inside(dataset, self.settings.roots, param="dataset")
+        report = require_valid(file)
+        model = resolve_model_argument(base_model, self.settings)
+        lora = lora or LoraSpec()
+        training = training or TrainingSpec()
+        name = check_output_name(output_name) if output_name is not None else \
+            f"{Path(model).name}-{file.stem}-lora"[:64]
+        resume_checkpoint = None
+        if resume_from is not None:
+            resume_checkpoint = str(self._resume_point(check_job_id(resume_from, "resume_from"), model, lora))
+        spec = TrainJobSpec(base_model=model, dataset=str(file), dataset_format=report.format,
+                            dataset_examples=report.examples, output_name=name, lora=lora, quantization=quantization,
+                            training=training, resume_checkpoint=resume_checkpoint, resumed_from_job=resume_from,
+                            trust_remote_code=self.settings.trust_remote_code)
+        return self.jobs.submit("train", spec, model=model)
+
+    def _resume_point(self, job_id: str, model: str, lora: LoraSpec) -> Path:
+        old = self.jobs.get(job_id, log_lines=0)
+        if old.kind != "train" or old.state not in RESUMABLE_FROM:
+            raise InvalidArgument(f"job {job_id} is a {old.state} {old.kind} job; resume_from takes a training job "
+                                  "that is cancelled, interrupted, failed or succeeded", param="resume_from")
+        if old.spec["base_model"] != model or LoraSpec(**old.spec["lora"]) != lora:
+            raise InvalidArgument(f"job {job_id} trained {old.spec['base_model']} with lora={old.spec['lora']}; "
+                                  "a resumed job must use the same base_model and lora settings", param="resume_from")
+        checkpoint = latest_checkpoint(self.jobs.store.job_dir(job_id) / "checkpoints")
+        if checkpoint is None:
+            raise InvalidArgument(f"job {job_id} left no checkpoint to resume from (it stopped before its first save; "
+                                  "lower training.checkpoint_every_steps next time)", param="resume_from")
+        return checkpoint

@@ -1,0 +1,54 @@
+"""The training recipe's progress reporting, driven the way the HF Trainer drives its callbacks."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from fts_mcp.jobs.context import recording_context
+from fts_mcp.training import recipe
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tokens_per_second_after_a_resume_counts_only_this_runs_tokens(tmp_path, monkeypatch):
+    """The trainer calls on_train_begin before it restores the checkpoint's step and tokens seen; the rate
+    must not count the restored tokens as if they were trained in this run."""
+    clock = Clock()
+    monkeypatch.setattr(recipe.time, "monotonic", clock)
+    ctx, reports = recording_context(tmp_path)
+    progress = recipe.Progress(ctx)
+    args, control = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace()
+    state = SimpleNamespace(global_step=0, max_steps=100, epoch=0.0, num_input_tokens_seen=0)
+
+    progress.on_train_begin(args, state, control)
+    state.global_step, state.num_input_tokens_seen = 50, 100_000  # the checkpoint's state is restored
+    clock.now = 5.0  # restoring took a while
+    for step in (51, 52):
+        progress.on_step_begin(args, state, control)
+        clock.now += 1.0
+        state.global_step, state.num_input_tokens_seen = step, state.num_input_tokens_seen + 1_000
+        progress.on_step_end(args, state, control)
+        progress.on_log(args, state, control, logs={"loss": 1.0, "learning_rate": 1e-4})
+
+    rates = [r["tokens_per_second"] for r in reports if "tokens_per_second" in r]
+    assert rates == [pytest.approx(1_000.0), pytest.approx(1_000.0)]
+    etas = [r["eta_seconds"] for r in reports if r.get("eta_seconds") is not None]
+    assert etas[-1] == pytest.approx(48.0)  # 2 steps in 2 s, 48 to go: the restored steps are not counted
+
+
+def test_a_stop_request_asks_the_trainer_to_save_and_stop(tmp_path):
+    ctx, _ = recording_context(tmp_path)
+    ctx.stop.in_loop = True
+    ctx.stop.set("cancel")
+    progress = recipe.Progress(ctx)
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    state = SimpleNamespace(global_step=3, max_steps=10, epoch=0.1, num_input_tokens_seen=30)
+    progress.on_step_begin(None, state, control)
+    progress.on_step_end(None, state, control)
+    assert control.should_save and control.should_training_stop
