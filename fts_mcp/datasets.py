@@ -128,7 +128,7 @@ def read_dataset(path: Path) -> tuple[Format | None, list[dict], list[LineError]
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")  # the line's own characters: columns count within it
             except UnicodeDecodeError as exc:
                 fail(number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
                 continue

@@ -43,15 +43,14 @@ fts-mcp fine-tunes LoRA / QLoRA adapters on this host's GPUs (or CPU) as backgro
 Plan first: recommend_ft_vs_rag (is fine-tuning the right tool?) and estimate_resources (memory, fit, time,
 cost); reference documents are at fts://docs. Then: validate_dataset -> start_qlora_job -> job_status (with
 wait_seconds to long-poll) until the job is succeeded -> use artifacts.adapter_dir. cancel_job stops a job
-with a checkpoint; resume_job continues an interrupted one. Jobs outlive this server; list_jobs shows them.
-Paths must lie inside the configured roots."""
+with a checkpoint; resume_job continues an interrupted job, or a cancelled one that saved a checkpoint.
+Jobs outlive this server; list_jobs shows them. Paths must lie inside the configured roots."""
 
 TICK_SECONDS = 1.0
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 # Starts work; asked twice, starts it twice.
 LAUNCHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
-# Starts work, but the same request again returns the first result (merge and deploy are keyed by their inputs;
-# resuming a job that already resumed leaves it as it is).
+# Starts work, but the same request again returns the first result (merge and deploy are keyed by their inputs).
 LAUNCHES_ONCE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                                 open_world_hint=False)
 STOPS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)

@@ -88,3 +88,14 @@ def test_require_valid_raises_with_all_line_errors(tmp_path):
 def test_duplicates_and_size_warnings(tmp_path):
     report = validate_dataset(write_jsonl(tmp_path / "dup.jsonl", [GOOD_CHAT] * 3))
     assert any("2 duplicate examples" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("line, column", [
+    ('{"messages": [{"role": "user", "content": "a long question that goes on"}', 74),  # cut off at the end
+    ('{"text": "fine"} trailing', 18),  # extra data after the object
+    ('{"text": "a",, "b": 1}', 14),
+])
+def test_invalid_json_names_the_column_of_the_error(tmp_path, line, column):
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, line]))
+    (error,) = report.errors
+    assert error.line == 2 and f"(column {column})" in error.message, error.message

@@ -10,20 +10,36 @@ from tests.conftest import SAMPLE_CHAT, write_jsonl
 
 pytestmark = pytest.mark.anyio
 MODES = pytest.mark.parametrize("mode", ["auto", "legacy"])
-TOOLS = {"validate_dataset", "start_qlora_job", "job_status", "list_jobs", "cancel_job", "resume_job"}
+# Every tool's annotations, stated once: (read_only, destructive, idempotent, open_world). Idempotent means the
+# same call again changes nothing more: merge and deploy return the first result, cancel returns an ended job
+# unchanged. Resuming twice is refused the second time (the job is no longer stopped), so it is not idempotent.
+ANNOTATIONS = {
+    "recommend_ft_vs_rag": (True, False, True, False),
+    "estimate_resources": (True, False, True, False),
+    "validate_dataset": (True, False, True, False),
+    "start_qlora_job": (False, False, False, False),
+    "job_status": (True, False, True, False),
+    "list_jobs": (True, False, True, False),
+    "cancel_job": (False, True, True, False),
+    "resume_job": (False, False, False, False),
+    "merge_adapter": (False, False, True, False),
+    "deploy_adapter": (False, False, True, False),
+    "list_adapters": (True, False, True, False),
+    "generate": (False, False, False, True),
+}
+TOOLS = set(ANNOTATIONS)
 
 
 @MODES
 async def test_tools_have_schemas_and_honest_annotations(fts_home, mode):
     async with Client(mcp, mode=mode) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert TOOLS <= set(tools)
-    for name in TOOLS:
+    assert set(tools) == TOOLS
+    for name, expected in ANNOTATIONS.items():
+        a = tools[name].annotations
+        assert (a.read_only_hint, a.destructive_hint, a.idempotent_hint, a.open_world_hint) == expected, name
         assert tools[name].output_schema is not None and tools[name].description
-    assert tools["job_status"].annotations.read_only_hint
-    assert tools["validate_dataset"].annotations.read_only_hint
-    assert not tools["start_qlora_job"].annotations.read_only_hint
-    assert tools["cancel_job"].annotations.destructive_hint
+    assert "queued" in tools["start_qlora_job"].description and "running" in tools["start_qlora_job"].description
     assert tools["job_status"].input_schema["properties"]["wait_seconds"]["maximum"] == 300
     lora = tools["start_qlora_job"].input_schema["$defs"]["LoraSpec"]["properties"]
     assert lora["r"]["default"] == 16 and lora["target_modules"]["default"] == "all-linear"

@@ -7,6 +7,7 @@ reports through `ctx`. Models load through `fts_mcp.models.loading`. The same co
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -101,6 +102,11 @@ class Progress(TrainerCallback):
         self.ctx.checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
+# transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns); take either.
+CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in inspect.signature(SFTConfig).parameters \
+    else "gradient_checkpointing"
+
+
 def trainer_config(spec: TrainJobSpec, checkpoints: Path, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
     t = spec.training
     return SFTConfig(
@@ -116,8 +122,7 @@ def trainer_config(spec: TrainJobSpec, checkpoints: Path, dtype: torch.dtype, ha
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{CHECKPOINTING: t.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 from fts_mcp.datasets import TokenStats, read_dataset
+from fts_mcp.errors import FtsError
 from fts_mcp.training.data import encode_record
 
 
 def token_stats(model: str, dataset: Path, max_seq_len: int, trust_remote_code: bool = False) -> TokenStats:
-    from transformers import AutoTokenizer
+    from fts_mcp.models.loading import load_tokenizer  # torch side: this module runs as its own process
 
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     fmt, records, _, _ = read_dataset(dataset)
     encoded = [encode_record(tokenizer, fmt, r) for r in records]
     lengths = sorted(len(e["input_ids"]) for e in encoded) or [0]
@@ -33,5 +34,7 @@ if __name__ == "__main__":
     model, dataset, max_len, trust = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["--trust"]
     try:
         print(json.dumps({"ok": True, "stats": token_stats(model, dataset, max_len, trust).model_dump()}))
+    except FtsError as exc:
+        print(json.dumps({"ok": False, "message": exc.message}))
     except (OSError, ValueError) as exc:
         print(json.dumps({"ok": False, "message": f"{type(exc).__name__}: {exc}"}))

@@ -187,3 +187,26 @@ def test_adapter_of_another_rank_pattern_still_reads(tiny_model, fts_home):
     assert info.r == 2 and info.target_modules == ["q_proj", "v_proj"]
     check_fits_base(info, from_config(json.loads((tiny_model / "config.json").read_text()), source="t"),
                     base=str(tiny_model))
+
+
+def test_merged_model_carries_the_chat_template_it_was_trained_with(service, tiny_model, adapter_a):
+    """The adapter folder holds the tokenizer and chat template training used; the merged model must too, or
+    apply_chat_template on it renders something else (or raises, for a base without a template)."""
+    from transformers import AutoTokenizer
+
+    from fts_mcp.adapters.merge import run
+    from fts_mcp.adapters.spec import MergeJobSpec
+    from fts_mcp.jobs.context import recording_context
+
+    trained = AutoTokenizer.from_pretrained(tiny_model)
+    trained.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    trained.save_pretrained(adapter_a)  # what the training recipe leaves beside the adapter
+    assert (adapter_a / "chat_template.jinja").is_file()
+    service.jobs.runner.tick = lambda: None
+    job = service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype="float32", output_name="chat")
+    out = run(MergeJobSpec(**job.spec), recording_context(service.jobs.store.job_dir(job.job_id), job.job_id)[0])
+    merged = AutoTokenizer.from_pretrained(out.output_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    assert merged.apply_chat_template(messages, tokenize=False) == "[user] hi\n"
+    assert merged.apply_chat_template(messages, tokenize=False) == \
+        trained.apply_chat_template(messages, tokenize=False)

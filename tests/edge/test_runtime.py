@@ -69,8 +69,10 @@ def edge(tmp_path_factory, tiny_model):
     home = root / "home"
     with pytest.MonkeyPatch.context() as env:
         roots = [str(root), str(tiny_model.parent), str(SAMPLE_COMPLETION.parent)]
-        for key, value in {"FTS_HOME": str(home), "FTS_ROOTS": os.pathsep.join(roots),
-                           "FTS_GPUS": "none", "HF_HUB_OFFLINE": "1"}.items():
+        # The store lives outside FTS_HOME (FTS_STORE): deploy publishes there and the runtime, started without
+        # --store, serves from there, as every command does.
+        for key, value in {"FTS_HOME": str(home), "FTS_ROOTS": os.pathsep.join(roots), "FTS_GPUS": "none",
+                           "FTS_STORE": str(root / "shared-store"), "HF_HUB_OFFLINE": "1"}.items():
             env.setenv(key, value)
         service = Core(Settings.from_env())
         records = [json.loads(line) for line in SAMPLE_COMPLETION.read_text().splitlines()]
@@ -85,6 +87,7 @@ def edge(tmp_path_factory, tiny_model):
             assert done.state == "succeeded", done.log_tail
         edge = service.edge
         deployed = {name: edge.deploy(job.job_id, name) for name, job in jobs.items()}
+        assert all(Path(d.uri).parent.parent == root / "shared-store" for d in deployed.values())
         port = free_port()
         runtime = subprocess.Popen([sys.executable, "-m", "fts_mcp", "edge", "serve", "--base", str(tiny_model),
                                     "--port", str(port), "--max-rank", "16", "--max-cached", "50MB"],
@@ -169,12 +172,39 @@ def test_corrupt_adapter_is_refused_and_serving_continues(edge):
     assert complete(edge, "forward", PROMPTS[1]) == edge.refs["forward"][PROMPTS[1]]
 
 
-def test_metrics(edge):
-    complete(edge, "forward", PROMPTS[0])
-    complete(edge, "backward", PROMPTS[0])
-    text = get(f"{edge.url}/metrics")
-    assert 'fts_edge_swap_ms_bucket{le="+Inf"}' in text and "fts_edge_cache_hits_total" in text
-    assert 'fts_edge_requests_total{adapter="forward@v1"}' in text and "fts_edge_loaded_adapters" in text
+def metric_values(edge) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(get(f"{edge.url}/metrics")) for sample in family.samples}
+
+
+def test_metrics_count_what_was_served_and_never_go_down(edge):
+    before = metric_values(edge)
+    for model in ("forward", "backward", "forward"):  # alternating: every request swaps
+        complete(edge, model, PROMPTS[0])
+    after = metric_values(edge)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("fts_edge_requests_total", adapter="forward@v1") == 2
+    assert delta("fts_edge_requests_total", adapter="backward@v1") == 1
+    assert delta("fts_edge_completion_tokens_total", adapter="forward@v1") > 0
+    assert delta("fts_edge_swap_seconds_count") >= 2 and delta("fts_edge_swap_seconds_sum") > 0
+    assert delta("fts_edge_cache_hits_total") + delta("fts_edge_cache_misses_total") == 3
+    assert after[("fts_edge_cached_adapters", ())] >= 2
+    counters = [k for k in before if k[0].endswith(("_total", "_count", "_sum", "_bucket"))]
+    assert counters and all(after[k] >= before[k] for k in counters)  # Prometheus reads a drop as a reset
+
+
+def test_load_lora_adapter_reads_only_the_store_and_the_roots(edge, tmp_path_factory):
+    outside = make_adapter(edge.base, tmp_path_factory.mktemp("outside") / "adapter", r=4, seed=11)
+    for path in (str(outside), "/etc", "../../etc/passwd", "Bad Name!"):
+        status, body = post(f"{edge.url}/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
+        assert status == 400 and body["error"]["param"] == "lora_path", (path, body)
+    assert post(f"{edge.url}/v1/completions", {"model": "x", "prompt": "x"})[0] == 404
 
 
 def test_store_served_over_http(edge):

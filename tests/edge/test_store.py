@@ -68,3 +68,18 @@ def test_publish_refuses_a_broken_adapter(store, fts_home, tiny_model):
     with pytest.raises(InvalidArgument, match="adapter_config.json"):
         store.publish(folder, "broken")
     assert store.versions("broken") == []
+
+
+def test_a_stored_version_carries_the_tokenizer_and_chat_template(store, fts_home, tiny_model, adapter_a):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(adapter_a)
+    manifest, _ = store.publish(adapter_a, "chatty")
+    folder = store.root / "chatty" / manifest.version
+    assert {"chat_template.jinja", "tokenizer_config.json"} <= set(manifest.files)
+    assert (folder / "chat_template.jinja").read_text() == (adapter_a / "chat_template.jinja").read_text()
+    rendered = AutoTokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": "x"}],
+                                                                       tokenize=False)
+    assert rendered == "<user>x"
