@@ -55,7 +55,8 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     from fts_mcp.edge.app import serve
 
     serve(Settings.from_env(), args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
-          max_rank=args.max_rank, host=args.host, port=args.port, token=args.token or os.environ.get("FTS_AUTH_TOKEN"))
+          max_rank=args.max_rank, host=args.host, port=args.port, token=args.token or os.environ.get("FTS_AUTH_TOKEN"),
+          extra_hosts=args.allowed_host, extra_origins=args.allowed_origin)
     return 0
 
 
@@ -106,6 +107,16 @@ def _follow_log(core, job_id: str) -> None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.action == "reindex":
+        from fts_mcp.config import Settings
+        from fts_mcp.jobs.store import rebuild
+
+        settings = Settings.from_env()
+        moved, added = rebuild(settings)
+        if moved:
+            print(f"moved the unreadable {settings.db_path.name} aside to {moved}")
+        print(f"{added} job(s) on record in {settings.db_path}, rebuilt from the folders under {settings.jobs_dir}")
+        return 0
     with _core() as core:
         if args.action == "list":
             listing = core.jobs.list(args.state, args.limit)
@@ -192,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8001)
     run.add_argument("--token", help="bearer token clients must send (default: FTS_AUTH_TOKEN)")
+    run.add_argument("--allowed-host", action="append", default=[],
+                     help="extra Host header value to accept, e.g. edge.example.com:443 (repeatable)")
+    run.add_argument("--allowed-origin", action="append", default=[],
+                     help="extra browser Origin to accept (repeatable)")
     run.set_defaults(func=cmd_edge_serve)
 
     merge = sub.add_parser("merge", help="merge an adapter into its 16-bit base (a background merge job)")
@@ -222,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--state", choices=["validating", "queued", "running", "succeeded", "failed", "cancelled",
                                         "interrupted"])
     ls.add_argument("--limit", type=int, default=20)
+    jobs_sub.add_parser("reindex", help="rebuild the job database from the job folders (after it was lost or "
+                                        "corrupted; an unreadable one is kept aside)")
     for name in ("status", "cancel", "resume", "logs"):
         p = jobs_sub.add_parser(name)
         p.add_argument("job_id")

@@ -6,14 +6,19 @@
 
 Loss is taken on the assistant turns (chat) or the completion (completion form) only; on everything for text.
 This module is pure Python (no torch): the server validates with it, the worker reads with it.
+
+Files are read a line at a time with bounded memory whatever they hold: a line longer than `MAX_LINE_BYTES` or
+a file larger than `MAX_FILE_BYTES` is an error with its line number, never a gigabyte string in memory.
+Validation keeps no records, only counts and a digest per example (for duplicates).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +31,9 @@ MAX_REPORTED_ERRORS = 50
 MIN_USEFUL_EXAMPLES = 100
 ROBUST_RANGE = (1_000, 10_000)
 DIMINISHING_RETURNS = 50_000
+MAX_LINE_BYTES = 8 << 20  # one example; long-context chats are a few hundred KB
+MAX_FILE_BYTES = 8 << 30
+MAX_DUPLICATE_CHECK = 2_000_000  # examples whose digests are kept to find duplicates
 
 
 class LineError(BaseModel):
@@ -76,6 +84,14 @@ def _check_chat(record: dict) -> str | None:
         return "no assistant message: there is nothing to learn from this conversation"
     if messages[-1]["role"] != "assistant":
         return "the last message must be from the assistant (trailing user turns carry no loss)"
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i in range(start, len(messages)):
+        role, expected = messages[i]["role"], "user" if (i - start) % 2 == 0 else "assistant"
+        if role != expected:
+            why = ("a system message may only come first" if role == "system" else
+                   "a conversation starts with the user (after an optional system message)" if i == start else
+                   "user and assistant turns must alternate")
+            return f"messages[{i}].role is {role!r} where {expected!r} was expected: {why}"
     return None
 
 
@@ -102,6 +118,24 @@ def _check_text(record: dict) -> str | None:
 CHECKS = {"chat": _check_chat, "completion": _check_completion, "text": _check_text}
 
 
+def _lone_surrogate(value: object, where: str = "") -> str | None:
+    """The first string in `value` holding a lone UTF-16 surrogate (valid JSON escapes, invalid text)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{where or 'a string'} holds a lone surrogate (U+{ord(value[exc.start]):04X}) at character " \
+                   f"{exc.start}; it is not text any tokenizer can read"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}[{key!r}]" if where else str(key) if isinstance(key, str)
+                                else f"[{key}]")
+        if found:
+            return found
+    return None
+
+
 def record_format(record: dict) -> Format | None:
     if "messages" in record:
         return "chat"
@@ -112,54 +146,101 @@ def record_format(record: dict) -> Format | None:
     return None
 
 
-def read_dataset(path: Path) -> tuple[Format | None, list[dict], list[LineError], int]:
-    """Parse and check every line. Returns (format, records, first errors, error count)."""
-    fmt: Format | None = None
-    records: list[dict] = []
-    errors: list[LineError] = []
-    error_count = 0
+class Dataset(NamedTuple):
+    format: Format | None
+    rows: list[tuple[int, dict]]  # (1-based line number, record) of every valid line
+    errors: list[LineError]  # the first MAX_REPORTED_ERRORS
+    error_count: int
 
-    def fail(line: int, message: str) -> None:
-        nonlocal error_count
-        error_count += 1
-        if len(errors) < MAX_REPORTED_ERRORS:
-            errors.append(LineError(line=line, message=message))
 
+def _lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw bytes) for each line; None for a line over MAX_LINE_BYTES (skipped, never held)."""
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")  # the line's own characters: columns count within it
-            except UnicodeDecodeError as exc:
-                fail(number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                fail(number, f"invalid JSON: {exc.msg} (column {exc.colno})")
-                continue
-            if not isinstance(record, dict):
-                fail(number, f"expected a JSON object, got {type(record).__name__}")
-                continue
-            this = record_format(record)
-            if this is None:
-                fail(number, "expected a 'messages', 'prompt'+'completion' or 'text' field; found "
-                             f"{', '.join(sorted(record)) or 'no fields'}")
-                continue
-            if fmt is None:
-                fmt = this
-            elif this != fmt:
-                fail(number, f"this line is in {this} form but the file started in {fmt} form; use one form per file")
-                continue
-            if (problem := CHECKS[this](record)) is not None:
-                fail(number, problem)
-                continue
-            records.append(record)
-    return fmt, records, errors, error_count
+        number = 0
+        while True:
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield number, None
+            else:
+                yield number, raw
 
 
-def _size_warnings(count: int, records: list[dict]) -> list[str]:
+def scan(path: Path) -> Iterator[tuple[int, str | None, dict | None, str | None]]:
+    """Each non-blank line checked: (line, format, record, None) or (line, None, None, problem)."""
+    fmt: Format | None = None
+    for number, raw in _lines(path):
+        if raw is None:
+            yield number, None, None, f"longer than {MAX_LINE_BYTES >> 20} MiB; split the example or shorten it"
+            continue
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")  # the line's own characters: columns count within it
+        except UnicodeDecodeError as exc:
+            yield number, None, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            continue
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, None, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            continue
+        except RecursionError:
+            yield number, None, None, "invalid JSON: nested deeper than the parser allows"
+            continue
+        except ValueError as exc:  # e.g. an integer longer than Python converts (4,300 digits)
+            yield number, None, None, f"invalid JSON: {str(exc).split(';')[0]}"
+            continue
+        if not isinstance(record, dict):
+            yield number, None, None, f"expected a JSON object, got {type(record).__name__}"
+            continue
+        this = record_format(record)
+        if this is None:
+            names = ", ".join(repr(k[:40]) for k in sorted(record)[:10]) or "no fields"
+            yield number, None, None, f"expected a 'messages', 'prompt'+'completion' or 'text' field; found {names}"
+            continue
+        if fmt is None:
+            fmt = this
+        elif this != fmt:
+            yield number, None, None, f"this line is in {this} form but the file started in {fmt} form; use one " \
+                                      "form per file"
+            continue
+        problem = CHECKS[this](record) or _lone_surrogate(record)
+        if problem is not None:
+            yield number, None, None, problem
+            continue
+        yield number, this, record, None
+
+
+def _too_big(path: Path) -> LineError | None:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        return LineError(line=0, message=f"the file is {size / 2**30:.1f} GiB, over the {MAX_FILE_BYTES >> 30} GiB "
+                                         "a dataset may be; sample it down (returns diminish past ~50K examples)")
+    return None
+
+
+def read_dataset(path: Path) -> Dataset:
+    """Parse and check every line, keeping the valid records with their line numbers (for training)."""
+    if (error := _too_big(path)) is not None:
+        return Dataset(None, [], [error], 1)
+    fmt, rows, errors, count = None, [], [], 0
+    for number, this, record, problem in scan(path):
+        if problem is not None:
+            count += 1
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(LineError(line=number, message=problem))
+        else:
+            fmt = fmt or this
+            rows.append((number, record))
+    return Dataset(fmt, rows, errors, count)
+
+
+def _size_warnings(count: int, duplicates: int) -> list[str]:
     warnings = []
     if count < MIN_USEFUL_EXAMPLES:
         warnings.append(f"only {count} examples: 100-500 high-quality examples is the minimum to teach a style or "
@@ -170,7 +251,6 @@ def _size_warnings(count: int, records: list[dict]) -> list[str]:
     elif count > DIMINISHING_RETURNS:
         warnings.append(f"{count:,} examples: returns diminish past ~{DIMINISHING_RETURNS:,}; "
                         "a cleaner subset often trains as well in less time")
-    duplicates = sum(n - 1 for n in Counter(json.dumps(r, sort_keys=True) for r in records).values() if n > 1)
     if duplicates:
         warnings.append(f"{duplicates} duplicate examples: they weigh their content more and invite memorisation")
     return warnings
@@ -181,11 +261,25 @@ def validate_dataset(path: Path) -> DatasetReport:
     if not path.is_file():
         return DatasetReport(ok=False, path=str(path), format=None, examples=0,
                              errors=[LineError(line=0, message="not a file")], error_count=1)
-    fmt, records, errors, error_count = read_dataset(path)
-    if not records and not errors:
+    if (error := _too_big(path)) is not None:
+        return DatasetReport(ok=False, path=str(path), format=None, examples=0, errors=[error], error_count=1)
+    fmt, examples, errors, error_count, duplicates = None, 0, [], 0, 0
+    seen: set[bytes] = set()
+    for number, this, record, problem in scan(path):
+        if problem is not None:
+            error_count += 1
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(LineError(line=number, message=problem))
+            continue
+        fmt, examples = fmt or this, examples + 1
+        if len(seen) < MAX_DUPLICATE_CHECK:
+            digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
+            duplicates += digest in seen
+            seen.add(digest)
+    if not examples and not errors:
         errors, error_count = [LineError(line=0, message="the file has no examples")], 1
-    warnings = _size_warnings(len(records), records) if records else []
-    return DatasetReport(ok=error_count == 0, path=str(path), format=fmt, examples=len(records),
+    warnings = _size_warnings(examples, duplicates) if examples else []
+    return DatasetReport(ok=error_count == 0, path=str(path), format=fmt, examples=examples,
                          errors=errors, error_count=error_count, warnings=warnings)
 
 

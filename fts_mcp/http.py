@@ -1,4 +1,5 @@
-"""HTTP transports (streamable HTTP at /mcp, SSE at /sse): loopback by default, bearer token elsewhere."""
+"""HTTP rules shared by the MCP transports (streamable HTTP at /mcp, SSE at /sse) and the edge runtime:
+loopback by default, a bearer token anywhere else, Host and Origin checked (DNS-rebinding protection)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,53 @@ def security_settings(host: str, port: int, extra_hosts: list[str],
                                      allowed_origins=origins + extra_origins)
 
 
+def clean_token(token: str | None, param: str = "--token") -> str | None:
+    """A token as given, or None; a blank one is refused like a missing one, never accepted as a password."""
+    if token is None or token == "":
+        return None
+    if not token.strip() or token != token.strip():
+        raise InvalidArgument("the bearer token is blank or has leading/trailing whitespace; set a real secret "
+                              "(e.g. `openssl rand -hex 32`)", param=param)
+    return token
+
+
 def check_bind(host: str, token: str | None) -> None:
+    token = clean_token(token)
     if not is_loopback(host) and not token:
         raise InvalidArgument(f"binding to {host} exposes the server beyond this host; set a bearer token with "
                               "--token or FTS_AUTH_TOKEN (clients then send 'Authorization: Bearer <token>'), "
                               "or bind to 127.0.0.1", param="--host")
+
+
+class HostOriginGuard:
+    """ASGI middleware with the MCP transport's DNS-rebinding rules: a Host not allowed gets 421, a browser
+    Origin not allowed gets 403; requests without an Origin (non-browser clients) pass."""
+
+    def __init__(self, app, security: TransportSecuritySettings) -> None:
+        self.app = app
+        self.hosts = set(security.allowed_hosts)
+        self.origins = set(security.allowed_origins)
+
+    @staticmethod
+    def _allowed(value: str, allowed: set[str]) -> bool:
+        return value in allowed or any(a.endswith(":*") and value.rsplit(":", 1)[0] == a[:-2] for a in allowed)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            host, origin = headers.get(b"host", ""), headers.get(b"origin")
+            problem = (421, f"Host {host!r} is not allowed") if not self._allowed(host, self.hosts) else \
+                (403, f"Origin {origin!r} is not allowed") if origin and not self._allowed(origin, self.origins) \
+                else None
+            if problem:
+                body = json.dumps({"error": {"message": f"{problem[1]}; start the server with --allowed-host / "
+                                                        "--allowed-origin to allow it", "type": "forbidden",
+                                             "param": None, "code": problem[0]}}).encode()
+                await send({"type": "http.response.start", "status": problem[0],
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 class BearerAuth:
@@ -65,6 +108,7 @@ def serve_http(server, transport: str, host: str, port: int, token: str | None,
     import uvicorn
 
     check_bind(host, token)
+    token = clean_token(token)
     security = security_settings(host, port, extra_hosts, extra_origins)
     if transport == "sse":
         app = server.sse_app(transport_security=security, host=host)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp import __version__
 from fts_mcp.adapters.spec import Combination, Dtype, WeightedAdapter
+from fts_mcp.config import Settings
 from fts_mcp.core import Core
 from fts_mcp.datasets import DatasetReport
 from fts_mcp.docs import DOC_TOPICS, read_doc
@@ -34,6 +35,7 @@ from fts_mcp.planning.advice import Advice, Criteria
 from fts_mcp.planning.diagnose import diagnose
 from fts_mcp.planning.estimate import ResourceEstimate
 from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.planning.service import Planning
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 
 log = logging.getLogger("fts_mcp.server")
@@ -63,17 +65,30 @@ JobId = Annotated[str, Field(description="job id as returned by start_qlora_job 
 
 async def _monitor(core: Core) -> None:
     """Every server watches every job: start queued ones on free slots, notice dead workers."""
+    last_problem = None
     while True:
         try:
             await anyio.to_thread.run_sync(core.jobs.runner.tick)
+            last_problem = None
+        except FtsError as exc:  # e.g. the job database became unreadable: say so once, not every second
+            if str(exc) != last_problem:
+                log.error("%s", exc)
+                last_problem = str(exc)
         except Exception:  # process boundary: the loop must outlive a transient store error
             log.exception("job monitor tick failed")
         await anyio.sleep(TICK_SECONDS)
 
 
 @asynccontextmanager
-async def lifespan(_server: MCPServer) -> AsyncIterator[Core]:
-    core = Core()
+async def lifespan(_server: MCPServer) -> AsyncIterator[Core | FtsError]:
+    """One Core per server process. If it cannot start (an unreadable job database), the server still answers:
+    every tool call returns the reason and what to do."""
+    try:
+        core = Core()
+    except FtsError as exc:
+        log.error("%s", exc)
+        yield exc
+        return
     async with anyio.create_task_group() as tg:
         tg.start_soon(_monitor, core)
         try:
@@ -87,7 +102,16 @@ mcp = MCPServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifes
 
 
 def _core(ctx: Context) -> Core:
-    return ctx.request_context.lifespan_context
+    core = ctx.request_context.lifespan_context
+    if isinstance(core, FtsError):
+        raise core  # the reason the server could not open its job store (agent_errors makes it a tool error)
+    return core
+
+
+def _planning(ctx: Context) -> Planning:
+    """Planning needs no job store: it answers even when the store cannot be opened."""
+    core = ctx.request_context.lifespan_context
+    return Planning(Settings.from_env()) if isinstance(core, FtsError) else core.planning
 
 
 def agent_errors(fn):
@@ -312,26 +336,26 @@ async def generate(
 
 # ---- resources -----------------------------------------------------------------------------------------------
 
-def _resource(fn, *args):
+def _resource(read):
     try:
-        return fn(*args)
+        return read()
     except FtsError as exc:
         raise ResourceNotFoundError(str(exc)) from exc
 
 
 @mcp.resource("fts://jobs/{job_id}", mime_type="application/json", description="A job record as JSON")
 def job_resource(job_id: str, ctx: Context) -> str:
-    return _resource(_core(ctx).jobs.get, job_id).model_dump_json(indent=2)
+    return _resource(lambda: _core(ctx).jobs.get(job_id)).model_dump_json(indent=2)
 
 
 @mcp.resource("fts://jobs/{job_id}/log", mime_type="text/plain", description="The job's worker log (last 256 KiB)")
 def job_log_resource(job_id: str, ctx: Context) -> str:
-    return _resource(_core(ctx).jobs.log, job_id)
+    return _resource(lambda: _core(ctx).jobs.log(job_id))
 
 
 @mcp.resource("fts://jobs/{job_id}/loss.png", mime_type="image/png", description="Loss curve so far")
 def job_loss_resource(job_id: str, ctx: Context) -> bytes:
-    return _resource(_core(ctx).jobs.loss_curve, job_id)
+    return _resource(lambda: _core(ctx).jobs.loss_curve(job_id))
 
 
 # ---- planning ------------------------------------------------------------------------------------------------
@@ -366,7 +390,7 @@ def recommend_ft_vs_rag(
                         factual_accuracy_with_sources=factual_accuracy_with_sources, budget=budget,
                         maximum_quality=maximum_quality, labelled_examples=labelled_examples,
                         example_quality=example_quality, latency_sensitive=latency_sensitive, deployment=deployment)
-    return _core(ctx).planning.recommend_ft_vs_rag(criteria)
+    return _planning(ctx).recommend_ft_vs_rag(criteria)
 
 
 Count = Annotated[int | None, Field(None, ge=1, le=10_000_000)]
@@ -413,7 +437,7 @@ def estimate_resources(
                                 optimizer=optimizer)
     shape = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
              "vocab": vocab}
-    return _core(ctx).planning.estimate_resources(
+    return _planning(ctx).estimate_resources(
         base_model=base_model, params=params, shape=shape, method=method, settings=settings,
         dataset_examples=dataset_examples, tokens_per_example=tokens_per_example, dataset_tokens=dataset_tokens,
         epochs=epochs, gpu=gpu, gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
@@ -454,8 +478,8 @@ def plan_finetune(use_case: str, data_available: str, hardware: str) -> list:
 @mcp.prompt(title="Diagnose a job")
 def diagnose_job(job_id: str, ctx: Context) -> list:
     """Read a job's status, loss curve and log, and suggest fixes (loss not falling, out of memory, diverging)."""
-    jobs = _core(ctx).jobs
     try:
+        jobs = _core(ctx).jobs
         job = jobs.get(job_id, log_lines=40)
     except FtsError as exc:
         raise ToolError(str(exc)) from exc

@@ -99,3 +99,63 @@ def test_invalid_json_names_the_column_of_the_error(tmp_path, line, column):
     report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, line]))
     (error,) = report.errors
     assert error.line == 2 and f"(column {column})" in error.message, error.message
+
+
+def chat(*roles: str) -> dict:
+    return {"messages": [{"role": r, "content": f"{r} says"} for r in roles]}
+
+
+@pytest.mark.parametrize("line, words", [
+    (chat("assistant", "user", "assistant"), "messages[0].role is 'assistant' where 'user' was expected: a "
+                                             "conversation starts with the user"),
+    (chat("system", "assistant"), "messages[1].role is 'assistant' where 'user' was expected"),
+    (chat("user", "user", "assistant"), "messages[1].role is 'user' where 'assistant' was expected: user and "
+                                        "assistant turns must alternate"),
+    (chat("user", "system", "assistant"), "a system message may only come first"),
+    ('{"text": "bad \\ud800 half"}', "lone surrogate (U+D800)"),
+    ('{"prompt": "p", "completion": "x\\udfff"}', "lone surrogate (U+DFFF)"),
+    ('{"text": "x", "n": ' + "9" * 5000 + "}", "invalid JSON: Exceeds the limit"),
+    ('{"text": "x", "n": ' + "[" * 5000 + "]" * 5000 + "}", "nested deeper than the parser allows"),
+])
+def test_what_training_would_trip_on_is_caught_with_its_line(tmp_path, line, words):
+    first = GOOD_CHAT if "messages" in str(line) else {"prompt": "p", "completion": "c"} if "prompt" in str(line) \
+        else {"text": "fine"}
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [first, line]))
+    assert not report.ok and report.errors[0].line == 2, report.errors
+    assert words in report.errors[0].message, report.errors[0].message
+
+
+def test_a_system_message_then_alternating_turns_is_fine(tmp_path):
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [chat("system", "user", "assistant", "user",
+                                                                      "assistant")]))
+    assert report.ok, report.errors
+
+
+def test_memory_stays_bounded_whatever_the_line(tmp_path, monkeypatch):
+    """A 64 MiB single-line file is refused by line length, holding at most one bounded chunk in memory."""
+    import tracemalloc
+
+    import fts_mcp.datasets as datasets
+
+    monkeypatch.setattr(datasets, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "huge.jsonl"
+    with path.open("wb") as fh:
+        fh.write(b'{"text": "')
+        for _ in range(64):
+            fh.write(b"a" * (1 << 20))
+        fh.write(b'"}\n{"text": "after"}\n')
+    tracemalloc.start()
+    report = validate_dataset(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB"
+    assert report.errors[0].line == 1 and "longer than 1 MiB" in report.errors[0].message
+    assert report.examples == 1  # the line after it is still read
+
+
+def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    import fts_mcp.datasets as datasets
+
+    monkeypatch.setattr(datasets, "MAX_FILE_BYTES", 100)
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 200}]))
+    assert not report.ok and report.errors[0].line == 0 and "GiB a dataset may be" in report.errors[0].message

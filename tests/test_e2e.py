@@ -215,6 +215,13 @@ async def test_killed_worker_is_interrupted_and_resumes_where_it_left_off(fts_ho
         history = json.loads(Path(done["artifacts"]["metrics"]).read_text())["log_history"]
         logged = [h["step"] for h in history if "loss" in h]
         assert logged[0] == 1 and logged[-1] == 400  # the loss curve runs on across the resume
+        from fts_mcp.config import Settings
+        from fts_mcp.jobs.store import JobStore
+
+        store = JobStore(Settings.from_env())
+        events = [e["step"] for e in store.events(job_id, kind="progress") if e.get("logged")]
+        store.close()
+        assert events == sorted(set(events)) and events[-1] == 400  # no step twice in the loss events
 
 
 async def test_worker_and_supervisor_killed_is_detected_by_the_server(fts_home, tiny_model):

@@ -82,11 +82,15 @@ async def test_bearer_token_is_required_when_set(fts_home):
                 assert (await client.call_tool("list_jobs", {})).structured_content["total"] == 0
 
 
-def test_binding_beyond_loopback_without_a_token_is_refused(fts_home):
-    done = subprocess.run([sys.executable, "-m", "fts_mcp", "serve", "--transport", "http", "--host", "0.0.0.0",
-                           "--port", str(free_port())], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2
-    assert "--host" in done.stderr and "token" in done.stderr
+@pytest.mark.parametrize("token", [None, "   ", " s3cret"])
+@pytest.mark.parametrize("command", [["serve", "--transport", "http"], ["edge", "serve", "--base", "unused"]])
+def test_binding_beyond_loopback_without_a_real_token_is_refused(fts_home, monkeypatch, command, token):
+    """A blank (or whitespace-padded) token is refused like a missing one, for the MCP server and the runtime."""
+    monkeypatch.delenv("FTS_AUTH_TOKEN", raising=False)
+    args = [*command, "--host", "0.0.0.0", "--port", str(free_port()), *(["--token", token] if token else [])]
+    done = subprocess.run([sys.executable, "-m", "fts_mcp", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert ("--host" in done.stderr and "token" in done.stderr) or "--token" in done.stderr
 
 
 def test_stdio_stdout_carries_protocol_messages_only(fts_home):

@@ -158,17 +158,18 @@ def build_app(engine: Engine) -> Starlette:
 
 
 def serve(settings, base: str, store: str | None, *, quantize: str, max_cached_bytes: int, max_rank: int, host: str,
-          port: int, token: str | None) -> None:
+          port: int, token: str | None, extra_hosts: list[str] = (), extra_origins: list[str] = ()) -> None:
     """Load the base once and serve. `store` defaults to the one every command uses (FTS_STORE, else
     FTS_HOME/store); a URL serves an HTTP store through a local cache."""
     import uvicorn
 
     from fts_mcp.edge.sources import StoreSource
-    from fts_mcp.http import BearerAuth, check_bind
+    from fts_mcp.http import BearerAuth, HostOriginGuard, check_bind, clean_token, security_settings
 
     check_bind(host, token)
+    token = clean_token(token)
     engine = Engine(base, StoreSource(store or settings.store, settings.edge_cache), quantize=quantize,
                     max_rank=max_rank, max_cached_bytes=max_cached_bytes, roots=settings.roots,
                     trust_remote_code=settings.trust_remote_code)
-    app = build_app(engine)
+    app = HostOriginGuard(build_app(engine), security_settings(host, port, list(extra_hosts), list(extra_origins)))
     uvicorn.run(BearerAuth(app, token) if token else app, host=host, port=port, log_level="warning")

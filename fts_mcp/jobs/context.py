@@ -47,6 +47,9 @@ class JobContext:
     checkpoint: Callable[[Path], None]
     """Record the latest resumable checkpoint folder."""
     stop: StopSignal
+    rewind: Callable[[int], None] = lambda step: None
+    """`rewind(step)`: the run continues from a checkpoint at `step`; figures reported past it by an earlier
+    attempt are dropped, so no step appears twice in the job's events (and loss curve)."""
 
     def phase(self, name: str) -> None:
         self.report({"phase": name}, event=False)
@@ -56,7 +59,11 @@ def recording_context(workdir: Path, job_id: str = "job-000000000000") -> tuple[
     """A context that keeps what the recipe reports in a list: for tests and benchmarks, without a store."""
     reports: list[dict[str, Any]] = []
     checkpoints: list[Path] = []
+
+    def rewind(step: int) -> None:
+        reports[:] = [r for r in reports if r.get("step") is None or r["step"] <= step]
+
     ctx = JobContext(job_id=job_id, workdir=workdir,
                      report=lambda figures, event=True: reports.append(dict(figures)),
-                     checkpoint=checkpoints.append, stop=StopSignal())
+                     checkpoint=checkpoints.append, stop=StopSignal(), rewind=rewind)
     return ctx, reports

@@ -22,10 +22,9 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import InvalidArgument
 from fts_mcp.jobs.models import Artifacts, Job, JobError
 from fts_mcp.jobs.states import JobState
-from fts_mcp.jobs.store import LOG_NAME, JobStore, StaleState
+from fts_mcp.jobs.store import LOG_NAME, RESULT_NAME, JobStore, StaleState
 
 log = logging.getLogger(__name__)
-RESULT_NAME = "result.json"  # written by the work horse just before it exits; applied once it has exited
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -3,11 +3,16 @@
 Writers use `BEGIN IMMEDIATE`, which SQLite serialises across processes; that is what makes claiming a slot
 atomic when several servers share one FTS_HOME. Each job also has a folder (`jobs/<id>/`) for its spec,
 worker log, checkpoints and outputs.
+
+The folders are the durable record: `spec.json` (what was asked) and `result.json` (how it ended) are written
+by the job itself, so a lost or unreadable database is rebuilt from them (`rebuild`, `fts-mcp jobs reindex`).
+An unreadable database is reported once, naming the file and what to do, as `StoreUnavailable`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -21,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from fts_mcp.config import Settings
-from fts_mcp.errors import JobNotFound
+from fts_mcp.errors import FtsError, JobNotFound
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.models import Artifacts, Job, JobError, JobList, Progress
-from fts_mcp.jobs.states import JobState, check_job_id, check_transition, resumable
+from fts_mcp.jobs.states import JOB_ID_RE, JobState, check_job_id, check_transition, resumable
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -60,6 +67,21 @@ CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 """
 
 LOG_NAME = "worker.log"
+SPEC_NAME = "spec.json"
+RESULT_NAME = "result.json"  # written by the work horse just before it exits; applied once it has exited
+
+
+class StoreUnavailable(FtsError):
+    """The job database cannot be read or written."""
+
+    code = "job_store_unavailable"
+
+
+def unreadable(settings: Settings, exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the job database {settings.db_path} cannot be used ({exc}); stop every fts-mcp server and worker using "
+        f"{settings.home}, then run `fts-mcp jobs reindex`: it moves the database aside and rebuilds it from the "
+        "job folders (each job's spec and outcome)")
 
 
 def iso(ts: float | None) -> str | None:
@@ -81,27 +103,43 @@ class JobStore:
         self.settings = settings
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(settings.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(SCHEMA)
+        fresh = not settings.db_path.exists() or settings.db_path.stat().st_size == 0
+        try:
+            self._db = sqlite3.connect(settings.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            if not fresh and (check := self._db.execute("PRAGMA quick_check(1)").fetchone()[0]) != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check}")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise unreadable(settings, exc) from None
+        if fresh and reindex_jobs(self):  # an empty database beside job folders: they hold the record
+            log.warning("the job database %s was empty; rebuilt it from the job folders", settings.db_path)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _locked(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+            except sqlite3.DatabaseError as exc:
+                raise unreadable(self.settings, exc) from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
         row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -120,29 +158,29 @@ class JobStore:
 
     def get(self, job_id: str, *, log_lines: int = 20) -> Job:
         check_job_id(job_id)
-        with self._lock:
-            row = self._row(self._db, job_id)
+        with self._locked() as db:
+            row = self._row(db, job_id)
         return self._to_job(row, log_lines=log_lines)
 
     def list(self, state: JobState | None = None, limit: int = 20) -> JobList:
         where, args = ("WHERE state = ?", [state.value]) if state else ("", [])
-        with self._lock:
-            total = self._db.execute(f"SELECT count(*) FROM jobs {where}", args).fetchone()[0]
-            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, id LIMIT ?",
+        with self._locked() as db:
+            total = db.execute(f"SELECT count(*) FROM jobs {where}", args).fetchone()[0]
+            rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, id LIMIT ?",
                                     [*args, limit]).fetchall()
         return JobList(jobs=[self._to_job(r, log_lines=0) for r in rows], total=total)
 
     def ids_in(self, *states: JobState) -> list[str]:
         marks = ",".join("?" * len(states))
-        with self._lock:
-            rows = self._db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created_at",
+        with self._locked() as db:
+            rows = db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created_at",
                                     [s.value for s in states]).fetchall()
         return [r["id"] for r in rows]
 
     def raw(self, job_id: str) -> dict[str, Any]:
         """The stored row, with the bookkeeping fields the runner needs (heartbeat, supervisor pid...)."""
-        with self._lock:
-            return dict(self._row(self._db, job_id))
+        with self._locked() as db:
+            return dict(self._row(db, job_id))
 
     def events(self, job_id: str, kind: str | None = None, after: int = 0) -> list[dict[str, Any]]:
         query = "SELECT seq, ts, kind, data FROM events WHERE job_id = ? AND seq > ?"
@@ -150,8 +188,8 @@ class JobStore:
         if kind:
             query += " AND kind = ?"
             args.append(kind)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+        with self._locked() as db:
+            rows = db.execute(query + " ORDER BY seq", args).fetchall()
         return [{"seq": r["seq"], "ts": r["ts"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
 
     def _to_job(self, row: sqlite3.Row, *, log_lines: int) -> Job:
@@ -185,7 +223,7 @@ class JobStore:
         job_id = f"job-{secrets.token_hex(6)}"
         folder = self.job_dir(job_id)
         folder.mkdir(parents=True)
-        write_json_atomic(folder / "spec.json", {"kind": kind, **spec})
+        write_json_atomic(folder / SPEC_NAME, {"kind": kind, **spec})
         now = time.time()
         with self._write() as db:
             db.execute("INSERT INTO jobs (id, kind, state, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -219,7 +257,14 @@ class JobStore:
             self._update(db, job_id, fields)
             event = {"state": target.value, **({"error": error.model_dump()} if error else {})}
             self._event(db, job_id, "state", event)
-        return self.get(job_id)
+        job = self.get(job_id)
+        if target == JobState.QUEUED:  # a resumed job has no outcome yet
+            (self.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)
+        if target.terminal:  # the folder keeps the outcome too: the database can be rebuilt from the folders
+            write_json_atomic(self.job_dir(job_id) / RESULT_NAME, {
+                "state": job.state.value, "error": job.error.model_dump() if job.error else None,
+                "artifacts": job.artifacts.model_dump()})
+        return job
 
     def claim_next(self, slots: tuple[str, ...]) -> tuple[str, str] | None:
         """Atomically give the oldest queued job a free slot: (job_id, slot), or None."""
@@ -257,6 +302,12 @@ class JobStore:
             if event:
                 self._event(db, job_id, event, progress)
 
+    def rewind_progress(self, job_id: str, step: int) -> None:
+        """Drop progress events past `step` (an earlier attempt's, beyond the checkpoint a resume starts from)."""
+        with self._write() as db:
+            db.execute("DELETE FROM events WHERE job_id = ? AND kind = 'progress' "
+                       "AND CAST(json_extract(data, '$.step') AS INTEGER) > ?", (job_id, step))
+
     def set_artifacts(self, job_id: str, artifacts: Artifacts) -> None:
         with self._write() as db:
             self._update(db, job_id, {"artifacts": artifacts.model_dump_json(), "updated_at": time.time()})
@@ -268,6 +319,68 @@ class JobStore:
     def _event(self, db: sqlite3.Connection, job_id: str, kind: str, data: dict[str, Any]) -> None:
         db.execute("INSERT INTO events (job_id, ts, kind, data) VALUES (?, ?, ?, ?)",
                    (job_id, time.time(), kind, json.dumps(data)))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def reindex_jobs(store: JobStore) -> int:
+    """Insert a row for every job folder the database does not know, from its spec.json and result.json.
+
+    A job with an outcome gets it back (state, error, artifacts); one without is `interrupted` (what happened to
+    it is unknown, and resume_job can run it again)."""
+    added = 0
+    for folder in sorted(store.settings.jobs_dir.iterdir()):
+        spec = _read_json(folder / SPEC_NAME)
+        if not JOB_ID_RE.match(folder.name) or spec is None or not isinstance(spec.get("kind"), str):
+            continue
+        kind = spec.pop("kind")
+        result = _read_json(folder / RESULT_NAME) or {}
+        try:
+            state = JobState(result.get("state", JobState.INTERRUPTED))
+            error = JobError(**result["error"]) if result.get("error") else None
+            artifacts = Artifacts(**result["artifacts"]) if result.get("artifacts") else Artifacts()
+        except (ValueError, TypeError):
+            continue
+        if not state.terminal:
+            state = JobState.INTERRUPTED
+        if state == JobState.INTERRUPTED and error is None:
+            error = JobError(code="recovered", message="rebuilt from its folder after the job database was lost; how "
+                                                       "it ended is unknown (resume_job runs it again)")
+        created = (folder / SPEC_NAME).stat().st_mtime
+        finished = (folder / RESULT_NAME).stat().st_mtime if (folder / RESULT_NAME).exists() else created
+        with store._write() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO jobs (id, kind, state, spec, created_at, updated_at, finished_at, error, "
+                "artifacts, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                (folder.name, kind, state.value, json.dumps(spec), created, finished, finished,
+                 error.model_dump_json() if error else None, artifacts.model_dump_json()))
+            added += cursor.rowcount
+    return added
+
+
+def rebuild(settings: Settings) -> tuple[Path | None, int]:
+    """`fts-mcp jobs reindex`: move an unreadable database aside (kept, renamed) and rebuild it from the job
+    folders. Returns (where the old one went, jobs on record now)."""
+    moved = None
+    try:
+        JobStore(settings).close()
+    except StoreUnavailable:
+        moved = settings.db_path.with_name(f"{settings.db_path.name}.unreadable-{int(time.time())}")
+        settings.db_path.rename(moved)
+        for suffix in ("-wal", "-shm"):
+            settings.db_path.with_name(settings.db_path.name + suffix).unlink(missing_ok=True)
+    store = JobStore(settings)  # a fresh database reindexes itself as it opens
+    try:
+        reindex_jobs(store)  # folders an existing, readable database did not know
+        return moved, store.list(limit=1).total
+    finally:
+        store.close()
 
 
 class StaleState(Exception):

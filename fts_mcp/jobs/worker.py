@@ -27,9 +27,9 @@ from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.kinds import KINDS, recipe
 from fts_mcp.jobs.models import Artifacts, Job, JobError
-from fts_mcp.jobs.runner import RESULT_NAME, Runner, settle
+from fts_mcp.jobs.runner import Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
-from fts_mcp.jobs.store import JobStore
+from fts_mcp.jobs.store import RESULT_NAME, JobStore
 
 log = logging.getLogger("fts_mcp.worker")
 
@@ -125,7 +125,7 @@ def run_job(job: Job, store: JobStore, stop: StopSignal) -> Artifacts | None:
         store.set_artifacts(job.job_id, artifacts)
 
     ctx = JobContext(job_id=job.job_id, workdir=store.job_dir(job.job_id), report=report, checkpoint=checkpoint,
-                     stop=stop)
+                     stop=stop, rewind=lambda step: store.rewind_progress(job.job_id, step))
     return recipe(job.kind)(spec, ctx)
 
 

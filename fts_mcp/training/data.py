@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2 import TemplateError  # chat templates are jinja2 (as transformers renders them)
+
 from fts_mcp.errors import InvalidArgument
 
 # A plain role-tagged template for base models that ship none; it marks the assistant's end with EOS.
@@ -96,3 +98,17 @@ def encode_record(tokenizer: Any, fmt: str, record: dict[str, Any]) -> dict[str,
         ids = _leading(tokenizer) + _ids(tokenizer, record["text"]) + eos
         mask = [1] * len(ids)
     return {"input_ids": ids, "completion_mask": mask}
+
+
+def encode_rows(tokenizer: Any, fmt: str, rows: list[tuple[int, dict]]) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Encode every (line, record); a record the chat template (or the tokenizer) cannot render becomes a
+    (line, reason) error instead of failing the whole run without saying where."""
+    encoded, errors = [], []
+    for line, record in rows:
+        try:
+            encoded.append(encode_record(tokenizer, fmt, record))
+        except InvalidArgument as exc:
+            errors.append((line, exc.message))
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+            errors.append((line, f"the chat template cannot render it: {type(exc).__name__}: {str(exc)[:300]}"))
+    return encoded, errors

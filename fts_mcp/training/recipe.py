@@ -30,23 +30,26 @@ from fts_mcp.jobs.models import Artifacts
 from fts_mcp.models.loading import compute_dtype, load_model, load_tokenizer
 from fts_mcp.plots import loss_curve_png
 from fts_mcp.training.checkpoints import latest_checkpoint
-from fts_mcp.training.data import encode_record
+from fts_mcp.training.data import encode_rows
 from fts_mcp.training.spec import TrainJobSpec
 
 log = logging.getLogger(__name__)
 
 
 def build_datasets(spec: TrainJobSpec, tokenizer: Any) -> tuple[Dataset, Dataset | None]:
-    fmt, records, errors, count = read_dataset(Path(spec.dataset))
+    data = read_dataset(Path(spec.dataset))
+    if data.errors:
+        raise DatasetInvalid(f"{spec.dataset} changed since the job was queued and now has {data.error_count} "
+                             "invalid line(s)", [(e.line, e.message) for e in data.errors])
+    rows, errors = encode_rows(tokenizer, data.format, data.rows)
     if errors:
-        raise DatasetInvalid(f"{spec.dataset} changed since the job was queued and now has {count} invalid line(s)",
-                             [(e.line, e.message) for e in errors])
-    rows = [encode_record(tokenizer, fmt, r) for r in records]
-    data = Dataset.from_list(rows)
+        shown = "; ".join(f"line {line}: {message}" for line, message in errors[:5])
+        raise DatasetInvalid(f"{len(errors)} example(s) cannot be rendered for this model: {shown}", errors)
+    dataset = Dataset.from_list(rows)
     n_eval = math.floor(len(rows) * spec.training.eval_fraction)
     if n_eval == 0:
-        return data, None
-    split = data.train_test_split(test_size=n_eval, seed=spec.training.seed)
+        return dataset, None
+    split = dataset.train_test_split(test_size=n_eval, seed=spec.training.seed)
     return split["train"], split["test"]
 
 
@@ -67,9 +70,10 @@ class Progress(TrainerCallback):
         self.ctx.report({"phase": "training", "total_steps": state.max_steps}, event=False)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.start is None:
+        if self.start is None:  # the first step of this run: a restored checkpoint's state is in place now
             now = time.monotonic()
             self.start, self.last = (now, state.global_step), (now, state.num_input_tokens_seen or 0)
+            self.ctx.rewind(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         started, step0 = self.start or (time.monotonic(), state.global_step)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fts_mcp.config import Settings
-from fts_mcp.datasets import DatasetReport, TokenStats, require_valid, validate_dataset
+from fts_mcp.datasets import MAX_REPORTED_ERRORS, DatasetReport, LineError, TokenStats, require_valid, validate_dataset
 from fts_mcp.errors import InvalidArgument, ModelUnavailable
 from fts_mcp.jobs.models import Job
 from fts_mcp.jobs.service import Jobs
@@ -35,13 +35,18 @@ class Training:
         if base_model is not None and report.ok:
             model = resolve_model_argument(base_model, self.settings)
             check_available(model, self.settings)
-            report.token_stats = self._token_stats(model, file, max_seq_len)
+            report.token_stats, line_errors = self._token_stats(model, file, max_seq_len)
+            if line_errors:  # lines this model's chat template cannot render: training would fail on them
+                report.ok = False
+                report.error_count += len(line_errors)
+                report.errors += [LineError(line=line, message=message)
+                                  for line, message in line_errors[:MAX_REPORTED_ERRORS - len(report.errors)]]
             if report.token_stats.over_max_seq_len:
                 report.warnings.append(f"{report.token_stats.over_max_seq_len} examples are longer than "
                                        f"max_seq_len={max_seq_len} and will be truncated")
         return report
 
-    def _token_stats(self, model: str, file: Path, max_seq_len: int) -> TokenStats:
+    def _token_stats(self, model: str, file: Path, max_seq_len: int) -> tuple[TokenStats, list[tuple[int, str]]]:
         command = [sys.executable, "-m", "fts_mcp.training.tokstats", model, str(file), str(max_seq_len)]
         if self.settings.trust_remote_code:
             command.append("--trust")
@@ -55,7 +60,7 @@ class Training:
         answer = json.loads(lines[-1]) if lines else {"ok": False, "message": done.stderr.strip()[-500:]}
         if not answer["ok"]:
             raise ModelUnavailable(f"cannot load the tokenizer of {model!r}: {answer['message']}", param="base_model")
-        return TokenStats(**answer["stats"])
+        return TokenStats(**answer["stats"]), [tuple(e) for e in answer.get("line_errors", [])]
 
     def start(self, base_model: str, dataset: str, *, output_name: str | None = None, lora: LoraSpec | None = None,
               quantization: str = "nf4", training: TrainingSpec | None = None, resume_from: str | None = None) -> Job:

@@ -13,27 +13,30 @@ from pathlib import Path
 
 from fts_mcp.datasets import TokenStats, read_dataset
 from fts_mcp.errors import FtsError
-from fts_mcp.training.data import encode_record
+from fts_mcp.training.data import encode_rows
 
 
-def token_stats(model: str, dataset: Path, max_seq_len: int, trust_remote_code: bool = False) -> TokenStats:
+def token_stats(model: str, dataset: Path, max_seq_len: int,
+                trust_remote_code: bool = False) -> tuple[TokenStats, list[tuple[int, str]]]:
+    """Statistics over the examples the model can render, and (line, reason) for those it cannot."""
     from fts_mcp.models.loading import load_tokenizer  # torch side: this module runs as its own process
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    fmt, records, _, _ = read_dataset(dataset)
-    encoded = [encode_record(tokenizer, fmt, r) for r in records]
+    data = read_dataset(dataset)
+    encoded, errors = encode_rows(tokenizer, data.format, data.rows)
     lengths = sorted(len(e["input_ids"]) for e in encoded) or [0]
     return TokenStats(
         min=lengths[0], max=lengths[-1], mean=round(statistics.fmean(lengths), 2),
         p50=lengths[len(lengths) // 2], p95=lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
         total_tokens=sum(lengths), trained_tokens=sum(sum(e["completion_mask"][:max_seq_len]) for e in encoded),
-        over_max_seq_len=sum(1 for n in lengths if n > max_seq_len), max_seq_len=max_seq_len)
+        over_max_seq_len=sum(1 for n in lengths if n > max_seq_len), max_seq_len=max_seq_len), errors
 
 
 if __name__ == "__main__":
     model, dataset, max_len, trust = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["--trust"]
     try:
-        print(json.dumps({"ok": True, "stats": token_stats(model, dataset, max_len, trust).model_dump()}))
+        stats, line_errors = token_stats(model, dataset, max_len, trust)
+        print(json.dumps({"ok": True, "stats": stats.model_dump(), "line_errors": line_errors}))
     except FtsError as exc:
         print(json.dumps({"ok": False, "message": exc.message}))
     except (OSError, ValueError) as exc:

@@ -199,6 +199,18 @@ def test_metrics_count_what_was_served_and_never_go_down(edge):
     assert counters and all(after[k] >= before[k] for k in counters)  # Prometheus reads a drop as a reset
 
 
+def test_dns_rebinding_is_refused_like_the_mcp_transport(edge):
+    import httpx
+
+    body = {"model": "forward", "prompt": PROMPTS[0], "max_tokens": 2}
+    assert httpx.post(f"{edge.url}/v1/completions", json=body, headers={"Host": "evil.example"}).status_code == 421
+    assert httpx.post(f"{edge.url}/v1/completions", json=body,
+                      headers={"Origin": "http://evil.example"}).status_code == 403
+    assert httpx.post(f"{edge.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "forward"},
+                      headers={"Origin": "http://evil.example"}).status_code == 403
+    assert httpx.post(f"{edge.url}/v1/completions", json=body).status_code == 200
+
+
 def test_load_lora_adapter_reads_only_the_store_and_the_roots(edge, tmp_path_factory):
     outside = make_adapter(edge.base, tmp_path_factory.mktemp("outside") / "adapter", r=4, seed=11)
     for path in (str(outside), "/etc", "../../etc/passwd", "Bad Name!"):

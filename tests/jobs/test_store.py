@@ -104,3 +104,13 @@ def test_an_ended_job_shows_no_phase_or_eta(store, terminal):
     done = store.transition(job.job_id, JobState(terminal))
     assert done.progress.phase is None and done.progress.eta_seconds is None
     assert done.progress.step == 7 and done.progress.loss == 0.5
+
+
+def test_rewinding_drops_only_later_progress(store):
+    job = store.create("train", {"output_name": "x"})
+    store.transition(job.job_id, JobState.QUEUED)
+    for step in range(1, 6):
+        store.update_progress(job.job_id, {"step": step, "loss": 1.0})
+    store.rewind_progress(job.job_id, 3)
+    assert [e["step"] for e in store.events(job.job_id, kind="progress")] == [1, 2, 3]
+    assert store.events(job.job_id, kind="state")  # other events stay

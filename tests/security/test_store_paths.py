@@ -37,9 +37,9 @@ def test_a_manifest_that_disagrees_with_its_folder_is_refused(published, tmp_pat
     v1 = published.root / "support" / "v1"
     (published.root / "support" / "v2").mkdir()
     manifest = json.loads((v1 / "manifest.json").read_text())
+    escape = {**manifest["files"], "../../escape": manifest["files"]["adapter_config.json"]}
     for tampered in ({**manifest, "version": "v1"}, {**manifest, "name": "other", "version": "v2"},
-                     {**manifest, "version": "v2", "files": {**manifest["files"],
-                                                             "../../escape": manifest["files"]["adapter_config.json"]}}):
+                     {**manifest, "version": "v2", "files": escape}):
         (published.root / "support" / "v2" / "manifest.json").write_text(json.dumps(tampered))
         with pytest.raises(CorruptAdapter):
             published.resolve("support@v2")
@@ -79,10 +79,8 @@ def serve_malicious(root: Path, name: str, version: str, files: dict, index_name
                 "files": {f: {"bytes": len(data), "sha256": "0" * 64} for f, data in files.items()}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     for file_name, data in files.items():
-        target = (folder / file_name)
-        if target.resolve().is_relative_to(root):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+        if "/" not in file_name:  # the server has the plain files; the others exist only in the manifest
+            (folder / file_name).write_bytes(data)
     (root / "index.json").write_text(json.dumps({"adapters": {
         index_name or name: {"versions": [version], "aliases": {"latest": version}}}}))
 

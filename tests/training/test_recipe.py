@@ -42,6 +42,20 @@ def test_tokens_per_second_after_a_resume_counts_only_this_runs_tokens(tmp_path,
     assert etas[-1] == pytest.approx(48.0)  # 2 steps in 2 s, 48 to go: the restored steps are not counted
 
 
+def test_a_resumed_run_forgets_what_an_earlier_attempt_logged_past_its_checkpoint(tmp_path):
+    ctx, reports = recording_context(tmp_path)
+    for step in range(1, 8):  # the first attempt logged steps 1-7, checkpointed at 5, then was killed
+        ctx.report({"step": step, "loss": 1.0 / step, "logged": True})
+    progress = recipe.Progress(ctx)
+    state = SimpleNamespace(global_step=5, max_steps=10, epoch=0.5, num_input_tokens_seen=500)
+    progress.on_step_begin(None, state, SimpleNamespace())
+    for step in (6, 7, 8):
+        state.global_step = step
+        progress.on_log(None, state, SimpleNamespace(), logs={"loss": 0.1, "learning_rate": 1e-4})
+    steps = [r["step"] for r in reports if r.get("logged")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # each step once
+
+
 def test_a_stop_request_asks_the_trainer_to_save_and_stop(tmp_path):
     ctx, _ = recording_context(tmp_path)
     ctx.stop.in_loop = True
