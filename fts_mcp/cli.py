@@ -49,6 +49,26 @@ def parse_size(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
 def cmd_edge_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from fts_mcp.config import Settings
@@ -56,7 +76,8 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
 
     serve(Settings.from_env(), args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
           max_rank=args.max_rank, host=args.host, port=args.port, token=args.token or os.environ.get("FTS_AUTH_TOKEN"),
-          extra_hosts=args.allowed_host, extra_origins=args.allowed_origin)
+          extra_hosts=args.allowed_host, extra_origins=args.allowed_origin, max_queue=args.max_queue,
+          request_timeout=args.request_timeout)
     return 0
 
 
@@ -203,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8001)
     run.add_argument("--token", help="bearer token clients must send (default: FTS_AUTH_TOKEN)")
+    run.add_argument("--max-queue", type=positive_int, default=64,
+                     help="requests waiting or running at once; more get 429 with Retry-After")
+    run.add_argument("--request-timeout", type=positive_float, default=300.0,
+                     help="seconds a request may take, waiting included; past it: 504")
     run.add_argument("--allowed-host", action="append", default=[],
                      help="extra Host header value to accept, e.g. edge.example.com:443 (repeatable)")
     run.add_argument("--allowed-origin", action="append", default=[],

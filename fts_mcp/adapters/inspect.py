@@ -57,8 +57,17 @@ def read_adapter(folder: Path, *, param: str = "adapter") -> AdapterInfo:
         raise InvalidArgument(f"{folder} has no {WEIGHTS}{legacy}", param=param)
     try:
         config: dict[str, Any] = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"{config_path} is not valid JSON: {exc}", param=param) from exc
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{config_path} is not a JSON object", param=param)
+    try:
+        r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{config_path} has no usable r / lora_alpha ({type(exc).__name__}: {exc})",
+                              param=param) from exc
+    if not 1 <= r <= 65_536 or not 0 < alpha < 1e9:
+        raise InvalidArgument(f"{config_path}: r={r}, lora_alpha={alpha} are not a LoRA adapter's", param=param)
     if config.get("peft_type") != "LORA":
         raise InvalidArgument(f"{folder} holds a {config.get('peft_type')!r} adapter; only LORA adapters merge here",
                               param=param)
@@ -68,9 +77,10 @@ def read_adapter(folder: Path, *, param: str = "adapter") -> AdapterInfo:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     targets = config.get("target_modules") or []
     return AdapterInfo(
-        path=str(folder), base_model=config.get("base_model_name_or_path"), peft_type="LORA", r=int(config["r"]),
-        alpha=float(config.get("lora_alpha", config["r"])),
-        target_modules=sorted(targets) if isinstance(targets, list | set) else targets,
+        path=str(folder), base_model=base if isinstance(base := config.get("base_model_name_or_path"), str) else None,
+        peft_type="LORA", r=r, alpha=alpha,
+        target_modules=sorted(str(t) for t in targets) if isinstance(targets, list) else
+        targets if isinstance(targets, str) else [],
         shapes=shapes, sha256={p.name: sha256_file(p) for p in files if p.name in (CONFIG, WEIGHTS)},
         bytes=sum(p.stat().st_size for p in files))
 

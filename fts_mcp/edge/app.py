@@ -7,10 +7,15 @@
 `model` in a request is an adapter (`name`, `name@v3`, `name:prod`, or a name given to load_lora_adapter) or the
 base model itself. An unknown model gets a 404 listing what is available; a corrupt adapter a 502 — and the
 runtime goes on serving the others.
+
+Every request is bounded: a body over `MAX_BODY_BYTES` gets 413; prompt + completion must fit the model's
+context (400 naming the argument); at most `max_queue` requests wait or run at once (429 with Retry-After
+beyond); each has a deadline (504 past it); and generation stops when the client disconnects.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -23,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from fts_mcp.edge.engine import Engine
+from fts_mcp.edge.engine import DeadlineExceeded, Engine
 from fts_mcp.edge.store import CorruptAdapter, UnknownAdapter
 from fts_mcp.errors import FtsError, InvalidArgument
 
@@ -50,11 +55,37 @@ class LoadRequest(BaseModel):
     lora_path: str | None = None
 
 
-def error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+MAX_BODY_BYTES = 4 << 20
+DISCONNECT_POLL_SECONDS = 0.1
 
 
-def build_app(engine: Engine) -> Starlette:
+def error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status,
+                        headers=headers)
+
+
+class Admission:
+    """At most `limit` requests waiting for or using the device; the next one is turned away (429)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.inside, self._lock = limit, 0, threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.inside >= self.limit:
+                return False
+            self.inside += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.inside -= 1
+
+
+def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 300.0) -> Starlette:
+    admission = Admission(max_queue)
+
     def available() -> list[str]:
         names = [engine.base_name]
         for name, entry in engine.source.catalogue().items():
@@ -62,20 +93,59 @@ def build_app(engine: Engine) -> Starlette:
         return names + list(engine.named)
 
     async def parse(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", kind="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", kind="request_too_large")
+            chunks.append(chunk)
         try:
-            return model.model_validate(await request.json())
+            return model.model_validate_json(b"".join(chunks))
         except ValidationError as exc:
-            return error(400, str(exc))
-        except ValueError:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or None
+            return error(400, f"{where or 'body'}: {first['msg']}" if where else first["msg"], param=where)
+        except (ValueError, RecursionError):
             return error(400, "the body must be JSON")
 
-    async def run(body: CompletionRequest, chat: bool) -> JSONResponse:
+    async def generate(body: CompletionRequest, chat: bool, request: Request) -> dict:
+        """Run one generation in a worker thread, ending it if the client disconnects or the deadline passes."""
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        cancel = threading.Event()
+        deadline = time.monotonic() + request_timeout
+        outcome: dict[str, Any] = {}
+
+        async def watch_client() -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(DISCONNECT_POLL_SECONDS)
+            cancel.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_client)
+            try:
+                outcome["result"] = await anyio.to_thread.run_sync(lambda: engine.generate(
+                    body.model, prompt=None if chat else (body.prompt or ""),
+                    messages=[m.model_dump() for m in body.messages] if chat else None, max_tokens=body.max_tokens,
+                    temperature=body.temperature, top_p=body.top_p, stop=stop, cancel=cancel, deadline=deadline))
+            except FtsError as exc:  # raised out here, not from inside the task group (no exception group)
+                outcome["error"] = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    async def run(body: CompletionRequest, chat: bool, request: Request) -> Response:
+        if not admission.enter():
+            return error(429, f"{max_queue} requests are already waiting or running; retry shortly",
+                         kind="rate_limit_exceeded", headers={"Retry-After": "1"})
         try:
-            result = await anyio.to_thread.run_sync(lambda: engine.generate(
-                body.model, prompt=None if chat else (body.prompt or ""),
-                messages=[m.model_dump() for m in body.messages] if chat else None, max_tokens=body.max_tokens,
-                temperature=body.temperature, top_p=body.top_p, stop=stop))
+            result = await generate(body, chat, request)
+        except DeadlineExceeded as exc:
+            return error(504, exc.message, param=exc.param, kind=exc.code)
         except CorruptAdapter as exc:
             return error(502, exc.message, param="model", kind="corrupt_adapter")
         except UnknownAdapter as exc:
@@ -85,6 +155,8 @@ def build_app(engine: Engine) -> Starlette:
             return error(400, exc.message, param=exc.param)
         except FtsError as exc:
             return error(502, exc.message, param=exc.param, kind=exc.code)
+        finally:
+            admission.leave()
         choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"]}
         if chat:
             choice["message"] = {"role": "assistant", "content": result["text"]}
@@ -102,7 +174,7 @@ def build_app(engine: Engine) -> Starlette:
             return body
         if body.prompt is None:
             return error(400, "prompt is required", param="prompt")
-        return await run(body, chat=False)
+        return await run(body, chat=False, request=request)
 
     async def chat(request: Request) -> Response:
         body = await parse(request, CompletionRequest)
@@ -110,7 +182,7 @@ def build_app(engine: Engine) -> Starlette:
             return body
         if not body.messages:
             return error(400, "messages is required: a list of {role, content}", param="messages")
-        return await run(body, chat=True)
+        return await run(body, chat=True, request=request)
 
     async def models(_: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fts-mcp"}
@@ -158,7 +230,8 @@ def build_app(engine: Engine) -> Starlette:
 
 
 def serve(settings, base: str, store: str | None, *, quantize: str, max_cached_bytes: int, max_rank: int, host: str,
-          port: int, token: str | None, extra_hosts: list[str] = (), extra_origins: list[str] = ()) -> None:
+          port: int, token: str | None, extra_hosts: list[str] = (), extra_origins: list[str] = (),
+          max_queue: int = 64, request_timeout: float = 300.0) -> None:
     """Load the base once and serve. `store` defaults to the one every command uses (FTS_STORE, else
     FTS_HOME/store); a URL serves an HTTP store through a local cache."""
     import uvicorn
@@ -171,5 +244,6 @@ def serve(settings, base: str, store: str | None, *, quantize: str, max_cached_b
     engine = Engine(base, StoreSource(store or settings.store, settings.edge_cache), quantize=quantize,
                     max_rank=max_rank, max_cached_bytes=max_cached_bytes, roots=settings.roots,
                     trust_remote_code=settings.trust_remote_code)
-    app = HostOriginGuard(build_app(engine), security_settings(host, port, list(extra_hosts), list(extra_origins)))
+    app = HostOriginGuard(build_app(engine, max_queue=max_queue, request_timeout=request_timeout),
+                          security_settings(host, port, list(extra_hosts), list(extra_origins)))
     uvicorn.run(BearerAuth(app, token) if token else app, host=host, port=port, log_level="warning")

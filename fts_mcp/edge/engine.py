@@ -22,11 +22,14 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from fts_mcp.adapters.inspect import CONFIG, LORA_KEY, WEIGHTS, read_adapter
 from fts_mcp.edge.sources import StoreSource
-from fts_mcp.errors import InvalidArgument
+from fts_mcp.edge.store import CorruptAdapter
+from fts_mcp.errors import FtsError, InvalidArgument
 from fts_mcp.models import loading
 from fts_mcp.paths import resolve_inside
 from fts_mcp.training.data import encode_chat_prompt, encode_prompt
@@ -41,6 +44,26 @@ class Cached:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A padded, B padded), host memory
     scaling: float
     bytes: int
+
+
+class DeadlineExceeded(FtsError):
+    """A request ran past the runtime's --request-timeout (waiting included)."""
+
+    code = "deadline_exceeded"
+
+
+class Interrupt(StoppingCriteria):
+    """Ends generation between tokens when the client has gone or the request's deadline has passed."""
+
+    def __init__(self, cancel: threading.Event | None, deadline: float | None) -> None:
+        self.cancel, self.deadline, self.reason = cancel, deadline, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.cancel is not None and self.cancel.is_set():
+            self.reason = "cancelled"
+        elif self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason = "deadline"
+        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
 
 
 class Metrics:
@@ -83,6 +106,7 @@ class Engine:
         self.model = get_peft_model(model, LoraConfig(r=max_rank, lora_alpha=max_rank, lora_dropout=0.0,
                                                       target_modules="all-linear"), adapter_name=SLOT).eval()
         prefix = "base_model.model."
+        self.context = getattr(model.config, "max_position_embeddings", None)
         self.slots = {name[len(prefix):] if name.startswith(prefix) else name: module
                       for name, module in self.model.named_modules() if SLOT in getattr(module, "lora_A", {})}
         self.lock = threading.Lock()
@@ -95,16 +119,24 @@ class Engine:
     # ---- adapters in host memory ---------------------------------------------------------------------------
 
     def _read(self, key: str, folder: Path) -> Cached:
-        config = json.loads((folder / CONFIG).read_text())
+        """An adapter's factors, padded to the slot's rank, in host memory. A config or weights file that is not
+        what a LoRA adapter holds is refused as corrupt (502), never a server error."""
+        try:
+            config = json.loads((folder / CONFIG).read_text())
+            r = int(config["r"])
+            alpha = float(config.get("lora_alpha", r))
+            if r < 1 or not alpha > 0:
+                raise ValueError(f"r={r}, lora_alpha={alpha}")
+            tensors = load_file(folder / WEIGHTS)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+            raise CorruptAdapter(f"{key} cannot be read as a LoRA adapter ({type(exc).__name__}: {str(exc)[:200]})",
+                                 param="model") from exc
         if config.get("use_dora"):
             raise InvalidArgument(f"{key} is a DoRA adapter; the runtime serves plain LoRA", param="model")
-        r = int(config["r"])
         if r > self.max_rank:
             raise InvalidArgument(f"{key} has rank {r}, above this runtime's --max-rank {self.max_rank}",
                                   param="model")
-        alpha = float(config.get("lora_alpha", r))
         scaling = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
-        tensors = load_file(folder / WEIGHTS)
         factors: dict[str, list[torch.Tensor | None]] = {}
         for name, tensor in tensors.items():
             match = LORA_KEY.search(name)
@@ -115,11 +147,15 @@ class Engine:
             if path not in self.slots:
                 raise InvalidArgument(f"{key} adapts {path}, which the base model {self.base_name} does not have; "
                                       "it was trained for another base", param="model")
+            if tensor.dim() != 2 or not tensor.is_floating_point():
+                raise CorruptAdapter(f"{key}: {name} is not a floating-point matrix", param="model")
             pair = factors.setdefault(path, [None, None])
             pair[0 if match.group(3) == "A" else 1] = tensor
         padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         size = 0
         for path, (a, b) in factors.items():
+            if a is None or b is None or a.shape[0] != r or b.shape[1] != r:
+                raise CorruptAdapter(f"{key}: {path} does not hold a rank-{r} lora_A / lora_B pair", param="model")
             slot = self.slots[path]
             want_a, want_b = slot.lora_A[SLOT].weight.shape, slot.lora_B[SLOT].weight.shape
             if a.shape[1] != want_a[1] or b.shape[0] != want_b[0]:
@@ -234,13 +270,33 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------------------
 
-    def generate(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
-                 max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: list[str] | None = None) -> dict[str, Any]:
-        target = self.resolve(model)
+    def prompt_ids(self, prompt: str | None, messages: list[dict] | None, max_tokens: int) -> list[int]:
+        """The prompt's tokens, refused (naming the argument) when prompt + completion exceed the context."""
         ids = encode_chat_prompt(self.tokenizer, messages) if messages is not None else \
             encode_prompt(self.tokenizer, prompt or "")
-        with self.lock:
+        param = "messages" if messages is not None else "prompt"
+        if self.context is not None and len(ids) + max_tokens > self.context:
+            if len(ids) >= self.context:
+                raise InvalidArgument(f"the prompt is {len(ids):,} tokens; {self.base_name} reads at most "
+                                      f"{self.context:,} tokens, prompt and completion together", param=param)
+            raise InvalidArgument(f"prompt ({len(ids):,} tokens) + max_tokens ({max_tokens:,}) exceed the model's "
+                                  f"context of {self.context:,} tokens; ask for at most "
+                                  f"{self.context - len(ids):,} tokens", param="max_tokens")
+        return ids
+
+    def generate(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
+                 max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: list[str] | None = None, cancel: threading.Event | None = None,
+                 deadline: float | None = None) -> dict[str, Any]:
+        """One completion. `cancel` (the client went away) and `deadline` (a monotonic time) end it between
+        tokens; waiting for the device counts towards the deadline."""
+        target = self.resolve(model)
+        ids = self.prompt_ids(prompt, messages, max_tokens)
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.lock.acquire(timeout=wait):
+            raise DeadlineExceeded("the request waited past its deadline for the device; retry, or raise "
+                                   "--request-timeout", param="model")
+        try:
             swap_ms = None
             if target is None:
                 context = self.model.disable_adapter()
@@ -248,11 +304,20 @@ class Engine:
                 swap_ms = self._swap(self._cached(*target))
                 context = nullcontext()
             key = target[0] if target else "base"
+            interrupt = Interrupt(cancel, deadline)
             with context:
-                text, finish, new_tokens = loading.generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
-                                                            temperature=temperature, top_p=top_p)
+                text, finish, new_tokens = loading.generate(
+                    self.model, self.tokenizer, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                    stopping_criteria=StoppingCriteriaList([interrupt]))
+        finally:
+            self.lock.release()
         self.metrics.requests.labels(adapter=key).inc()
         self.metrics.tokens.labels(adapter=key).inc(new_tokens)
+        if interrupt.reason == "deadline":
+            raise DeadlineExceeded(f"generation ran past the request's deadline after {new_tokens} tokens; ask for "
+                                   "fewer max_tokens, or raise --request-timeout", param="max_tokens")
+        if interrupt.reason == "cancelled":
+            finish = "cancelled"
         for marker in stop or []:
             if marker and marker in text:
                 text, finish = text[: text.index(marker)], "stop"

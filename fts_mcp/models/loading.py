@@ -80,12 +80,13 @@ def decode(tokenizer: Any, new_ids: list[int]) -> tuple[str, Literal["stop", "le
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, ids: list[int], *, max_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0) -> tuple[str, Literal["stop", "length"], int]:
+             top_p: float = 1.0, stopping_criteria: Any = None) -> tuple[str, Literal["stop", "length"], int]:
     """One completion: (text, finish_reason, new token count). Greedy at temperature 0."""
     sample = temperature > 0
     out = model.generate(input_ids=torch.tensor([ids], device=model.device), max_new_tokens=max_tokens,
                          do_sample=sample, temperature=temperature if sample else None,
-                         top_p=top_p if sample else None, pad_token_id=tokenizer.pad_token_id)
+                         top_p=top_p if sample else None, pad_token_id=tokenizer.pad_token_id,
+                         stopping_criteria=stopping_criteria)
     new = out[0][len(ids):].tolist()
     text, finish = decode(tokenizer, new)
     return text, finish, len(new)

@@ -1,0 +1,151 @@
+"""One request must not take the runtime down: body size, context length, a bounded queue, a deadline, and a
+client that disconnects. The HTTP rules are tested over a real socket against an engine whose generation is
+slow on purpose; the engine's own stopping rules against the tiny model."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+
+from fts_mcp.edge.app import MAX_BODY_BYTES, build_app
+from fts_mcp.edge.engine import DeadlineExceeded, Engine, Metrics
+from fts_mcp.edge.sources import StoreSource
+from fts_mcp.errors import InvalidArgument
+from tests.conftest import wait_for
+from tests.test_transports import free_port, port_open
+
+
+class SlowEngine:
+    """Generates one token per 10 ms and honours `cancel` and `deadline` the way the real engine does."""
+
+    base_name = "slow-base"
+    named: dict = {}
+    cache: dict = {}
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.cancelled = threading.Event()
+        self.source = type("NoStore", (), {"catalogue": staticmethod(lambda: {})})()
+
+    def generate(self, model, *, prompt=None, messages=None, max_tokens=64, temperature=0.0, top_p=1.0, stop=None,
+                 cancel=None, deadline=None):
+        for produced in range(max_tokens):
+            if cancel is not None and cancel.is_set():
+                self.cancelled.set()
+                return {"text": "x" * produced, "finish_reason": "cancelled", "adapter": "base", "swap_ms": None,
+                        "usage": {"prompt_tokens": 1, "completion_tokens": produced, "total_tokens": produced + 1}}
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("past the deadline", param="max_tokens")
+            time.sleep(0.01)
+        return {"text": "x" * max_tokens, "finish_reason": "length", "adapter": "base", "swap_ms": None,
+                "usage": {"prompt_tokens": 1, "completion_tokens": max_tokens, "total_tokens": max_tokens + 1}}
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(engine, **limits) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(build_app(engine, **limits), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        wait_for(lambda: port_open(port), 10, what="the runtime to listen")
+        servers.append(server)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.should_exit = True
+
+
+def ask(url: str, max_tokens: int, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": max_tokens},
+                      timeout=timeout)
+
+
+def test_generation_stops_when_the_client_disconnects(serve):
+    engine = SlowEngine()
+    url = serve(engine)
+    with pytest.raises(httpx.ReadTimeout):
+        ask(url, 2000, timeout=0.3)  # 20 s of tokens; the client gives up after 0.3 s
+    assert engine.cancelled.wait(5), "generation went on after the client left"
+
+
+def test_a_full_queue_answers_429_with_retry_after(serve):
+    url = serve(SlowEngine(), max_queue=2)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: ask(url, 50), range(6)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes.count(200) >= 2 and 429 in codes, codes
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_exceeded"
+    assert ask(url, 1).status_code == 200  # the queue drains
+
+
+def test_a_request_past_its_deadline_gets_504(serve):
+    url = serve(SlowEngine(), request_timeout=0.3)
+    answer = ask(url, 500)
+    assert answer.status_code == 504 and answer.json()["error"]["param"] == "max_tokens"
+
+
+def test_bodies_are_bounded_and_errors_name_the_field(serve):
+    url = serve(SlowEngine())
+    big = httpx.post(f"{url}/v1/completions", content=b'{"model": "base", "prompt": "' + b"a" * MAX_BODY_BYTES
+                     + b'"}', headers={"content-type": "application/json"}, timeout=30)
+    assert big.status_code == 413
+    bad = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+    deep = httpx.post(f"{url}/v1/completions", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert deep.status_code == 400
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    return Engine(str(tiny_model), StoreSource(root / "store", root / "cache"), max_rank=8)
+
+
+def test_prompt_and_completion_must_fit_the_context(engine):
+    with pytest.raises(InvalidArgument) as info:
+        engine.generate("base", prompt="a" * (engine.context + 10), max_tokens=4)
+    assert info.value.param == "prompt" and f"{engine.context:,}" in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        engine.generate("base", prompt="a" * (engine.context - 20), max_tokens=100)
+    assert info.value.param == "max_tokens"
+
+
+def test_the_engine_stops_between_tokens_on_cancel_and_deadline(engine):
+    cancel = threading.Event()
+    cancel.set()
+    stopped = engine.generate("base", prompt="hello", max_tokens=200, cancel=cancel)
+    assert stopped["finish_reason"] == "cancelled" and stopped["usage"]["completion_tokens"] <= 1
+    with pytest.raises(DeadlineExceeded):
+        engine.generate("base", prompt="hello", max_tokens=200, deadline=time.monotonic() - 1)
+    assert engine.generate("base", prompt="hello", max_tokens=3)["usage"]["completion_tokens"] <= 3
+
+
+@pytest.mark.parametrize("config", ['{"r": "many", "lora_alpha": 8}', '{"r": 0}', "[1, 2]", '{"peft_type": "LORA"}'])
+def test_a_stored_adapter_with_a_bad_config_is_refused_as_corrupt(engine, tiny_model, tmp_path, config):
+    """Even with matching sha256s (the store's publisher was wrong, not the transfer): 502, never a crash."""
+    import json
+
+    from fts_mcp.edge.store import AdapterStore, CorruptAdapter
+    from fts_mcp.io import sha256_file
+    from tests.conftest import make_adapter
+
+    store = AdapterStore(engine.source.local.root)
+    name = f"bad{abs(hash(config)) % 10_000}"
+    manifest, _ = store.publish(make_adapter(tiny_model, tmp_path / "src", r=4, seed=2), name)
+    folder = store.root / name / manifest.version
+    (folder / "adapter_config.json").write_text(config)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["files"]["adapter_config.json"] = {"bytes": len(config), "sha256": sha256_file(folder / "adapter_config.json")}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CorruptAdapter):
+        engine.generate(name, prompt="hi", max_tokens=2)
+    assert engine.generate("base", prompt="hi", max_tokens=2)["usage"]["completion_tokens"] <= 2
