@@ -26,7 +26,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{', '.join(map(str, settings.roots))} (set FTS_ROOTS to change)", file=sys.stderr)
 
     if args.transport == "stdio":
-        mcp.run()
+        import anyio
+
+        from fts_mcp.stdio import run_stdio
+
+        anyio.run(run_stdio, mcp)
         return 0
     from fts_mcp.http import serve_http
 
