@@ -76,6 +76,9 @@ def positive_float(text: str) -> float:
 def cmd_edge_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from fts_mcp.config import Settings
+    from fts_mcp.http import check_bind
+
+    check_bind(args.host, args.token or os.environ.get("FTS_AUTH_TOKEN"))  # before loading torch and the model
     from fts_mcp.edge.app import serve
 
     serve(Settings.from_env(), args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
