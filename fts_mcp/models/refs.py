@@ -15,7 +15,12 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9
 
 def looks_like_path(value: str) -> bool:
     """Absolute, home- or dot-relative paths, and any existing folder, are local; `org/name` is a hub id."""
-    return value.startswith(("/", ".", "~", os.sep)) or Path(value).is_dir()
+    if value.startswith(("/", ".", "~", os.sep)):
+        return True
+    try:
+        return Path(value).is_dir()
+    except (OSError, ValueError):  # too long, NUL...: not a folder, and resolve_model_argument names it
+        return False
 
 
 def resolve_model_argument(value: str, settings: Settings, *, param: str = "base_model") -> str:
