@@ -16,14 +16,17 @@ def _core():
     return Core()
 
 
+def announce_roots(settings) -> None:
+    print(f"fts-mcp: FTS_HOME {settings.home}; path arguments must lie inside: "
+          f"{', '.join(map(str, settings.roots))} (set FTS_ROOTS to change)", file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # stdout carries protocol messages only
     from fts_mcp.config import Settings
     from fts_mcp.server import mcp
 
-    settings = Settings.from_env()
-    print(f"fts-mcp: FTS_HOME {settings.home}; path arguments must lie inside: "
-          f"{', '.join(map(str, settings.roots))} (set FTS_ROOTS to change)", file=sys.stderr)
+    announce_roots(Settings.from_env())
 
     if args.transport == "stdio":
         import anyio
@@ -79,9 +82,11 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     from fts_mcp.http import check_bind
 
     check_bind(args.host, args.token or os.environ.get("FTS_AUTH_TOKEN"))  # before loading torch and the model
+    settings = Settings.from_env()
+    announce_roots(settings)  # load_lora_adapter reads folders inside them
     from fts_mcp.edge.app import serve
 
-    serve(Settings.from_env(), args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
+    serve(settings, args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
           max_rank=args.max_rank, host=args.host, port=args.port, token=args.token or os.environ.get("FTS_AUTH_TOKEN"),
           extra_hosts=args.allowed_host, extra_origins=args.allowed_origin, max_queue=args.max_queue,
           request_timeout=args.request_timeout)
@@ -112,19 +117,23 @@ def _print_job(job, as_json: bool) -> None:
 
 
 def _follow_log(core, job_id: str) -> None:
-    """Print the job's log as it grows until the job ends (the same long-poll loop as job_status)."""
+    """Print the job's log from its start as it grows, until the job ends (the same long-poll loop as
+    job_status), reading by byte offset so a log of any length comes out whole."""
     import anyio
 
     from fts_mcp.jobs.watch import watch
 
-    shown = 0
+    offset = 0
 
     async def show(_job) -> None:
-        nonlocal shown
-        text = core.jobs.log(job_id)
-        sys.stdout.write(text[shown:])
-        sys.stdout.flush()
-        shown = len(text)
+        nonlocal offset
+        while True:
+            text, offset_next = core.jobs.log_from(job_id, offset)
+            if offset_next == offset:
+                return
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            offset = offset_next
 
     async def follow() -> None:
         job = await watch(lambda: core.jobs.get(job_id, log_lines=0), wait_seconds=1e9, on_poll=show,

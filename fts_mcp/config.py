@@ -64,9 +64,10 @@ def _float_env(env: dict[str, str], name: str, default: float) -> float:
 
 
 def default_roots(home: Path, cwd: Path, user_home: Path) -> tuple[Path, ...]:
-    """FTS_HOME, and the folder the server started in unless that is `/` or the user's home: desktop clients
-    often start servers there, and neither may silently make the whole disk (or every dotfile) readable."""
-    if cwd in (Path(cwd.anchor), user_home, home):
+    """FTS_HOME, and the folder the server started in unless that is `/`, the user's home or a folder above it:
+    desktop clients often start servers there, and none may silently make the whole disk (or every dotfile)
+    readable."""
+    if cwd in (Path(cwd.anchor), home) or user_home.is_relative_to(cwd):  # /, ~, or a folder above ~ (/home)
         return (home,)
     return (home, cwd)
 

@@ -127,13 +127,14 @@ async def drive(home: Path, steps: int) -> int:
         if job["state"] != "succeeded":
             error = job["error"] or {}
             say(f"job {job['state']}: {error.get('code')}: {error.get('message')}")
-            say("\n".join(job["log_tail"][-10:]))
+            tail = await call(client, "job_status", {"job_id": job["job_id"], "log_lines": 10})
+            say("\n".join(tail["log_tail"]))
             return 1
         say(f"done in {elapsed:.0f}s: {job['job_id']} succeeded, step {job['progress']['step']}, "
             f"loss {first_loss:.3f} -> {job['progress']['loss']:.3f}")
         say(f"adapter: {job['artifacts']['adapter_dir']}")
-        for f in job["artifacts"]["files"]:
-            say(f"  {Path(f['path']).name:<28} {f['bytes']:>9,} bytes  sha256 {f['sha256'][:16]}…")
+        for f in sorted(Path(job["artifacts"]["adapter_dir"]).iterdir()):
+            say(f"  {f.name:<28} {f.stat().st_size:>9,} bytes")
         say(f"loss curve: {job['artifacts']['loss_curve']}  (also the MCP resource fts://jobs/{job['job_id']}/loss.png)")
 
         merged = await call(client, "merge_adapter", {"adapter": job["job_id"], "dtype": "float32",

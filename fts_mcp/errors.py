@@ -6,6 +6,9 @@ and says what would be accepted, in the spirit of the OpenAI job error object `{
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class FtsError(Exception):
     """Base of every error fts-mcp reports to its caller."""
@@ -57,3 +60,15 @@ class ModelUnavailable(FtsError):
     """The base model is neither a local folder nor in the Hugging Face cache of an offline host."""
 
     code = "model_unavailable"
+
+
+@contextmanager
+def about(param: str, *, instead_of: tuple[str, ...] = ("model", "version")) -> Iterator[None]:
+    """Errors from a shared layer (the adapter store names its argument `model`) re-addressed to the argument the
+    caller actually has, e.g. `adapters[1].adapter` or `lora_path`."""
+    try:
+        yield
+    except FtsError as exc:
+        if exc.param in instead_of:
+            exc.param = param
+        raise

@@ -5,35 +5,51 @@ returns a pydantic model (structured output). Domain errors become tool errors t
 This module must stay light to import: no torch, transformers or huggingface-hub here.
 """
 
+import difflib
 import functools
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
-from mcp_types import ToolAnnotations
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp import __version__
 from fts_mcp.adapters.spec import Combination, Dtype, WeightedAdapter
+from fts_mcp.answers import (
+    AdapterRows,
+    AdviceView,
+    DeploymentView,
+    EstimateView,
+    JobRows,
+    JobView,
+    ReportView,
+    adapter_rows,
+    deployment_view,
+    job_row,
+    job_view,
+    plain_view,
+    report_view,
+)
+from fts_mcp.arguments import describe, parse
 from fts_mcp.config import Settings
 from fts_mcp.core import Core
-from fts_mcp.datasets import DatasetReport
 from fts_mcp.docs import DOC_TOPICS, read_doc
-from fts_mcp.edge.service import Deployment, Generation
-from fts_mcp.edge.store import StoreDtype, StoreEntry
+from fts_mcp.edge.service import Generation
+from fts_mcp.edge.store import StoreDtype
 from fts_mcp.errors import FtsError
-from fts_mcp.jobs.models import Job, JobList
+from fts_mcp.jobs.models import Job
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.watch import watch
-from fts_mcp.planning.advice import Advice, Criteria
+from fts_mcp.planning.advice import Criteria
 from fts_mcp.planning.diagnose import diagnose
-from fts_mcp.planning.estimate import ResourceEstimate
 from fts_mcp.planning.estimate import Settings as EstimateSettings
 from fts_mcp.planning.service import Planning
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
@@ -49,12 +65,16 @@ with a checkpoint; resume_job continues an interrupted job, or a cancelled one t
 Jobs outlive this server; list_jobs shows them. Paths must lie inside the configured roots."""
 
 TICK_SECONDS = 1.0
+SAFE_WAIT_SECONDS = 45.0  # TypeScript clients time a request out at 60 s unless progress resets their timer
+MAX_WAIT_SECONDS = 300.0
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 # Starts work; asked twice, starts it twice.
 LAUNCHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
 # Starts work, but the same request again returns the first result (merge and deploy are keyed by their inputs).
 LAUNCHES_ONCE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                                 open_world_hint=False)
+# Publishes (the same bytes again return the first version) and may load it into a runtime at a URL.
+PUBLISHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True)
 STOPS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 # May talk to a runtime at a URL the agent gives.
 REACHES_OUT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
@@ -98,7 +118,62 @@ async def lifespan(_server: MCPServer) -> AsyncIterator[Core | FtsError]:
     core.close()
 
 
-mcp = MCPServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+def compact_schema(node: Any, drop: tuple[str, ...] = ("title",)) -> Any:
+    """A JSON schema without the `title` pydantic gives every property and model (the name already says it) and,
+    for answers, without descriptions (README and fts://docs/answers say what each field means): every tool's
+    schema is in the agent's context on every turn."""
+    if isinstance(node, dict):
+        return {k: compact_schema(v, drop) for k, v in node.items() if not (k in drop and isinstance(v, str))}
+    if isinstance(node, list):
+        return [compact_schema(v, drop) for v in node]
+    return node
+
+
+def optional_not_null(node: Any) -> Any:
+    """An optional argument is shown as its type, not `anyOf [type, null]` with `default: null`: leaving it out is
+    how to say "none" (explicit nulls are still accepted)."""
+    if isinstance(node, dict):
+        options = node.get("anyOf")
+        if isinstance(options, list) and {"type": "null"} in options and node.get("default", 0) is None:
+            rest = [o for o in options if o != {"type": "null"}]
+            node = {**{k: v for k, v in node.items() if k not in ("anyOf", "default")},
+                    **(rest[0] if len(rest) == 1 else {"anyOf": rest})}
+        return {k: optional_not_null(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [optional_not_null(v) for v in node]
+    return node
+
+
+class FtsServer(MCPServer):
+    """MCPServer with compact tool schemas and argument errors an agent fixes in one try."""
+
+    async def list_tools(self):
+        tools = await super().list_tools()
+        for tool in tools:
+            tool.input_schema = optional_not_null(compact_schema(tool.input_schema))
+            if tool.output_schema is not None:
+                tool.output_schema = compact_schema(tool.output_schema, ("title", "description"))
+        return tools
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context=None):
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None and isinstance(arguments, dict):
+            known = list(tool.parameters.get("properties", {}))
+            for given in arguments:
+                if given not in known:  # the SDK would drop it silently: say so, with the closest argument
+                    close = difflib.get_close_matches(given, known, n=1, cutoff=0.5)
+                    hint = f"did you mean {close[0]}?" if close else f"arguments: {', '.join(known)}"
+                    raise ToolError(f"Error executing tool {name}: {given}: not a known argument; {hint}")
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):  # the SDK's own argument check: reword it
+                path, message = describe(exc.__cause__)
+                raise ToolError(f"Error executing tool {name}: {path}: {message}") from None
+            raise
+
+
+mcp = FtsServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
 
 
 def _core(ctx: Context) -> Core:
@@ -122,21 +197,33 @@ def agent_errors(fn):
         async def async_wrapper(*args, **kwargs):
             try:
                 return await fn(*args, **kwargs)
-            except (FtsError, ValidationError) as exc:
+            except FtsError as exc:
                 raise ToolError(str(exc)) from exc
+            except ValidationError as exc:
+                raise ToolError(": ".join(describe(exc))) from exc
         return async_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (FtsError, ValidationError) as exc:
+        except FtsError as exc:
             raise ToolError(str(exc)) from exc
+        except ValidationError as exc:
+            raise ToolError(": ".join(describe(exc))) from exc
     return wrapper
 
 
-class AdapterList(BaseModel):
-    adapters: list[StoreEntry]
+def answer(model: BaseModel, note: str | None = None) -> CallToolResult:
+    """Structured content plus a compact text copy of it (one line of JSON, no nulls): the schema stays the
+    model's, the agent's context pays once for the figures rather than twice for pretty-printed ones."""
+    data = model.model_dump(mode="json")
+    text = model.model_dump_json(exclude_none=True)
+    return CallToolResult(content=[TextContent(type="text", text=f"{note}\n{text}" if note else text)],
+                          structured_content=data)
+
+
+SEE_SETTINGS = "fts://docs/settings"
 
 
 # ---- tools ---------------------------------------------------------------------------------------------------
@@ -144,49 +231,45 @@ class AdapterList(BaseModel):
 @mcp.tool(title="Validate a training dataset", annotations=READ_ONLY)
 @agent_errors
 def validate_dataset(
-    path: Annotated[str, Field(description="JSONL file inside the allowed roots")],
+    path: Annotated[str, Field(description="JSONL file inside the roots")],
     ctx: Context,
-    base_model: Annotated[str | None, Field(description="model folder or hub id; adds token statistics "
-                                                        "under its tokenizer and chat template")] = None,
-    max_seq_len: Annotated[int, Field(ge=16, le=262_144, description="sequence length the job will use")] = 2048,
-) -> DatasetReport:
-    """Check a JSONL training file before training on it. Use this first, and after every edit to the data.
-
-    Accepts chat ({"messages": [{role, content}...]}), completion ({"prompt", "completion"}) or text ({"text"})
-    lines. Returns ok, the format, the example count, errors with line numbers, warnings (e.g. too few
-    examples: 100-500 is the floor for style, 1K-10K for robust task learning) and, with base_model, token
-    statistics (lengths, trained tokens, how many exceed max_seq_len)."""
-    return _core(ctx).training.validate_dataset(path, base_model, max_seq_len)
+    base_model: Annotated[str | None, Field(description="adds token statistics and checks its chat template")]
+    = None,
+    max_seq_len: Annotated[int, Field(ge=16, le=262_144)] = 2048,
+) -> ReportView:
+    """Check a JSONL training file (chat, prompt/completion or text lines) before training, and after every edit:
+    errors by line, warnings, and with base_model token statistics."""
+    return answer(report_view(_core(ctx).training.validate_dataset(path, base_model, max_seq_len), base_model))
 
 
 @mcp.tool(title="Start a QLoRA / LoRA fine-tuning job", annotations=LAUNCHES)
 @agent_errors
 def start_qlora_job(
-    base_model: Annotated[str, Field(description="local model folder (inside the roots) or hub id in the local "
-                                                 "Hugging Face cache, e.g. 'Qwen/Qwen2.5-0.5B-Instruct'")],
-    dataset: Annotated[str, Field(description="JSONL training file inside the roots (see validate_dataset)")],
+    base_model: Annotated[str, Field(description="model folder in the roots, or a cached hub id (list_models)")],
+    dataset: Annotated[str, Field(description="JSONL file in the roots")],
     ctx: Context,
-    output_name: Annotated[str | None, Field(description="name for the adapter; default <model>-<dataset>-lora")]
+    output_name: Annotated[str | None, Field(description="adapter name")] = None,
+    lora: Annotated[dict[str, Any] | None, Field(description=f"r, alpha, dropout, target_modules ({SEE_SETTINGS})")]
     = None,
-    lora: Annotated[LoraSpec | None, Field(description="adapter shape: r (16), alpha (2r), dropout (0.05), "
-                                                       "target_modules ('all-linear')")] = None,
-    quantization: Annotated[Literal["nf4", "none"], Field(description="'nf4': QLoRA, 4-bit NF4 base with double "
-                                                                      "quantization (least memory); 'none': "
-                                                                      "16-bit base (plain LoRA)")] = "nf4",
-    training: Annotated[TrainingSpec | None, Field(description="optimisation settings; every field has a default")]
+    quantization: Annotated[Literal["nf4", "none"], Field(description="nf4: QLoRA; none: 16-bit LoRA")] = "nf4",
+    training: Annotated[dict[str, Any] | None, Field(description=f"e.g. max_steps, learning_rate, micro_batch_size"
+                                                                 f" ({SEE_SETTINGS})")] = None,
+    resume_from: Annotated[str | None, Field(description="a stopped or finished training job to continue from")]
     = None,
-    resume_from: Annotated[str | None, Field(description="id of a cancelled/interrupted/finished training job to "
-                                                         "continue from its last checkpoint (same model and lora)")]
-    = None,
-) -> Job:
-    """Launch a LoRA / QLoRA fine-tune as a background job and return at once with the job: running when a
-    device slot is free, else queued behind the jobs holding them.
+) -> JobView:
+    """Launch a LoRA / QLoRA fine-tune as a background job; returns at once: running when a device slot is
+    free, else queued. Follow it with job_status; artifacts.adapter_dir then holds the adapter."""
+    core = _core(ctx)
+    job = core.training.start(base_model, dataset, output_name=output_name,
+                              lora=parse(LoraSpec, lora, param="lora", see=SEE_SETTINGS),
+                              quantization=quantization,
+                              training=parse(TrainingSpec, training, param="training", see=SEE_SETTINGS),
+                              resume_from=resume_from)
+    return answer(job_view(job))
 
-    The dataset is validated first; a bad one is refused with its line errors and nothing is queued. The job
-    runs in its own worker process and outlives this server. Follow it with job_status(job_id,
-    wait_seconds=60); when it is succeeded, artifacts.adapter_dir holds the PEFT adapter."""
-    return _core(ctx).training.start(base_model, dataset, output_name=output_name, lora=lora,
-                                     quantization=quantization, training=training, resume_from=resume_from)
+
+def _has_progress_token(ctx: Context) -> bool:
+    return bool((ctx.request_context.meta or {}).get("progress_token") is not None)
 
 
 @mcp.tool(title="Job status (long-poll)", annotations=READ_ONLY)
@@ -194,14 +277,20 @@ def start_qlora_job(
 async def job_status(
     job_id: JobId,
     ctx: Context,
-    wait_seconds: Annotated[float, Field(ge=0, le=300, description="wait up to this long for the state to change "
-                                                                   "(progress notifications meanwhile); 0 answers "
-                                                                   "at once")] = 0,
-) -> Job:
-    """Get a job's state, progress (step/total, epoch, loss, eval loss, learning rate, tokens/s, ETA), error,
-    artifacts and the tail of its log. With wait_seconds it returns as soon as the state changes, so one call
-    can wait through a whole short job."""
+    wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_SECONDS, description=f"wait for a state change; capped "
+                                                                               f"at {SAFE_WAIT_SECONDS:g} s unless "
+                                                                               "you sent a progress token")] = 0,
+    log_lines: Annotated[int, Field(ge=0, le=200, description="last lines of the worker log")] = 0,
+    detail: Annotated[bool, Field(description="the full job spec instead of its summary")] = False,
+) -> JobView:
+    """A job's state, progress (step, loss, tokens/s, ETA), error, artifacts and next steps; with wait_seconds
+    it returns as soon as the state changes."""
     core = _core(ctx)
+    wait, note = wait_seconds, None
+    if wait > SAFE_WAIT_SECONDS and not _has_progress_token(ctx):
+        wait = SAFE_WAIT_SECONDS
+        note = (f"waited at most {SAFE_WAIT_SECONDS:g} s (not {wait_seconds:g}): without a progress token many "
+                "clients time out at 60 s; call job_status again to keep waiting")
     last_step = None
 
     async def report(job: Job) -> None:
@@ -212,7 +301,8 @@ async def job_status(
             loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
             await ctx.report_progress(p.step, p.total_steps, f"{job.state} step {p.step}/{p.total_steps or '?'}{loss}")
 
-    return await watch(lambda: core.jobs.get(job_id), wait_seconds=wait_seconds, on_poll=report)
+    job = await watch(lambda: core.jobs.get(job_id, log_lines=log_lines), wait_seconds=wait, on_poll=report)
+    return answer(job_view(job, detail=detail), note)
 
 
 @mcp.tool(title="List jobs", annotations=READ_ONLY)
@@ -220,118 +310,100 @@ async def job_status(
 def list_jobs(
     ctx: Context,
     state: Annotated[JobState | None, Field(description="only jobs in this state")] = None,
-    limit: Annotated[int, Field(ge=1, le=1000, description="most recent first")] = 20,
-) -> JobList:
-    """List jobs on this host, newest first, from every server and CLI sharing this FTS_HOME."""
-    return _core(ctx).jobs.list(state, limit)
+    limit: Annotated[int, Field(ge=1, le=1000)] = 20,
+) -> JobRows:
+    """Jobs on this host, newest first (from every server and CLI sharing FTS_HOME); job_status for details."""
+    listing = _core(ctx).jobs.list(state, limit)
+    return answer(JobRows(jobs=[job_row(j) for j in listing.jobs], total=listing.total))
 
 
 @mcp.tool(title="Cancel a job", annotations=STOPS)
 @agent_errors
-def cancel_job(job_id: JobId, ctx: Context) -> Job:
-    """Cancel a job. Queued jobs are cancelled at once; a running job gets SIGTERM, saves a checkpoint and
-    reads cancelled once its worker has exited (its GPU memory is then free). A job that has already ended is
-    returned unchanged. A cancelled job with a checkpoint continues with resume_job."""
-    return _core(ctx).jobs.cancel(job_id)
+def cancel_job(job_id: JobId, ctx: Context) -> JobView:
+    """Cancel a job; a running one saves a checkpoint first. An ended job is returned unchanged."""
+    return answer(job_view(_core(ctx).jobs.cancel(job_id)))
 
 
 @mcp.tool(title="Resume a stopped job", annotations=LAUNCHES)
 @agent_errors
-def resume_job(job_id: JobId, ctx: Context) -> Job:
-    """Queue a job again where it stopped: an interrupted job (its worker was killed, ran out of memory or the
-    host restarted), or a cancelled one that saved a checkpoint (`resumable: true` on the job). It continues
-    from its last checkpoint: the step count, optimizer and scheduler state carry on."""
-    return _core(ctx).jobs.resume(job_id)
+def resume_job(job_id: JobId, ctx: Context) -> JobView:
+    """Continue a job with resumable=true (interrupted, or cancelled with a checkpoint) from its checkpoint."""
+    return answer(job_view(_core(ctx).jobs.resume(job_id)))
 
 
 @mcp.tool(title="Merge adapters into a model", annotations=LAUNCHES_ONCE)
 @agent_errors
 def merge_adapter(
     ctx: Context,
-    adapter: Annotated[str | None, Field(description="a succeeded training job id or an adapter folder")] = None,
-    adapters: Annotated[list[WeightedAdapter] | None, Field(description="several adapters to combine, each "
-                                                                        "{adapter, weight}")] = None,
-    base_model: Annotated[str | None, Field(description="16-bit base to merge into; default: the adapter's own "
-                                                        "base_model_name_or_path")] = None,
-    output_name: Annotated[str | None, Field(description="folder name under FTS_HOME/models (or /adapters)")] = None,
-    dtype: Annotated[Dtype, Field(description="dtype of the merged weights (or of the combined adapter)")] = "bfloat16",
-    verify: Annotated[bool, Field(description="compare merged logits with base + adapter and refuse a merge "
-                                              "beyond the dtype's tolerance")] = True,
-    combination: Annotated[Combination, Field(description="how several adapters combine (see description)")] = "cat",
-    density: Annotated[float | None, Field(gt=0, le=1, description="share of each delta kept by ties, dare_linear, "
-                                                                   "dare_ties and magnitude_prune")] = None,
-    output: Annotated[Literal["model", "adapter"], Field(description="'model': merge into the base; 'adapter': "
-                                                                     "write the combined adapter")] = "model",
-) -> Job:
-    """Merge a LoRA adapter into its base model (W + alpha/r * B A) as a background job of kind `merge`, or
-    combine several adapters into one. The base is loaded in 16 bits — never merged into 4-bit weights — and the
-    merged logits are verified against base + adapter (artifacts.verification: max_abs_logit_diff, tolerance,
-    and for QLoRA adapters the difference from the 4-bit base they were trained on). The result is written
-    atomically; the same merge asked twice returns the first job. Combinations: `cat` (concatenates the factors)
-    is exactly the weighted sum of the deltas, any ranks; `svd` is that sum truncated back to a rank, any ranks;
-    `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` need equal ranks and are not exact (the last
-    four prune each delta to `density`). Follow it with job_status; artifacts.output_dir holds the result."""
-    return _core(ctx).merging.merge(adapter, adapters=adapters, base_model=base_model, output_name=output_name,
-                                    dtype=dtype, verify=verify, combination=combination, density=density,
-                                    output=output)
+    adapter: Annotated[str | None, Field(description="training job id, store reference or adapter folder")] = None,
+    adapters: Annotated[list[dict[str, Any]] | None, Field(description="to combine: [{adapter, weight}]")] = None,
+    base_model: Annotated[str | None, Field(description="default: the adapter's own base")] = None,
+    output_name: Annotated[str | None, Field(description="folder under FTS_HOME/models (or /adapters)")] = None,
+    dtype: Dtype = "bfloat16",
+    verify: Annotated[bool, Field(description="refuse a merge whose logits drift past the dtype's tolerance")]
+    = True,
+    combination: Annotated[Combination, Field(description="cat/svd: exact sum of deltas, any ranks; others need "
+                                                          "equal ranks")] = "cat",
+    density: Annotated[float | None, Field(gt=0, le=1, description="kept share (ties, dare_*, magnitude_prune)")]
+    = None,
+    output: Annotated[Literal["model", "adapter"], Field(description="merged model, or combined adapter")] = "model",
+) -> JobView:
+    """Merge an adapter into its 16-bit base as a background job, verified against base + adapter; or combine
+    several adapters. The same merge asked again returns the first job."""
+    entries = None if adapters is None else [parse(WeightedAdapter, entry, param=f"adapters[{i}]")
+                                             for i, entry in enumerate(adapters)]
+    job = _core(ctx).merging.merge(adapter, adapters=entries, base_model=base_model, output_name=output_name,
+                                   dtype=dtype, verify=verify, combination=combination, density=density,
+                                   output=output)
+    return answer(job_view(job))
 
 
-# ---- the edge ------------------------------------------------------------------------------------------------
-
-RuntimeUrl = Annotated[str | None, Field(description="an edge runtime (fts-mcp edge serve) or a vLLM server started "
-                                                     "with runtime LoRA updating, e.g. http://127.0.0.1:8001")]
+RuntimeUrl = Annotated[str | None, Field(description="an edge runtime or vLLM server, e.g. http://127.0.0.1:8001")]
 
 
-@mcp.tool(title="Deploy an adapter to the edge store", annotations=LAUNCHES_ONCE)
+@mcp.tool(title="Deploy an adapter to the edge store", annotations=PUBLISHES)
 @agent_errors
 def deploy_adapter(
-    adapter: Annotated[str, Field(description="a succeeded training job id or an adapter folder")],
-    name: Annotated[str, Field(description="adapter name in the store: lowercase letters, digits, '.', '_', '-'")],
+    adapter: Annotated[str, Field(description="training job id or adapter folder")],
+    name: Annotated[str, Field(description="store name: lowercase letters, digits, '.', '_', '-'")],
     ctx: Context,
-    version: Annotated[str | None, Field(description="v1, v2, ...; default the next version (the same bytes "
-                                                     "again reuse their version)")] = None,
-    alias: Annotated[str | None, Field(description="an alias to move to this version, e.g. prod")] = None,
+    version: Annotated[str | None, Field(description="v1, v2...; default the next (same bytes: theirs)")] = None,
+    alias: Annotated[str | None, Field(description="alias to move here, e.g. prod")] = None,
     runtime_url: RuntimeUrl = None,
-    dtype: Annotated[StoreDtype, Field(description="weights are stored in 16 bits unless asked otherwise")]
-    = "bfloat16",
-) -> Deployment:
-    """Publish an adapter as an immutable version in the edge adapter store (name/version with PEFT's files, a
-    manifest with sha256 of every file), optionally move an alias, and optionally load it into a running edge
-    runtime or vLLM server. Returns the `model` string to put in requests, the swap time, and a curl example."""
-    return _core(ctx).edge.deploy(adapter, name, version=version, alias=alias, runtime_url=runtime_url, dtype=dtype)
+    dtype: StoreDtype = "bfloat16",
+) -> DeploymentView:
+    """Publish an adapter as an immutable version in the adapter store (optionally moving an alias and loading it
+    into a runtime); returns the `model` string for requests."""
+    return answer(deployment_view(_core(ctx).edge.deploy(adapter, name, version=version, alias=alias,
+                                                          runtime_url=runtime_url, dtype=dtype)))
 
 
 @mcp.tool(title="List adapters in the edge store", annotations=READ_ONLY)
 @agent_errors
-def list_adapters(
-    ctx: Context,
-    name: Annotated[str | None, Field(description="only this adapter")] = None,
-) -> AdapterList:
-    """List the edge store: each adapter's versions, aliases and the manifest of its latest version."""
-    return AdapterList(adapters=_core(ctx).edge.list_adapters(name))
+def list_adapters(ctx: Context, name: Annotated[str | None, Field(description="only this adapter")] = None
+                  ) -> AdapterRows:
+    """The adapter store: each adapter's versions, aliases, base model and rank."""
+    return answer(adapter_rows(_core(ctx).edge.list_adapters(name)))
 
 
 @mcp.tool(title="Generate with an adapter", annotations=REACHES_OUT)
 @agent_errors
 async def generate(
-    model: Annotated[str, Field(description="a store adapter (name, name@v2, name:prod) or 'base'")],
+    model: Annotated[str, Field(description="store reference (name, name@v2, name:prod) or 'base'")],
     ctx: Context,
-    prompt: Annotated[str | None, Field(description="plain prompt (completion form)")] = None,
-    messages: Annotated[list[dict[str, str]] | None, Field(description="chat messages [{role, content}]")] = None,
+    prompt: str | None = None,
+    messages: Annotated[list[dict[str, str]] | None, Field(description="a chat: [{role, content}]")] = None,
     max_tokens: Annotated[int, Field(ge=1, le=8192)] = 64,
-    temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy")] = 0.0,
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0,
     runtime_url: RuntimeUrl = None,
-    base_model: Annotated[str | None, Field(description="without a runtime: the base (default: the adapter's "
-                                                        "own)")] = None,
-    timeout_seconds: Annotated[float, Field(gt=0, le=3600, description="give up (and cancel the one-shot job) "
-                                                                       "after this long")] = 300,
+    base_model: Annotated[str | None, Field(description="without a runtime: the base (default: the adapter's)")]
+    = None,
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 300,
 ) -> Generation:
-    """Try an adapter: send a prompt or chat to a running runtime, or without runtime_url run a one-shot worker
-    job that loads the base and the adapter, answers, and exits (slower: it loads the model each time). The job
-    is cancelled if it outlives timeout_seconds or the call."""
-    return await _core(ctx).edge.generate(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                                          temperature=temperature, runtime_url=runtime_url, base_model=base_model,
-                                          timeout=timeout_seconds)
+    """Try an adapter through a runtime, or without runtime_url a one-shot job (slow: loads the model)."""
+    return answer(await _core(ctx).edge.generate(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
+                                                 temperature=temperature, runtime_url=runtime_url,
+                                                 base_model=base_model, timeout=timeout_seconds))
 
 
 # ---- resources -----------------------------------------------------------------------------------------------
@@ -351,6 +423,18 @@ def job_resource(job_id: str, ctx: Context) -> str:
 @mcp.resource("fts://jobs/{job_id}/log", mime_type="text/plain", description="The job's worker log (last 256 KiB)")
 def job_log_resource(job_id: str, ctx: Context) -> str:
     return _resource(lambda: _core(ctx).jobs.log(job_id))
+
+
+@mcp.resource("fts://jobs/{job_id}/metrics", mime_type="application/json",
+              description="Training figures logged so far (step, loss, eval loss, learning rate, tokens/s), per step")
+def job_metrics_resource(job_id: str, ctx: Context) -> str:
+    def read() -> str:
+        keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "tokens_per_second")
+        points = [{k: e[k] for k in keys if e.get(k) is not None}
+                  for e in _core(ctx).jobs.events(job_id, kind="progress") if e.get("logged") or "eval_loss" in e]
+        return json.dumps({"job_id": job_id, "points": points}, separators=(",", ":"))
+
+    return _resource(read)
 
 
 @mcp.resource("fts://jobs/{job_id}/loss.png", mime_type="image/png", description="Loss curve so far")
@@ -381,67 +465,60 @@ def recommend_ft_vs_rag(
     example_quality: _criterion("example_quality") = None,
     latency_sensitive: _criterion("latency_sensitive") = None,
     deployment: _criterion("deployment") = None,
-) -> Advice:
-    """Decide whether fine-tuning, retrieval (RAG), both, or neither yet fits a use case — before spending GPU
-    hours. Fill what you know; leave the rest null (unknown). Returns the recommendation with a confidence, one
-    verdict and reason per criterion, the conflicts and which side dominates, data-size guidance and next steps."""
+) -> AdviceView:
+    """First: whether fine-tuning, RAG, both or neither yet fits a use case, with a reason per criterion and next
+    steps. Give what you know; omit the rest."""
     criteria = Criteria(knowledge_changes=knowledge_changes, output_format=output_format,
                         reasoning_style=reasoning_style, domain_jargon=domain_jargon,
                         factual_accuracy_with_sources=factual_accuracy_with_sources, budget=budget,
                         maximum_quality=maximum_quality, labelled_examples=labelled_examples,
                         example_quality=example_quality, latency_sensitive=latency_sensitive, deployment=deployment)
-    return _planning(ctx).recommend_ft_vs_rag(criteria)
+    return answer(plain_view(AdviceView, _planning(ctx).recommend_ft_vs_rag(criteria)))
 
 
-Count = Annotated[int | None, Field(None, ge=1, le=10_000_000)]
+Count = Annotated[int | None, Field(ge=1, le=10_000_000)]
 
 
 @mcp.tool(title="Estimate memory, time and cost", annotations=READ_ONLY)
 @agent_errors
 def estimate_resources(
     ctx: Context,
-    base_model: Annotated[str | None, Field(description="model folder or hub id; only config.json is read")] = None,
-    params: Annotated[int | None, Field(ge=1_000_000, le=10**13, description="parameter count, when the "
-                                                                           "shape is unknown")] = None,
+    base_model: Annotated[str | None, Field(description="folder or hub id (only config.json is read)")] = None,
+    params: Annotated[int | None, Field(ge=1_000_000, le=10**13, description="a parameter count instead")] = None,
     layers: Count = None,
     hidden: Count = None,
     intermediate: Count = None,
     heads: Count = None,
     kv_heads: Count = None,
     vocab: Count = None,
-    method: Annotated[Literal["full", "lora", "qlora", "all"], Field(description="one method or all three "
-                                                                                "side by side")] = "all",
+    method: Literal["full", "lora", "qlora", "all"] = "all",
     seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048,
     micro_batch: Annotated[int, Field(ge=1, le=4096)] = 4,
     lora_r: Annotated[int, Field(ge=1, le=1024)] = 16,
-    target_modules: Annotated[Literal["all-linear"] | list[str], Field(description="'all-linear' or module "
-                                                                                   "names")] = "all-linear",
+    target_modules: Literal["all-linear"] | list[str] = "all-linear",
     gradient_checkpointing: bool = True,
     optimizer: Literal["adamw_32bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_32bit",
     dataset_examples: Annotated[int | None, Field(ge=1, le=10**10)] = None,
-    tokens_per_example: Annotated[int | None, Field(ge=1, le=1_048_576, description="average; default 512")] = None,
+    tokens_per_example: Annotated[int | None, Field(ge=1, le=1_048_576)] = None,
     dataset_tokens: Annotated[int | None, Field(ge=1, le=10**14)] = None,
     epochs: Annotated[float, Field(gt=0, le=100)] = 3.0,
-    gpu: Annotated[str | None, Field(description="H200, H100, A100-80GB, A100-40GB, L40S, L4, RTX-4090, ...")] = None,
-    gpu_memory_gb: Annotated[float | None, Field(gt=0, le=10_000, description="for a card not in the list")] = None,
+    gpu: Annotated[str | None, Field(description="H200, H100, A100-80GB, L40S, L4, RTX-4090...")] = None,
+    gpu_memory_gb: Annotated[float | None, Field(gt=0, le=10_000)] = None,
     price_per_gpu_hour: Annotated[float | None, Field(ge=0, le=10_000)] = None,
-    utilization: Annotated[float | None, Field(gt=0, le=1, description="share of the GPU's bf16 peak; "
-                                                                       "default per method")] = None,
-) -> ResourceEstimate:
-    """Estimate GPU memory (a breakdown: weights, quantization constants with and without double quantization,
-    adapters, gradients, optimizer, activations with/without checkpointing, logits, overhead) for full
-    fine-tuning, LoRA and QLoRA; whether each fits the GPU and how many GPUs it needs; a configuration that fits;
-    and, with a dataset size and a GPU, the time and cost. Use it before start_qlora_job."""
+    utilization: Annotated[float | None, Field(gt=0, le=1)] = None,
+) -> EstimateView:
+    """Before training: GPU memory by term for full, LoRA and QLoRA, fit, a configuration that fits, and with a
+    dataset size time and cost. Give base_model, params or the shape (layers ... vocab)."""
     settings = EstimateSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
                                 target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                                 optimizer=optimizer)
     shape = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
              "vocab": vocab}
-    return _planning(ctx).estimate_resources(
+    return answer(plain_view(EstimateView, _planning(ctx).estimate_resources(
         base_model=base_model, params=params, shape=shape, method=method, settings=settings,
         dataset_examples=dataset_examples, tokens_per_example=tokens_per_example, dataset_tokens=dataset_tokens,
         epochs=epochs, gpu=gpu, gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
-        utilization=utilization)
+        utilization=utilization)))
 
 
 # ---- reference documents and prompts -------------------------------------------------------------------------
@@ -483,7 +560,7 @@ def diagnose_job(job_id: str, ctx: Context) -> list:
         job = jobs.get(job_id, log_lines=40)
     except FtsError as exc:
         raise ToolError(str(exc)) from exc
-    findings = diagnose(job, jobs.store.events(job_id, kind="progress"), jobs.log(job_id))
+    findings = diagnose(job, jobs.events(job_id, kind="progress"), jobs.log(job_id))
     found = "\n".join(f"- {f.problem}: {f.evidence}. Fix: {f.fix}" for f in findings) or "- no known problem pattern"
     return [UserMessage(
         f"Diagnose fine-tuning job {job_id}.\n\nStatus:\n{job.model_dump_json(indent=2, exclude={'log_tail'})}\n\n"

@@ -25,6 +25,14 @@ from mcp.server.stdio import stdio_server
 PARSE_ERROR = -32700
 INVALID_PARAMS = -32602
 ID_RE = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.){0,200}"|-?\d{1,30})')
+LONG_INT_RE = re.compile(r'"([^"\\]{1,100})"\s*:\s*-?\d{4300}')
+DEEP_RE = re.compile(r'"([^"\\]{1,100})"\s*:\s*[\[{\s]{200}')
+
+
+def _key_before(line: str, pattern: re.Pattern) -> str | None:
+    """The name of the member holding what could not be parsed (the argument an agent must change)."""
+    found = pattern.search(line)
+    return found.group(1) if found else None
 
 
 def _surrogate(value: Any, where: str) -> str | None:
@@ -47,11 +55,13 @@ def refusal(line: str) -> dict | None:
     try:
         message = json.loads(line)
     except RecursionError:
-        problem, code, message = "the request is nested deeper than the server parses", PARSE_ERROR, None
+        where = _key_before(line, DEEP_RE) or "the request"
+        problem, code, message = f"{where} is nested deeper than the server parses", PARSE_ERROR, None
     except ValueError as exc:
         if "integer string conversion" not in str(exc):
             return None  # plain malformed JSON: the SDK answers those itself
-        problem, code, message = "the request holds an integer longer than 4,300 digits", PARSE_ERROR, None
+        where = _key_before(line, LONG_INT_RE) or "the request"
+        problem, code, message = f"{where} holds an integer longer than 4,300 digits", PARSE_ERROR, None
     else:
         where = _surrogate(message, "")
         if where is None:

@@ -44,7 +44,8 @@ def fts_home(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("FTS_ROOTS", os.pathsep.join([str(tmp_path), str(tiny_model.parent), str(REPO / "resources")]))
     monkeypatch.setenv("FTS_GPUS", "none")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("FTS_AUTH_TOKEN", raising=False)
+    for leaking in ("FTS_AUTH_TOKEN", "FTS_STORE", "FTS_TRUST_REMOTE_CODE"):  # a developer's own settings
+        monkeypatch.delenv(leaking, raising=False)
     yield home
     kill_workers(home)
 

@@ -34,6 +34,10 @@ def test_jobs_commands(fts_home, capsys):
     assert capsys.readouterr().out == log.read_text()
     assert main(["jobs", "logs", "--follow", job.job_id]) == 0  # an ended job: prints it all once and returns
     assert capsys.readouterr().out == log.read_text()
+    big = "".join(f"line {i:06d} " + "x" * 80 + "\n" for i in range(4000))  # ~360 KB, over the 256 KiB window
+    log.write_text(big)
+    assert main(["jobs", "logs", "--follow", job.job_id]) == 0
+    assert capsys.readouterr().out == big  # --follow prints all of it, from the start
     assert main(["jobs", "cancel", job.job_id]) == 0  # cancelling an ended job leaves it as it was
     assert "failed" in capsys.readouterr().out
     assert main(["jobs", "status", "job-000000000000"]) == 2
@@ -71,10 +75,13 @@ def test_demo_runs_end_to_end(fts_home):
         assert step in done.stdout
 
 
-def test_deploy_adapters_and_merge_commands(fts_home, tiny_model, adapter_a, capsys):
+def test_deploy_adapters_and_merge_commands(fts_home, tiny_model, adapter_a, capsys, monkeypatch, tmp_path):
+    store = tmp_path / "elsewhere" / "store"  # FTS_STORE, outside FTS_HOME: every command uses it
+    monkeypatch.setenv("FTS_STORE", str(store))
     assert main(["deploy", str(adapter_a), "support", "--alias", "prod"]) == 0
     out = capsys.readouterr().out
-    assert "support@v1  published" in out and "curl" in out
+    assert "support@v1  published" in out and "curl" in out and str(store) in out
+    assert (store / "support" / "v1" / "manifest.json").is_file() and not (fts_home / "store").exists()
     assert main(["deploy", str(adapter_a), "support"]) == 0
     assert "already published" in capsys.readouterr().out
     assert main(["adapters"]) == 0
@@ -83,3 +90,18 @@ def test_deploy_adapters_and_merge_commands(fts_home, tiny_model, adapter_a, cap
     assert "name:" in capsys.readouterr().err
     assert main(["merge", str(fts_home), "--base-model", str(tiny_model)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+    from fts_mcp.core import Core
+
+    with Core() as core:
+        core.jobs.runner.tick = lambda: None  # the merge is only submitted: what matters is where it read from
+        assert main(["merge", "support:prod", "--base-model", str(tiny_model), "--output-name", "m"]) == 0
+        job = core.jobs.list(limit=1).jobs[0]
+    assert job.kind == "merge" and job.spec["adapters"][0]["path"] == str(store / "support" / "v1")
+
+
+def test_the_server_names_an_unreadable_job_database_at_start_up(fts_home):
+    (fts_home / "jobs.sqlite3").write_bytes(b"garbage" * 1000)
+    done = subprocess.run([sys.executable, "-m", "fts_mcp", "serve"], input="", capture_output=True, text=True,
+                          timeout=60)
+    assert str(fts_home / "jobs.sqlite3") in done.stderr and "fts-mcp jobs reindex" in done.stderr
+    assert "Traceback" not in done.stderr

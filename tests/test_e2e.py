@@ -4,6 +4,7 @@ Each test states the character of its job (finishes, runs long, is killed) as rq
 """
 
 import base64
+import json
 import os
 import signal
 import time
@@ -40,8 +41,10 @@ async def start(client: Client, model: Path, steps: int, *, data: Path = SAMPLE_
                                                 "checkpoint_every_steps": every, **training})
 
 
-async def until(client: Client, job_id: str, predicate, timeout: float, what: str, notes: list | None = None) -> dict:
-    """Long-poll job_status until predicate(job) holds; bounded by `timeout`. Progress notifications go to notes."""
+async def until(client: Client, job_id: str, predicate, timeout: float, what: str, notes: list | None = None,
+                sizes: list | None = None) -> dict:
+    """Long-poll job_status until predicate(job) holds; bounded by `timeout`. Progress notifications go to notes,
+    the size of each answer (text, structured) to sizes."""
     deadline = time.monotonic() + timeout
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -53,6 +56,8 @@ async def until(client: Client, job_id: str, predicate, timeout: float, what: st
                                         progress_callback=on_progress)
         assert not result.is_error, result.content[0].text
         job = result.structured_content
+        if sizes is not None:
+            sizes.append((job["state"], len(result.content[0].text), len(json.dumps(job))))
         if predicate(job):
             return job
         assert time.monotonic() < deadline, f"timed out waiting for {what}; last: {job['state']} " \
@@ -104,7 +109,6 @@ def generate_all(model_dir: Path, adapter: Path | None, records: list[dict]) -> 
 
 async def test_qlora_job_learns_the_training_targets(fts_home, tiny_model):
     """Finishes: 16 prompt -> code word pairs, memorised by a QLoRA adapter on a random 4-bit base."""
-    import json
 
     async with connect(fts_home) as client:
         job = await call(client, "start_qlora_job", base_model=str(tiny_model), dataset=str(SAMPLE_COMPLETION),
@@ -119,11 +123,14 @@ async def test_qlora_job_learns_the_training_targets(fts_home, tiny_model):
             return j["state"] in TERMINAL
 
         notes: list = []
-        job = await until(client, job["job_id"], record, 240, "training to finish", notes)
+        sizes: list = []
+        job = await until(client, job["job_id"], record, 240, "training to finish", notes, sizes)
         assert job["state"] == "succeeded", job
         resource = (await client.read_resource(f"fts://jobs/{job['job_id']}/loss.png")).contents[0]
         png = base64.b64decode(resource.blob)
         assert resource.mime_type == "image/png"
+    running = [(text, structured) for state, text, structured in sizes if state == "running"]
+    assert running and max(max(pair) for pair in running) <= 2_500, max(running)  # an agent's context is a budget
     steps = [progress for progress, _, _ in notes]
     assert len(steps) >= 3 and steps == sorted(steps) and notes[-1][1] == 160  # MCP progress while long-polling
     assert "loss" in notes[-1][2]
@@ -152,7 +159,7 @@ async def test_cancel_checkpoints_then_resumes_in_place_and_as_a_new_job(fts_hom
         job_id = job["job_id"]
         running = await until(client, job_id, lambda j: j["progress"]["step"] >= 5, 120, "a few steps")
         assert running["progress"]["eta_seconds"] is not None
-        pid = running["pid"]
+        pid = running["process"]["pid"]
         await call(client, "cancel_job", job_id=job_id)
         job = await until(client, job_id, lambda j: j["state"] in TERMINAL, 60, "the cancel")
         assert job["state"] == "cancelled" and job["error"] is None
@@ -164,12 +171,12 @@ async def test_cancel_checkpoints_then_resumes_in_place_and_as_a_new_job(fts_hom
         assert job["resumable"]  # a cancel that left a checkpoint can continue in place
 
         again = await call(client, "cancel_job", job_id=job_id)  # idempotent: an ended job comes back unchanged
-        assert again["state"] == "cancelled" and again["updated_at"] == job["updated_at"]
+        assert again["state"] == "cancelled" and again["times"] == job["times"]
         resumed = await call(client, "resume_job", job_id=job_id)
-        assert resumed["state"] in ("queued", "running") and not resumed["cancel_requested"]
+        assert resumed["state"] in ("queued", "running") and not resumed["process"]["cancel_requested"]
         done = await until(client, job_id, lambda j: j["state"] in TERMINAL, 120, "the resumed job")
         assert done["state"] == "succeeded", done
-        assert done["progress"]["step"] == 40 and done["attempts"] == 2
+        assert done["progress"]["step"] == 40 and done["process"]["attempts"] == 2
         assert done["progress"]["phase"] is None and not done["resumable"]
         log = (await client.read_resource(f"fts://jobs/{job_id}/log")).contents[0].text
         assert f"resuming from {checkpoint}" in log
@@ -188,13 +195,13 @@ async def test_killed_worker_is_interrupted_and_resumes_where_it_left_off(fts_ho
         job = await start(client, tiny_model, 400, every=10, data=SAMPLE_CHAT)
         job_id = job["job_id"]
         job = await until(client, job_id, lambda j: j["progress"]["step"] >= 25, 120, "step 25")
-        os.kill(job["pid"], signal.SIGKILL)
+        os.kill(job["process"]["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         job = await until(client, job_id, lambda j: j["state"] in TERMINAL, 20, "the kill to be noticed")
         assert time.monotonic() - killed_at < 15  # the mechanism is tested exactly in tests/jobs; this has slack
         assert job["state"] == "interrupted" and job["resumable"]
         assert job["error"]["code"] == "worker_killed" and "SIGKILL" in job["error"]["message"]
-        assert job["exit_code"] == -signal.SIGKILL
+        assert job["process"]["exit_code"] == -signal.SIGKILL
         checkpoint_step = int(Path(job["artifacts"]["checkpoint_dir"]).name.split("-")[1])
         assert checkpoint_step >= 20
 
@@ -208,7 +215,7 @@ async def test_killed_worker_is_interrupted_and_resumes_where_it_left_off(fts_ho
             return j["state"] in TERMINAL
 
         done = await until(client, job_id, watch, 240, "the resumed run")
-        assert done["state"] == "succeeded" and done["attempts"] == 2 and done["progress"]["step"] == 400
+        assert done["state"] == "succeeded" and done["process"]["attempts"] == 2 and done["progress"]["step"] == 400
         assert steps_seen and min(steps_seen) >= checkpoint_step  # continued, not restarted from 0
         import json
 
@@ -236,7 +243,7 @@ async def test_worker_and_supervisor_killed_is_detected_by_the_server(fts_home, 
         supervisor = store.raw(job["job_id"])["supervisor_pid"]
         store.close()
         os.kill(supervisor, signal.SIGKILL)
-        os.kill(job["pid"], signal.SIGKILL)
+        os.kill(job["process"]["pid"], signal.SIGKILL)
         died = time.monotonic()
         job = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 20, "the deaths to be noticed")
         assert time.monotonic() - died <= 15.0  # the mechanism is tested exactly in tests/jobs; this has slack
@@ -297,7 +304,7 @@ async def test_two_servers_sharing_one_home_never_run_two_jobs_on_one_slot(fts_h
         assert max_running == 1
         assert all(states[i] == "succeeded" for i in ids), states
         jobs = [await call(a, "job_status", job_id=i) for i in ids]
-        spans = sorted((j["started_at"], j["finished_at"]) for j in jobs)
+        spans = sorted((j["times"]["started"], j["times"]["finished"]) for j in jobs)
         assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))  # one after another
 
 

@@ -23,7 +23,7 @@ ANNOTATIONS = {
     "cancel_job": (False, True, True, False),
     "resume_job": (False, False, False, False),
     "merge_adapter": (False, False, True, False),
-    "deploy_adapter": (False, False, True, False),
+    "deploy_adapter": (False, False, True, True),  # may load it into a runtime at a URL
     "list_adapters": (True, False, True, False),
     "generate": (False, False, False, True),
 }
@@ -41,8 +41,118 @@ async def test_tools_have_schemas_and_honest_annotations(fts_home, mode):
         assert tools[name].output_schema is not None and tools[name].description
     assert "queued" in tools["start_qlora_job"].description and "running" in tools["start_qlora_job"].description
     assert tools["job_status"].input_schema["properties"]["wait_seconds"]["maximum"] == 300
-    lora = tools["start_qlora_job"].input_schema["$defs"]["LoraSpec"]["properties"]
-    assert lora["r"]["default"] == 16 and lora["target_modules"]["default"] == "all-linear"
+    assert "fts://docs/settings" in tools["start_qlora_job"].input_schema["properties"]["training"]["description"]
+
+
+async def test_the_settings_reference_is_rendered_from_the_models(fts_home):
+    async with Client(mcp) as client:
+        text = (await client.read_resource("fts://docs/settings")).contents[0].text
+    assert "| `r` | int | `16` | ≥ 1, ≤ 1024 |" in text
+    assert "| `micro_batch_size` | int | `4` |" in text and "| `target_modules` |" in text
+
+
+# ---- what an agent pays ------------------------------------------------------------------------------------------
+
+TOOLS_LIST_BUDGET = 24_000
+TOOL_BUDGET = 4_000
+
+
+async def test_tools_list_fits_the_context_budget(fts_home):
+    """Every tool's JSON (name, title, description, input and output schema, annotations) is in the agent's
+    context on every turn."""
+    async with Client(mcp) as client:
+        tools = (await client.list_tools()).tools
+    sizes = {t.name: len(json.dumps(t.model_dump(mode="json", exclude_none=True))) for t in tools}
+    assert set(sizes) == TOOLS
+    assert sum(sizes.values()) <= TOOLS_LIST_BUDGET, sizes
+    assert max(sizes.values()) <= TOOL_BUDGET, sizes
+
+
+async def test_list_jobs_costs_at_most_400_characters_a_job(fts_home):
+    async with Client(mcp) as client:
+        for _ in range(3):
+            await client.call_tool("start_qlora_job", {"base_model": "acme/not-cached-model-with-a-long-name",
+                                                       "dataset": str(SAMPLE_CHAT)})
+        result = await client.call_tool("list_jobs", {})
+    jobs = result.structured_content["jobs"]
+    assert len(jobs) == 3
+    assert all(len(json.dumps(j)) <= 400 for j in jobs), [len(json.dumps(j)) for j in jobs]
+    assert len(result.content[0].text) <= 400 * 3 + 50
+
+
+@pytest.mark.parametrize("tool, args, words", [
+    ("start_qlora_job", {"base_model": "m", "dataset": "d", "training": {"batch_size": 8}},
+     "training.batch_size: not a known argument; did you mean training.micro_batch_size?"),
+    ("start_qlora_job", {"base_model": "m", "dataset": "d", "lora": {"rank": 8}},
+     "lora.rank: not a known argument; did you mean lora.r?"),
+    ("start_qlora_job", {"base_model": "m", "dataset": "d", "batch_size": 8},
+     "batch_size: not a known argument; arguments:"),
+    ("start_qlora_job", {"base_model": "m", "datset": "d"}, "datset: not a known argument; did you mean dataset?"),
+    ("merge_adapter", {"adapters": [{"adapter": "a", "wieght": 2}]},
+     "adapters[0].wieght: not a known argument; did you mean adapters[0].weight?"),
+    ("list_jobs", {"limit": 0}, "limit: should be greater than or equal to 1; got 0"),
+])
+async def test_argument_errors_say_what_to_fix_without_library_noise(fts_home, tool, args, words):
+    async with Client(mcp) as client:
+        result = await client.call_tool(tool, args)
+    text = result.content[0].text
+    assert result.is_error and words in text, text
+    assert "pydantic" not in text and "http" not in text and "Arguments" not in text
+
+
+async def test_long_polls_stay_within_what_any_client_waits_for(fts_home, monkeypatch):
+    """Without a progress token the wait is capped well under the 60 s many clients allow, and the answer says so;
+    with one (the client resets its timer on each progress notification) the agent's wait is honoured."""
+    import subprocess
+    import sys
+    import time
+
+    import fts_mcp.server as server
+    from fts_mcp.config import Settings
+    from fts_mcp.jobs.states import JobState
+    from fts_mcp.jobs.store import JobStore
+
+    monkeypatch.setattr(server, "SAFE_WAIT_SECONDS", 0.3)
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    holder = store.create("train", {"output_name": "holds-the-slot"})  # a live "worker" keeps the only slot busy
+    store.transition(holder.job_id, JobState.QUEUED)
+    store.claim_next(settings.slots)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the holder's "worker"
+    store.set_fields(holder.job_id, supervisor_pid=sleeper.pid, pid=sleeper.pid)
+    store.heartbeat(holder.job_id)
+    waiting = store.create("train", {"output_name": "waits"})
+    store.transition(waiting.job_id, JobState.QUEUED)
+    store.close()
+
+    async def on_progress(progress, total, message):
+        pass
+
+    async with Client(mcp, mode="legacy") as client:
+        started = time.monotonic()
+        capped = await client.call_tool("job_status", {"job_id": waiting.job_id, "wait_seconds": 1.0})
+        capped_for = time.monotonic() - started
+        started = time.monotonic()
+        honoured = await client.call_tool("job_status", {"job_id": waiting.job_id, "wait_seconds": 1.0},
+                                          progress_callback=on_progress)
+        honoured_for = time.monotonic() - started
+    sleeper.kill()
+    sleeper.wait()
+    assert capped.structured_content["state"] == honoured.structured_content["state"] == "queued"
+    assert capped_for < 0.9 and "waited at most 0.3 s" in capped.content[0].text
+    assert honoured_for >= 0.9 and "waited at most" not in honoured.content[0].text
+
+
+async def test_answers_say_what_to_do_next(fts_home, tiny_model, tmp_path):
+    async with Client(mcp) as client:
+        report = (await client.call_tool("validate_dataset", {"path": str(SAMPLE_CHAT),
+                                                              "base_model": str(tiny_model)})).structured_content
+        assert report["next"][0]["tool"] == "start_qlora_job"
+        assert report["next"][0]["arguments"] == {"base_model": str(tiny_model), "dataset": str(SAMPLE_CHAT)}
+        failed = (await client.call_tool("start_qlora_job", {"base_model": "acme/not-cached",
+                                                             "dataset": str(SAMPLE_CHAT)})).structured_content
+        assert failed["state"] == "failed" and failed["next"][0]["tool"] == "job_status"
+
 
 
 @MODES
@@ -79,9 +189,9 @@ async def test_bad_dataset_is_refused_and_nothing_is_queued(fts_home, tiny_model
     ({"base_model": "not a model!"}, ["base_model", "hub id"]),
     ({"output_name": "../x"}, ["output_name", "letters, digits"]),
     ({"resume_from": "job-nope"}, ["resume_from", "not a job id"]),
-    ({"resume_from": "job-000000000000"}, ["job_id", "no job job-000000000000"]),
+    ({"resume_from": "job-000000000000"}, ["resume_from", "no job job-000000000000"]),
     ({"lora": {"r": 0}}, ["r", "greater than or equal to 1"]),
-    ({"lora": {"r": 8, "rank": 8}}, ["rank", "Extra inputs are not permitted"]),
+    ({"lora": {"r": 8, "rank": 8}}, ["lora.rank", "not a known argument"]),
     ({"training": {"learning_rate": -1}}, ["learning_rate", "greater than 0"]),
     ({"quantization": "int3"}, ["quantization", "nf4"]),
 ])
@@ -122,14 +232,15 @@ async def test_uncached_hub_model_on_offline_host_fails_without_hanging(fts_home
         assert (await client.call_tool("list_jobs", {"state": "running"})).structured_content["total"] == 0
         again = await client.call_tool("cancel_job", {"job_id": job["job_id"]})  # idempotent: returned unchanged
         assert not again.is_error
-        assert {k: again.structured_content[k] for k in ("state", "error", "updated_at", "finished_at")} == \
-            {k: job[k] for k in ("state", "error", "updated_at", "finished_at")}
+        assert {k: again.structured_content[k] for k in ("state", "error", "times")} == \
+            {k: job[k] for k in ("state", "error", "times")}
 
 
 async def test_merge_adapter_refuses_through_mcp_with_the_argument_named(fts_home, tiny_model):
     async with Client(mcp) as client:
         tool = {t.name: t for t in (await client.list_tools()).tools}["merge_adapter"]
-        assert "cat" in tool.description and "equal ranks" in tool.description
+        combination = tool.input_schema["properties"]["combination"]
+        assert "cat" in combination["enum"] and "equal ranks" in combination["description"]
         result = await client.call_tool("merge_adapter", {"adapter": str(fts_home), "base_model": str(tiny_model)})
         text = result.content[0].text
         assert result.is_error and text.startswith("Error executing tool merge_adapter: adapter:")

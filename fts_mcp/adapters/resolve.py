@@ -9,7 +9,7 @@ from typing import NamedTuple
 from fts_mcp.config import Settings
 from fts_mcp.edge.sources import StoreSource
 from fts_mcp.edge.store import Manifest
-from fts_mcp.errors import InvalidArgument, JobNotFound
+from fts_mcp.errors import InvalidArgument, JobNotFound, about
 from fts_mcp.jobs.models import Job
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JOB_ID_RE, JobState
@@ -39,15 +39,17 @@ def resolve_adapter(ref: str, settings: Settings, jobs: Jobs, *, param: str = "a
     """The folder an adapter argument names, checked: a job must be a succeeded training job, a store version
     is verified against its manifest, a folder must lie inside the roots."""
     if JOB_ID_RE.match(ref):
-        job = jobs.get(ref, log_lines=0)
+        with about(param, instead_of=("job_id",)):
+            job = jobs.get(ref, log_lines=0)
         if job.kind != "train" or job.state != JobState.SUCCEEDED or not job.artifacts.adapter_dir:
             raise InvalidArgument(f"job {ref} is a {job.state} {job.kind} job; expected a succeeded training job, "
                                   "a store reference or an adapter folder", param=param)
         return ResolvedAdapter(Path(job.artifacts.adapter_dir), job=job)
     if store and not looks_like_path(ref):
         source = store_source(settings)
-        manifest = source.resolve(ref, param=param)
-        return ResolvedAdapter(source.folder(manifest), manifest=manifest)
+        with about(param):
+            manifest = source.resolve(ref, param=param)
+            return ResolvedAdapter(source.folder(manifest), manifest=manifest)
     return ResolvedAdapter(resolve_inside(ref, settings.roots, param=param))
 
 

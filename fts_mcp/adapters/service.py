@@ -112,7 +112,7 @@ class Merging:
                 return self.jobs.get(manifest["job_id"])
             raise InvalidArgument(f"{out} already holds a merge of different inputs; choose another output_name",
                                   param="output_name")
-        for job_id in self.jobs.store.ids_in(JobState.VALIDATING, JobState.QUEUED, JobState.RUNNING):
+        for job_id in self.jobs.ids_in(JobState.VALIDATING, JobState.QUEUED, JobState.RUNNING):
             job = self.jobs.get(job_id, log_lines=0)
             if job.kind == "merge" and job.spec["output_dir"] == str(out):
                 if job.spec["inputs_key"] == key:

@@ -88,7 +88,11 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
 
     def available() -> list[str]:
         names = [engine.base_name]
-        for name, entry in engine.source.catalogue().items():
+        try:
+            catalogue = engine.source.catalogue()
+        except FtsError:  # an unreachable or corrupt store index: the base and loaded adapters are still served
+            catalogue = {}
+        for name, entry in catalogue.items():
             names += [name] + [f"{name}@{v}" for v in entry["versions"]] + [f"{name}:{a}" for a in entry["aliases"]]
         return names + list(engine.named)
 

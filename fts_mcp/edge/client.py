@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
 
@@ -11,6 +12,7 @@ from fts_mcp.errors import FtsError, InvalidArgument
 
 TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 MAX_ANSWER_CHARS = 20_000  # a runtime's answer is truncated to this before it reaches an agent
+MAX_ANSWER_BYTES = 4 << 20  # more than any completion of max_tokens 8192; a runtime sending more is refused
 
 
 def check_url(url: str, param: str = "runtime_url") -> str:
@@ -20,26 +22,34 @@ def check_url(url: str, param: str = "runtime_url") -> str:
     return url.rstrip("/")
 
 
-def _post(url: str, body: dict, param: str, timeout: httpx.Timeout | float = TIMEOUT) -> httpx.Response:
+def _post(url: str, body: dict, param: str, timeout: httpx.Timeout | float = TIMEOUT) -> tuple[bytes, httpx.Headers]:
+    """POST JSON; the answer is read up to MAX_ANSWER_BYTES (a runtime at an agent-given URL is untrusted)."""
     try:
-        response = httpx.post(url, json=body, timeout=timeout)
+        with httpx.stream("POST", url, json=body, timeout=timeout) as response:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise FtsError(f"{url} sent more than {MAX_ANSWER_BYTES >> 20} MiB; refused", param="runtime_url")
+                chunks.append(chunk)
     except httpx.HTTPError as exc:
         raise FtsError(f"cannot reach {url}: {exc}", param="runtime_url") from exc
+    raw = b"".join(chunks)
     if response.status_code >= 400:
-        detail = response.text[:1000]
+        detail = raw[:1000].decode("utf-8", "replace")
         try:
-            detail = response.json()["error"]["message"]
+            detail = json.loads(raw)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             pass
-        raise InvalidArgument(f"{url} answered {response.status_code}: {detail}", param=param)
-    return response
+        raise InvalidArgument(f"{url} answered {response.status_code}: {str(detail)[:1000]}", param=param)
+    return raw, response.headers
 
 
 def post_load(runtime: str, name: str, path: str) -> float:
     """vLLM's load_lora_adapter; returns the load time in ms (the runtime's own figure when it reports one)."""
     started = time.perf_counter()
-    response = _post(f"{runtime}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, "runtime_url")
-    reported = response.headers.get("x-fts-load-ms")
+    _, headers = _post(f"{runtime}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, "runtime_url")
+    reported = headers.get("x-fts-load-ms")
     return float(reported) if reported else (time.perf_counter() - started) * 1000
 
 
@@ -49,10 +59,10 @@ def post_generate(runtime: str, model: str, prompt: str | None, messages: list[d
     chat = messages is not None
     body = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
             **({"messages": messages} if chat else {"prompt": prompt})}
-    response = _post(f"{runtime}/v1/{'chat/completions' if chat else 'completions'}", body, "model",
-                     timeout=httpx.Timeout(timeout, connect=10.0))
+    raw, _ = _post(f"{runtime}/v1/{'chat/completions' if chat else 'completions'}", body, "model",
+                   timeout=httpx.Timeout(timeout, connect=10.0))
     try:
-        answer = response.json()
+        answer = json.loads(raw)
         choice = answer["choices"][0]
         text = choice["message"]["content"] if chat else choice["text"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:

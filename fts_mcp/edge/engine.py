@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from peft import LoraConfig, get_peft_model
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from safetensors import SafetensorError
@@ -29,7 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from fts_mcp.adapters.inspect import CONFIG, LORA_KEY, WEIGHTS, read_adapter
 from fts_mcp.edge.sources import StoreSource
 from fts_mcp.edge.store import CorruptAdapter
-from fts_mcp.errors import FtsError, InvalidArgument
+from fts_mcp.errors import FtsError, InvalidArgument, about
 from fts_mcp.models import loading
 from fts_mcp.paths import resolve_inside
 from fts_mcp.training.data import encode_chat_prompt, encode_prompt
@@ -205,7 +206,8 @@ class Engine:
         against its manifest), or an adapter folder inside the roots this runtime was given (checked like any
         adapter before it is read). Returns load ms."""
         started = time.perf_counter()
-        folder = self._named_folder(path)
+        with about("lora_path"):
+            folder = self._named_folder(path)
         with self.lock:
             self.cache.pop(name, None)
             self._cached(name, folder)
@@ -272,9 +274,13 @@ class Engine:
 
     def prompt_ids(self, prompt: str | None, messages: list[dict] | None, max_tokens: int) -> list[int]:
         """The prompt's tokens, refused (naming the argument) when prompt + completion exceed the context."""
-        ids = encode_chat_prompt(self.tokenizer, messages) if messages is not None else \
-            encode_prompt(self.tokenizer, prompt or "")
         param = "messages" if messages is not None else "prompt"
+        try:
+            ids = encode_chat_prompt(self.tokenizer, messages) if messages is not None else \
+                encode_prompt(self.tokenizer, prompt or "")
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise InvalidArgument(f"the model's chat template refuses these messages: {str(exc)[:300]}",
+                                  param=param) from exc
         if self.context is not None and len(ids) + max_tokens > self.context:
             if len(ids) >= self.context:
                 raise InvalidArgument(f"the prompt is {len(ids):,} tokens; {self.base_name} reads at most "
@@ -297,6 +303,10 @@ class Engine:
             raise DeadlineExceeded("the request waited past its deadline for the device; retry, or raise "
                                    "--request-timeout", param="model")
         try:
+            if cancel is not None and cancel.is_set():  # the client left while waiting for the device
+                return {"text": "", "finish_reason": "cancelled", "adapter": target[0] if target else "base",
+                        "swap_ms": None, "usage": {"prompt_tokens": len(ids), "completion_tokens": 0,
+                                                   "total_tokens": len(ids)}}
             swap_ms = None
             if target is None:
                 context = self.model.disable_adapter()

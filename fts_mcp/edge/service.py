@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, Field
@@ -15,7 +15,7 @@ from fts_mcp.config import Settings
 from fts_mcp.edge.client import check_url, post_generate, post_load
 from fts_mcp.edge.spec import GenerateJobSpec
 from fts_mcp.edge.store import AdapterStore, Manifest, StoreDtype, StoreEntry
-from fts_mcp.errors import FtsError, InvalidArgument
+from fts_mcp.errors import FtsError, InvalidArgument, about
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.watch import watch
@@ -42,7 +42,7 @@ class Generation(BaseModel):
     finish_reason: str | None
     via: Literal["runtime", "job"]
     job_id: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
 
 
 class Edge:
@@ -63,9 +63,10 @@ class Edge:
                            if k != "log_history"}
             if Path(job.spec["base_model"]).is_absolute():
                 base_config = Path(job.spec["base_model"]) / "config.json"
-        manifest, created = self.store.publish(source.folder, name, version=version, alias=alias, dtype=dtype,
-                                               base_config=base_config, source_job=job.job_id if job else None,
-                                               metrics=metrics)
+        with about("name", instead_of=("model",)):
+            manifest, created = self.store.publish(source.folder, name, version=version, alias=alias, dtype=dtype,
+                                                   base_config=base_config, source_job=job.job_id if job else None,
+                                                   metrics=metrics)
         model = f"{manifest.name}@{manifest.version}"
         uri = self.store.path(manifest.name, manifest.version)
         loaded, swap_ms = False, None
@@ -79,7 +80,8 @@ class Edge:
                           model=model, loaded=loaded, swap_ms=swap_ms, curl=curl, manifest=manifest)
 
     def list_adapters(self, name: str | None = None) -> list[StoreEntry]:
-        return self.store.entries(name)
+        with about("name"):
+            return self.store.entries(name)
 
     async def generate(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
                        max_tokens: int = 64, temperature: float = 0.0, runtime_url: str | None = None,
@@ -106,7 +108,7 @@ class Edge:
                     await anyio.to_thread.run_sync(self.jobs.cancel, job.job_id)
         if not finished:
             raise FtsError(f"generate job {job.job_id} did not finish within {timeout:g}s and was cancelled; start "
-                           "an edge runtime (fts-mcp edge serve) for repeated tries", param="timeout")
+                           "an edge runtime (fts-mcp edge serve) for repeated tries", param="timeout_seconds")
         if job.state != JobState.SUCCEEDED:
             message = job.error.message if job.error else job.state
             raise FtsError(f"generate job {job.job_id} {job.state}: {message}", param="model")

@@ -78,8 +78,7 @@ class StoreSource:
     def catalogue(self) -> dict[str, dict]:
         """name -> {versions, aliases}; names and versions that break the store grammar are left out."""
         if self.local is not None:
-            return {n: {"versions": self.local.versions(n), "aliases": self.local.aliases(n)}
-                    for n in self.local.names() if self.local.versions(n)}
+            return {e.name: {"versions": e.versions, "aliases": e.aliases} for e in self.local.entries()}
         try:
             raw = self._get_json("index.json")
         except InvalidArgument:
@@ -155,6 +154,8 @@ class StoreSource:
             Path(tmp).unlink(missing_ok=True)
 
     def _verify(self, path: Path, sha256: str, ref: str) -> None:
+        if path.is_symlink():  # the folder is inside the store; each file must be too
+            raise CorruptAdapter(f"{ref}: {path.name} is a link, not a file of the store; refused", param="model")
         try:
             stat = path.stat()
         except FileNotFoundError as exc:

@@ -22,6 +22,7 @@ whose name or version disagrees with its folder is refused as corrupt.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -38,6 +39,8 @@ from fts_mcp.adapters.inspect import CONFIG, WEIGHTS, read_adapter
 from fts_mcp.errors import FtsError, InvalidArgument
 from fts_mcp.io import sha256_file, write_json_atomic
 from fts_mcp.models.refs import COMPANION_FILES, companion_files
+
+log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v[1-9][0-9]{0,8}$")
@@ -205,6 +208,9 @@ class AdapterStore:
 
     def manifest(self, name: str, version: str) -> Manifest:
         path = self.path(name, version) / "manifest.json"
+        if path.is_symlink():
+            raise CorruptAdapter(f"{name}@{version}: manifest.json is a link, not a file of the store; refused",
+                                 param="model")
         if not path.is_file():
             raise UnknownAdapter(f"{name}@{version} is not in the store", param="version")
         try:
@@ -222,13 +228,20 @@ class AdapterStore:
         return self.manifest(name, version)
 
     def entries(self, name: str | None = None) -> list[StoreEntry]:
+        """Every adapter (or one), with its versions, aliases and latest manifest. Listing everything skips a name
+        whose files are corrupt (the others stay usable); asking for that name says what is wrong."""
         names = [parse_ref(name, param="name")[0]] if name else self.names()
         out = []
         for n in names:
-            versions = self.versions(n)
-            if not versions:
-                continue
-            out.append(StoreEntry(name=n, versions=versions, aliases=self.aliases(n), latest=self.resolve(n)))
+            try:
+                versions = self.versions(n)
+                if versions:
+                    out.append(StoreEntry(name=n, versions=versions, aliases=self.aliases(n),
+                                          latest=self.resolve(n, param="name")))
+            except CorruptAdapter as exc:
+                if name:
+                    raise
+                log.warning("adapter store: skipping %s: %s", n, exc.message)
         return out
 
     # ---- publishing ----------------------------------------------------------------------------------------
@@ -248,7 +261,8 @@ class AdapterStore:
         info = read_adapter(adapter_dir, param="adapter")
         self.root.mkdir(parents=True, exist_ok=True)
         self.path(name).mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.path(name), prefix=".publish-") as tmp, self.lock():
+        with self.lock(), tempfile.TemporaryDirectory(dir=self.path(name), prefix=".publish-") as tmp:
+            self._clear_leftovers(name, keep=Path(tmp))
             staging = Path(tmp) / "v"
             staging.mkdir()
             shutil.copyfile(adapter_dir / CONFIG, staging / CONFIG)
@@ -297,6 +311,12 @@ class AdapterStore:
                 raise InvalidArgument(f"{name} has no version {version}", param="version")
             write_json_atomic(self.path(name) / "aliases.json", {**self.aliases(name), alias: version})
             self._write_index()
+
+    def _clear_leftovers(self, name: str, keep: Path) -> None:
+        """Staging folders of a publish that was killed (with the lock held, nobody else is publishing)."""
+        for stale in self.path(name).glob(".publish-*"):
+            if stale != keep and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def _write_index(self) -> None:
         """Rewrite index.json from the folders; call with the lock held."""

@@ -162,8 +162,11 @@ class Runner:
             return  # just exited: give it a moment to record its own terminal state
         # The supervisor normally records how its worker ended; it is gone without doing so.
         if pid_alive(raw["pid"]):
-            self._signal(raw["pid"], signal.SIGKILL)  # an orphaned worker must not keep the slot's GPU
-            return  # settle on a later tick, once it has exited
+            # An orphaned worker must not keep the slot's GPU: ask it to checkpoint and stop, as a cancel does,
+            # and kill it once the grace period has passed too. It is settled on a later tick, once it has exited.
+            late = now - beat > self.settings.heartbeat_stale_seconds + self.settings.cancel_grace_seconds
+            self._signal(raw["pid"], signal.SIGKILL if late else signal.SIGTERM)
+            return
         settle(self.store, job_id, None)
 
     def _spawn(self, job_id: str, slot: str) -> None:

@@ -6,6 +6,8 @@ server and CLI processes sharing one FTS_HOME.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel
 
 from fts_mcp.config import Settings
@@ -71,6 +73,27 @@ class Jobs:
             size = fh.seek(0, 2)
             fh.seek(max(0, size - max_bytes))
             return fh.read().decode("utf-8", "replace")
+
+    def log_from(self, job_id: str, offset: int, max_bytes: int = LOG_BYTES) -> tuple[str, int]:
+        """The log from byte `offset` on (at most `max_bytes`), and the offset to read from next."""
+        self.get(job_id, log_lines=0)
+        path = self.store.log_path(job_id)
+        if not path.exists():
+            return "", offset
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read(max_bytes)
+        return data.decode("utf-8", "replace"), offset + len(data)
+
+    def ids_in(self, *states: JobState) -> list[str]:
+        return self.store.ids_in(*states)
+
+    def folder(self, job_id: str) -> Path:
+        return self.store.job_dir(check_job_id(job_id))
+
+    def events(self, job_id: str, kind: str | None = None) -> list[dict]:
+        self.get(job_id, log_lines=0)
+        return self.store.events(job_id, kind=kind)
 
     def loss_curve(self, job_id: str) -> bytes:
         from fts_mcp.plots import loss_curve_png  # lazy: matplotlib is only loaded when a plot is asked for

@@ -1,7 +1,6 @@
 """The job state machine, written down once.
 
     validating -> queued -> running -> succeeded | failed | cancelled | interrupted
-    interrupted -> queued            (resume)
 
     interrupted -> queued            (resume_job: the worker continues from the last checkpoint)
     cancelled   -> queued            (resume_job, when the cancel left a checkpoint)

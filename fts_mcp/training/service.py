@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fts_mcp.config import Settings
 from fts_mcp.datasets import MAX_REPORTED_ERRORS, DatasetReport, LineError, TokenStats, require_valid, validate_dataset
-from fts_mcp.errors import InvalidArgument, ModelUnavailable
+from fts_mcp.errors import InvalidArgument, ModelUnavailable, about
 from fts_mcp.jobs.models import Job
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JobState, check_job_id
@@ -85,14 +85,15 @@ class Training:
         return self.jobs.submit("train", spec, model=model)
 
     def _resume_point(self, job_id: str, model: str, lora: LoraSpec) -> Path:
-        old = self.jobs.get(job_id, log_lines=0)
+        with about("resume_from", instead_of=("job_id",)):
+            old = self.jobs.get(job_id, log_lines=0)
         if old.kind != "train" or old.state not in RESUMABLE_FROM:
             raise InvalidArgument(f"job {job_id} is a {old.state} {old.kind} job; resume_from takes a training job "
                                   "that is cancelled, interrupted, failed or succeeded", param="resume_from")
         if old.spec["base_model"] != model or LoraSpec(**old.spec["lora"]) != lora:
             raise InvalidArgument(f"job {job_id} trained {old.spec['base_model']} with lora={old.spec['lora']}; "
                                   "a resumed job must use the same base_model and lora settings", param="resume_from")
-        checkpoint = latest_checkpoint(self.jobs.store.job_dir(job_id) / "checkpoints")
+        checkpoint = latest_checkpoint(self.jobs.folder(job_id) / "checkpoints")
         if checkpoint is None:
             raise InvalidArgument(f"job {job_id} left no checkpoint to resume from (it stopped before its first save; "
                                   "lower training.checkpoint_every_steps next time)", param="resume_from")

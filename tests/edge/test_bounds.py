@@ -149,3 +149,14 @@ def test_a_stored_adapter_with_a_bad_config_is_refused_as_corrupt(engine, tiny_m
     with pytest.raises(CorruptAdapter):
         engine.generate(name, prompt="hi", max_tokens=2)
     assert engine.generate("base", prompt="hi", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+def test_a_chat_the_template_refuses_is_a_400_naming_messages(engine):
+    template = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    try:
+        with pytest.raises(InvalidArgument, match="roles must alternate") as info:
+            engine.generate("base", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert info.value.param == "messages"
+    finally:
+        engine.tokenizer.chat_template = template

@@ -19,8 +19,9 @@ async def test_a_one_shot_generate_past_its_timeout_is_cancelled(fts_home, tiny_
         result = await client.call_tool("generate", {"model": "base", "base_model": str(tiny_model), "prompt": "hi",
                                                      "timeout_seconds": 0.5})
         assert result.is_error and "timeout" in result.content[0].text and "cancelled" in result.content[0].text
-        (job,) = await jobs_of_kind(client, "generate")
-        assert job["cancel_requested"] or job["state"] == "cancelled"
+        (row,) = await jobs_of_kind(client, "generate")
+        job = (await client.call_tool("job_status", {"job_id": row["job_id"]})).structured_content
+        assert job["process"]["cancel_requested"] or job["state"] == "cancelled"
 
 
 async def test_a_client_that_gives_up_leaves_no_job_behind(fts_home, tiny_model):

@@ -83,3 +83,20 @@ def test_a_stored_version_carries_the_tokenizer_and_chat_template(store, fts_hom
     rendered = AutoTokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": "x"}],
                                                                        tokenize=False)
     assert rendered == "<user>x"
+
+
+def test_one_corrupt_adapter_does_not_hide_the_others(store, fts_home, tiny_model, adapter_a, adapter_b):
+    """A garbled aliases.json under one name: that name is reported corrupt, every other one still lists and
+    resolves, locally and through a source (what the runtime's /v1/models uses)."""
+    from fts_mcp.edge.sources import StoreSource
+    from fts_mcp.edge.store import CorruptAdapter
+
+    store.publish(adapter_a, "good")
+    store.publish(adapter_b, "broken")
+    (store.root / "broken" / "aliases.json").write_text("{not json")
+    assert [e.name for e in store.entries()] == ["good"]
+    assert store.resolve("good").name == "good"
+    with pytest.raises(CorruptAdapter):
+        store.resolve("broken")
+    source = StoreSource(store.root, fts_home / "cache")
+    assert set(source.catalogue()) == {"good"}

@@ -98,13 +98,14 @@ def dead_pid() -> int:
     return child.pid
 
 
-@pytest.mark.parametrize("heartbeat_age, worker_alive, expected", [
-    (10.0, False, "interrupted"),  # supervisor and worker gone, heartbeat stale: lost
-    (0.0, False, "running"),  # just exited: its own record may still be on the way
-    (10.0, True, "running"),  # an orphaned worker is killed first, settled on a later tick
+@pytest.mark.parametrize("heartbeat_age, worker_alive, expected, signal_sent", [
+    (10.0, False, "interrupted", None),  # supervisor and worker gone, heartbeat stale: lost
+    (0.0, False, "running", None),  # just exited: its own record may still be on the way
+    (10.0, True, "running", signal.SIGTERM),  # an orphaned worker is asked to checkpoint and stop first...
+    (100.0, True, "running", signal.SIGKILL),  # ... and killed once the cancel grace period has passed too
 ])
 def test_a_vanished_supervisor_is_declared_lost_once_its_heartbeat_is_stale(fts_home, heartbeat_age, worker_alive,
-                                                                           expected):
+                                                                           expected, signal_sent):
     import time
 
     from fts_mcp.jobs.runner import Runner
@@ -121,7 +122,7 @@ def test_a_vanished_supervisor_is_declared_lost_once_its_heartbeat_is_stale(fts_
     if expected == "interrupted":
         assert job.error.code == "worker_lost" and job.resumable
     if worker is not None:
-        assert worker.wait(timeout=10) == -signal.SIGKILL  # the orphan does not keep the slot's device
+        assert worker.wait(timeout=10) == -signal_sent  # the orphan does not keep the slot's device
     store.close()
 
 

@@ -13,13 +13,13 @@ from tests.test_transports import http_server
 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
-HOSTILE = [
+HOSTILE = [  # (request, error code, words naming the argument and the problem)
     ('{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"validate_dataset",'
-     '"arguments":{"path":"\\ud800"}}}', -32602, "lone UTF-16 surrogate"),
+     '"arguments":{"path":"\\ud800"}}}', -32602, "params.arguments.path holds a lone UTF-16 surrogate"),
     ('{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"list_jobs","arguments":{"limit":'
-     + "9" * 5000 + "}}}", -32700, "4,300 digits"),
+     + "9" * 5000 + "}}}", -32700, "limit holds an integer longer than 4,300 digits"),
     ('{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"list_jobs","arguments":{"state":'
-     + "[" * 5000 + "]" * 5000 + "}}}", -32700, "nested deeper"),
+     + "[" * 5000 + "]" * 5000 + "}}}", -32700, "state is nested deeper"),
 ]
 
 

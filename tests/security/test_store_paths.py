@@ -131,3 +131,16 @@ def test_a_url_store_file_is_verified_before_it_is_kept(http_store, tmp_path, ti
     weights.write_bytes(original)
     assert (source.folder(source.resolve("support")) / "adapter_model.safetensors").read_bytes() == original
     assert not [p for p in cache.rglob("*.part")]
+
+
+def test_a_file_inside_a_version_may_not_be_a_link_out_of_the_store(published, tmp_path):
+    """The folder is inside the store, but a file in it is a symlink to elsewhere: refused before it is read."""
+    version = published.root / "support" / "v1"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not an adapter")
+    config = version / "adapter_config.json"
+    config.unlink()
+    config.symlink_to(secret)
+    source = StoreSource(published.root, tmp_path / "cache")
+    with pytest.raises(CorruptAdapter, match="link"):
+        source.folder(published.resolve("support"))

@@ -58,6 +58,7 @@ async def test_arguments_that_name_files_or_adapters_stay_inside(fts_home, tiny_
     ("/", ("/srv/fts",)),  # desktop clients often start servers in /
     ("/home/me", ("/srv/fts",)),  # ... or in the user's home
     ("/srv/fts", ("/srv/fts",)),
+    ("/home", ("/srv/fts",)),  # an ancestor of home holds it (and every other user's)
     ("/home/me/project", ("/srv/fts", "/home/me/project")),
 ])
 def test_the_working_directory_is_a_root_only_when_it_is_not_slash_or_home(cwd, expected):

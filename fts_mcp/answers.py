@@ -1,0 +1,239 @@
+"""What the MCP tools answer: compact views of the core's records, each with the next calls an agent would make.
+
+Every tool schema and every answer is in the agent's context, so these views keep what an agent acts on and
+leave the rest to resources (`fts://jobs/{id}` has the whole record, `fts://jobs/{id}/log` the log). Schemas
+stay honest: open-ended parts (progress figures, artifact paths, a spec) are typed as objects, and their keys
+are listed in README and `fts://docs/answers`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from fts_mcp.edge.service import Deployment
+from fts_mcp.edge.store import StoreEntry
+from fts_mcp.jobs.models import Job, JobError
+from fts_mcp.jobs.states import JobState
+
+
+class NextStep(BaseModel):
+    tool: str
+    arguments: dict[str, Any]
+    why: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    kind: str
+    state: JobState
+    progress: dict[str, Any]
+    error: JobError | None = None
+    artifacts: dict[str, Any]
+    resumable: bool
+    spec: dict[str, Any]
+    process: dict[str, Any]  # pid, slot, attempts, exit_code, cancel_requested
+    times: dict[str, Any]  # created, started, updated, finished (ISO 8601, UTC)
+    log_tail: list[str] = []
+    next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
+
+
+class JobRow(BaseModel):
+    job_id: str
+    kind: str
+    state: JobState
+    name: str | None = None
+    step: int | None = None
+    loss: float | None = None
+    error: str | None = None
+    created_at: str
+
+
+class JobRows(BaseModel):
+    jobs: list[JobRow]
+    total: int
+
+
+# ---- what to do next -------------------------------------------------------------------------------------------
+
+def _step(tool: str, why: str, **arguments: Any) -> dict[str, Any]:
+    return NextStep(tool=tool, arguments=arguments, why=why).model_dump()
+
+
+def next_steps(job: Job) -> list[dict[str, Any]]:
+    """The one or two calls an agent would make next, given where the job is."""
+    jid = job.job_id
+    if not job.state.terminal:
+        return [_step("job_status", "wait for it: returns as soon as the state changes", job_id=jid, wait_seconds=30)]
+    if job.state == JobState.SUCCEEDED and job.kind == "train":
+        return [_step("merge_adapter", "fold the adapter into a 16-bit copy of the base, verified", adapter=jid),
+                _step("deploy_adapter", "publish it to the adapter store for the edge runtime", adapter=jid,
+                      name=str(job.spec.get("output_name", "adapter")).lower()[:64])]
+    if job.state == JobState.SUCCEEDED and job.kind == "merge":
+        return [_step("generate", "try the merged model", model="base", base_model=job.artifacts.output_dir,
+                      prompt="...")] if job.artifacts.output_dir and job.spec.get("output") == "model" else []
+    if job.resumable:
+        return [_step("resume_job", "continue from its last checkpoint", job_id=jid)]
+    if job.state == JobState.FAILED and job.error is not None:
+        if job.error.code == "out_of_memory":
+            return [_step("estimate_resources", "find a configuration that fits this device",
+                          base_model=job.spec.get("base_model"))]
+        return [_step("job_status", "read the log tail for the cause", job_id=jid, log_lines=40)]
+    return []
+
+
+def deploy_next(deployment: Deployment) -> list[dict[str, Any]]:
+    if deployment.loaded:
+        return [_step("generate", "ask the runtime with this adapter", model=deployment.model, prompt="...",
+                      runtime_url="<the runtime_url you gave>")]
+    return [_step("generate", "try it with a one-shot job (or start `fts-mcp edge serve` and pass runtime_url)",
+                  model=deployment.model, prompt="...")]
+
+
+# ---- views -----------------------------------------------------------------------------------------------------
+
+SPEC_KEYS = {
+    "train": ("base_model", "dataset", "output_name", "quantization", "resumed_from_job"),
+    "merge": ("base_model", "output_name", "dtype", "combination", "output"),
+    "generate": ("model", "base_model", "max_tokens"),
+}
+
+
+def spec_summary(job: Job) -> dict[str, Any]:
+    summary = {k: job.spec[k] for k in SPEC_KEYS.get(job.kind, ()) if job.spec.get(k) is not None}
+    if job.kind == "train":
+        training, lora = job.spec.get("training", {}), job.spec.get("lora", {})
+        summary["lora_r"] = lora.get("r")
+        summary["max_steps" if training.get("max_steps") else "epochs"] = training.get("max_steps") or \
+            training.get("epochs")
+    if job.kind == "merge":
+        summary["adapters"] = len(job.spec.get("adapters", []))
+    return summary
+
+
+def _artifacts(job: Job) -> dict[str, Any]:
+    """Paths and results, without the per-file list (sizes and sha256 are in fts://jobs/{id})."""
+    out = job.artifacts.model_dump(mode="json", exclude={"files"}, exclude_none=True)
+    if job.artifacts.files:
+        out["files"] = len(job.artifacts.files)
+    return out
+
+
+def job_view(job: Job, *, detail: bool = False) -> JobView:
+    progress = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in job.progress.model_dump().items()}
+    return JobView(job_id=job.job_id, kind=job.kind, state=job.state, progress=progress, error=job.error,
+                   artifacts=_artifacts(job), resumable=job.resumable, spec=job.spec if detail else spec_summary(job),
+                   process={"pid": job.pid, "slot": job.slot, "attempts": job.attempts, "exit_code": job.exit_code,
+                            "cancel_requested": job.cancel_requested},
+                   times={"created": job.created_at, "started": job.started_at, "updated": job.updated_at,
+                          "finished": job.finished_at},
+                   log_tail=job.log_tail, next=next_steps(job))
+
+
+def job_row(job: Job) -> JobRow:
+    return JobRow(job_id=job.job_id, kind=job.kind, state=job.state, name=job.spec.get("output_name"),
+                  step=job.progress.step or None,
+                  loss=round(job.progress.loss, 4) if job.progress.loss is not None else None,
+                  error=f"{job.error.code}: {job.error.message[:120]}" if job.error else None,
+                  created_at=job.created_at)
+
+
+class DeploymentView(BaseModel):
+    model: str
+    name: str
+    version: str
+    created: bool
+    uri: str
+    sha256: str
+    bytes: int
+    base_model: str | None
+    loaded: bool
+    swap_ms: float | None = None
+    curl: str
+    next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
+
+
+def deployment_view(d: Deployment) -> DeploymentView:
+    return DeploymentView(model=d.model, name=d.name, version=d.version, created=d.created, uri=d.uri,
+                          sha256=d.sha256, bytes=d.bytes, base_model=d.manifest.base_model, loaded=d.loaded,
+                          swap_ms=d.swap_ms, curl=d.curl, next=deploy_next(d))
+
+
+class AdapterRow(BaseModel):
+    name: str
+    versions: list[str]
+    aliases: dict[str, str]
+    base_model: str | None
+    r: int | None
+    bytes: int | None
+
+
+class AdapterRows(BaseModel):
+    adapters: list[AdapterRow]
+
+
+def adapter_rows(entries: list[StoreEntry]) -> AdapterRows:
+    return AdapterRows(adapters=[AdapterRow(name=e.name, versions=e.versions, aliases=e.aliases,
+                                            base_model=e.latest.base_model if e.latest else None,
+                                            r=e.latest.r if e.latest else None,
+                                            bytes=e.latest.bytes if e.latest else None) for e in entries])
+
+
+class EstimateView(BaseModel):
+    """`estimate_resources`' answer: the planning core's ResourceEstimate, with its nested parts typed as
+    objects (their keys: README's tool table)."""
+
+    model: str
+    parameters: int
+    architecture: dict[str, Any]
+    shape_source: str
+    gpu: str | None
+    gpu_memory_gb: float | None
+    settings: dict[str, Any]
+    estimates: list[dict[str, Any]]
+    suggestions: list[dict[str, Any]]
+    recommended_method: str | None
+    notes: list[str]
+
+
+
+
+class AdviceView(BaseModel):
+    """`recommend_ft_vs_rag`'s answer (planning.advice.Advice, nested parts typed as objects)."""
+
+    recommendation: str
+    confidence: float
+    summary: str
+    criteria: list[dict[str, Any]]
+    conflicts: list[str]
+    data: dict[str, Any]
+    next_steps: list[str]
+
+
+class ReportView(BaseModel):
+    """`validate_dataset`'s answer (datasets.DatasetReport, token statistics typed as an object)."""
+
+    ok: bool
+    path: str
+    format: str | None
+    examples: int
+    errors: list[dict[str, Any]]
+    error_count: int
+    warnings: list[str]
+    token_stats: dict[str, Any] | None = None
+    next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
+
+
+def report_view(report: BaseModel, base_model: str | None) -> ReportView:
+    view = ReportView.model_validate(report.model_dump(mode="json"))
+    if view.ok and base_model:
+        view.next = [_step("start_qlora_job", "train on it", base_model=base_model, dataset=view.path)]
+    elif view.ok:
+        view.next = [_step("validate_dataset", "count tokens and check the chat template of the model you will "
+                           "train", path=view.path, base_model="<model>")]
+    return view
+
+
+def plain_view(view: type[BaseModel], model: BaseModel) -> BaseModel:
+    return view.model_validate(model.model_dump(mode="json"))
