@@ -557,13 +557,16 @@ def diagnose_job(job_id: str, ctx: Context) -> list:
     """Read a job's status, loss curve and log, and suggest fixes (loss not falling, out of memory, diverging)."""
     try:
         jobs = _core(ctx).jobs
-        job = jobs.get(job_id, log_lines=40)
+        job = jobs.get(job_id, log_lines=8)
     except FtsError as exc:
         raise ToolError(str(exc)) from exc
     findings = diagnose(job, jobs.events(job_id, kind="progress"), jobs.log(job_id))
     found = "\n".join(f"- {f.problem}: {f.evidence}. Fix: {f.fix}" for f in findings) or "- no known problem pattern"
-    return [UserMessage(
-        f"Diagnose fine-tuning job {job_id}.\n\nStatus:\n{job.model_dump_json(indent=2, exclude={'log_tail'})}\n\n"
-        f"Automatic checks:\n{found}\n\nLast log lines:\n" + "\n".join(job.log_tail) +
-        "\n\nExplain what happened and what to change; if a new run is needed, give the start_qlora_job "
-        "arguments.")]
+    status = job_view(job, detail=True).model_dump_json(exclude_none=True, exclude={"log_tail", "next"})
+    tail = "\n".join(line[:200] for line in job.log_tail)
+    text = (f"Diagnose fine-tuning job {job_id}.\n\nStatus: {status[:1500]}\n\nAutomatic checks:\n{found[:800]}\n\n"
+            f"Last log lines:\n{tail[-800:]}\n\nThe loss curve is fts://jobs/{job_id}/loss.png, its figures "
+            f"fts://jobs/{job_id}/metrics and the whole log fts://jobs/{job_id}/log: read them if the checks above do "
+            "not explain it. Explain what happened and what to change; if a new run is needed, give the "
+            "start_qlora_job arguments.")
+    return [UserMessage(text)]

@@ -1,5 +1,7 @@
 """Planning tools, reference documents and prompts through an MCP client, on both protocol generations."""
 
+import json
+
 import pytest
 from mcp import Client, MCPError
 
@@ -73,5 +75,10 @@ async def test_prompts(fts_home):
         assert "recommend_ft_vs_rag" in text and "estimate_resources" in text and "start_qlora_job" in text
         job = (await client.call_tool("start_qlora_job", {"base_model": "acme/not-cached",
                                                           "dataset": str(SAMPLE_CHAT)})).structured_content
+        log = fts_home / "jobs" / job["job_id"] / "worker.log"
+        log.write_text("".join(f"step {i} loss=2.0 " + "x" * 300 + "\n" for i in range(500)))  # a long, noisy log
         diagnosis = (await client.get_prompt("diagnose_job", {"job_id": job["job_id"]})).messages[0].content.text
         assert "base model unavailable" in diagnosis and "download" in diagnosis
+        assert len(diagnosis) < 4_000 and f"fts://jobs/{job['job_id']}/loss.png" in diagnosis
+        metrics = (await client.read_resource(f"fts://jobs/{job['job_id']}/metrics")).contents[0].text
+        assert json.loads(metrics) == {"job_id": job["job_id"], "points": []}

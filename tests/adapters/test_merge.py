@@ -135,7 +135,7 @@ def test_bad_inputs_are_refused_before_any_work(service, fts_home, tiny_model, a
     cases = [
         (dict(adapter=str(adapter_a), base_model=str(other_base)), "adapter", "made for another base"),
         (dict(adapter=str(fts_home)), "adapter", "no adapter_config.json"),
-        (dict(adapter="job-000000000000"), "job_id", "no job"),
+        (dict(adapter="job-000000000000"), "adapter", "no job"),
         (dict(adapter=str(adapter_a), adapters=[{"adapter": str(adapter_b)}]), "adapter", "exactly one"),
         (dict(adapters=[{"adapter": str(adapter_a)}, {"adapter": str(adapter_b)}], combination="linear"),
          "combination", "equal ranks"),

@@ -36,6 +36,7 @@ def test_a_long_answer_is_truncated_and_vllm_usage_details_are_accepted():
         answer = post_generate(url, "x", "hi", None, 8, 0.0, timeout=10)
     finally:
         server.shutdown()
+        server.server_close()
     assert len(answer["text"]) == MAX_ANSWER_CHARS and answer["usage"]["total_tokens"] == 12
 
 
@@ -46,3 +47,4 @@ def test_an_answer_bigger_than_any_completion_is_refused_while_reading():
             post_generate(url, "x", "hi", None, 8, 0.0, timeout=10)
     finally:
         server.shutdown()
+        server.server_close()

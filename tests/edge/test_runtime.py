@@ -3,6 +3,7 @@
 Every answer is compared with a PeftModel reference (the same base and stored adapter, greedy) computed here.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -253,7 +254,9 @@ async def test_deploy_and_generate_through_mcp(edge):
         assert not deployed.is_error, deployed.content[0].text
         d = deployed.structured_content
         assert d["model"] == "fwd@v1" and d["loaded"] and d["swap_ms"] >= 0 and d["created"]
-        assert d["sha256"] == d["manifest"]["files"]["adapter_model.safetensors"]["sha256"] and "curl" in d["curl"]
+        stored = Path(d["uri"]) / "adapter_model.safetensors"
+        assert d["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest() and "curl" in d["curl"]
+        assert d["base_model"] and d["next"][0]["tool"] == "generate"
         via_runtime = (await client.call_tool("generate", {"model": "fwd@v1", "prompt": PROMPTS[3],
                                                            "max_tokens": 12, "runtime_url": edge.url}))
         assert via_runtime.structured_content["text"] == edge.refs["forward"][PROMPTS[3]]
