@@ -237,3 +237,8 @@ def report_view(report: BaseModel, base_model: str | None) -> ReportView:
 
 def plain_view(view: type[BaseModel], model: BaseModel) -> BaseModel:
     return view.model_validate(model.model_dump(mode="json"))
+
+
+class ModelRows(BaseModel):
+    models: list[dict[str, Any]]  # ModelInfo: {base_model, source, architecture, parameters, chat_template, bytes}
+    roots: list[str]

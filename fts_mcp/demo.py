@@ -24,20 +24,17 @@ import anyio
 from mcp import Client, StdioServerParameters
 
 from fts_mcp.config import Settings
+from fts_mcp.models.catalog import stage_demo_model
 
-DEMO_MODEL = "models/tiny-llama"
 DEMO_DATA = "datasets/codewords_chat.jsonl"
 BAR_WIDTH = 30
 
 
 def stage_demo_files(home: Path) -> tuple[Path, Path]:
     """Copy the shipped tiny model and sample data under FTS_HOME (inside the default roots)."""
-    target = home / "demo"
+    model = stage_demo_model(home)
+    data = home / "demo" / Path(DEMO_DATA).name
     with as_file(files("fts_mcp.resources")) as shipped:
-        model = target / "tiny-llama"
-        if not (model / "config.json").exists():
-            shutil.copytree(shipped / DEMO_MODEL, model, dirs_exist_ok=True)
-        data = target / Path(DEMO_DATA).name
         shutil.copyfile(shipped / DEMO_DATA, data)
     return model, data
 

@@ -30,6 +30,7 @@ from fts_mcp.answers import (
     EstimateView,
     JobRows,
     JobView,
+    ModelRows,
     ReportView,
     adapter_rows,
     deployment_view,
@@ -48,6 +49,7 @@ from fts_mcp.errors import FtsError
 from fts_mcp.jobs.models import Job
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.watch import watch
+from fts_mcp.models import catalog
 from fts_mcp.planning.advice import Criteria
 from fts_mcp.planning.diagnose import diagnose
 from fts_mcp.planning.estimate import Settings as EstimateSettings
@@ -312,7 +314,7 @@ def list_jobs(
     state: Annotated[JobState | None, Field(description="only jobs in this state")] = None,
     limit: Annotated[int, Field(ge=1, le=1000)] = 20,
 ) -> JobRows:
-    """Jobs on this host, newest first (from every server and CLI sharing FTS_HOME); job_status for details."""
+    """Jobs on this host, newest first; job_status for one job's details."""
     listing = _core(ctx).jobs.list(state, limit)
     return answer(JobRows(jobs=[job_row(j) for j in listing.jobs], total=listing.total))
 
@@ -338,10 +340,9 @@ def merge_adapter(
     adapter: Annotated[str | None, Field(description="training job id, store reference or adapter folder")] = None,
     adapters: Annotated[list[dict[str, Any]] | None, Field(description="to combine: [{adapter, weight}]")] = None,
     base_model: Annotated[str | None, Field(description="default: the adapter's own base")] = None,
-    output_name: Annotated[str | None, Field(description="folder under FTS_HOME/models (or /adapters)")] = None,
+    output_name: str | None = None,
     dtype: Dtype = "bfloat16",
-    verify: Annotated[bool, Field(description="refuse a merge whose logits drift past the dtype's tolerance")]
-    = True,
+    verify: Annotated[bool, Field(description="refuse logits drifting past the dtype's tolerance")] = True,
     combination: Annotated[Combination, Field(description="cat/svd: exact sum of deltas, any ranks; others need "
                                                           "equal ranks")] = "cat",
     density: Annotated[float | None, Field(gt=0, le=1, description="kept share (ties, dare_*, magnitude_prune)")]
@@ -358,7 +359,17 @@ def merge_adapter(
     return answer(job_view(job))
 
 
-RuntimeUrl = Annotated[str | None, Field(description="an edge runtime or vLLM server, e.g. http://127.0.0.1:8001")]
+@mcp.tool(title="List base models", annotations=READ_ONLY)
+@agent_errors
+def list_models(ctx: Context) -> ModelRows:
+    """Base models usable here (pass base_model as given): folders in the roots, hub ids in the local Hugging Face
+    cache, and the built-in demo model."""
+    settings = _core(ctx).settings
+    return answer(ModelRows(models=[m.model_dump() for m in catalog.list_models(settings)],
+                            roots=[str(r) for r in settings.roots]))
+
+
+RuntimeUrl = Annotated[str | None, Field(description="a running edge runtime or vLLM server")]
 
 
 @mcp.tool(title="Deploy an adapter to the edge store", annotations=PUBLISHES)
@@ -382,7 +393,7 @@ def deploy_adapter(
 @agent_errors
 def list_adapters(ctx: Context, name: Annotated[str | None, Field(description="only this adapter")] = None
                   ) -> AdapterRows:
-    """The adapter store: each adapter's versions, aliases, base model and rank."""
+    """The adapter store: versions, aliases, base model and rank of each adapter."""
     return answer(adapter_rows(_core(ctx).edge.list_adapters(name)))
 
 
@@ -502,7 +513,7 @@ def estimate_resources(
     tokens_per_example: Annotated[int | None, Field(ge=1, le=1_048_576)] = None,
     dataset_tokens: Annotated[int | None, Field(ge=1, le=10**14)] = None,
     epochs: Annotated[float, Field(gt=0, le=100)] = 3.0,
-    gpu: Annotated[str | None, Field(description="H200, H100, A100-80GB, L40S, L4, RTX-4090...")] = None,
+    gpu: Annotated[str | None, Field(description="e.g. H100, A100-80GB, L4")] = None,
     gpu_memory_gb: Annotated[float | None, Field(gt=0, le=10_000)] = None,
     price_per_gpu_hour: Annotated[float | None, Field(ge=0, le=10_000)] = None,
     utilization: Annotated[float | None, Field(gt=0, le=1)] = None,

@@ -25,6 +25,7 @@ ANNOTATIONS = {
     "merge_adapter": (False, False, True, False),
     "deploy_adapter": (False, False, True, True),  # may load it into a runtime at a URL
     "list_adapters": (True, False, True, False),
+    "list_models": (True, False, True, False),
     "generate": (False, False, False, True),
 }
 TOOLS = set(ANNOTATIONS)

@@ -4,12 +4,13 @@ Pure: no torch, no jobs."""
 from __future__ import annotations
 
 from fts_mcp.config import Settings
-from fts_mcp.errors import InvalidArgument
+from fts_mcp.errors import InvalidArgument, ModelUnavailable
 from fts_mcp.models.refs import hub_offline
 from fts_mcp.planning.advice import Advice, Criteria, recommend
 from fts_mcp.planning.architecture import Architecture, from_config, read_config
 from fts_mcp.planning.estimate import METHODS, MethodChoice, ResourceEstimate, estimate, shape_for_params
 from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.planning.families import known_family
 from fts_mcp.planning.gpus import find_gpu
 
 DEFAULT_TOKENS_PER_EXAMPLE = 512
@@ -39,8 +40,15 @@ class Planning:
                                   "the architecture numbers (layers, hidden, intermediate, heads, kv_heads, vocab); "
                                   f"got {', '.join(given) or 'none'}", param="base_model")
         if base_model is not None:
-            config, source = read_config(base_model, self.settings.roots, hub_offline(self.settings.env))
-            arch, model = from_config(config, source=source), base_model
+            try:
+                config, source = read_config(base_model, self.settings.roots, hub_offline(self.settings.env))
+                arch = from_config(config, source=source)
+            except ModelUnavailable:
+                if (known := known_family(base_model)) is None:
+                    raise
+                entry, arch = known  # not downloaded and offline: the family's published shape
+                source = f"built-in table: {entry} (the published config of that family; not read from the model)"
+            model = base_model
         elif params is not None:
             arch, name = shape_for_params(params)
             model, source = f"{params / 1e9:.1f}B parameters", f"assumed: {name} shape (nearest parameter count)"

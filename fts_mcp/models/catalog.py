@@ -1,0 +1,120 @@
+"""Base models usable on this host: model folders under the roots, hub ids already in the local Hugging Face
+cache, and the built-in demo model. Reads config.json and tokenizer files only (never weights, no torch), with
+bounded walks, so an agent can pick a `base_model` that will load instead of inventing a hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib.resources import as_file, files
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import FtsError
+from fts_mcp.planning.architecture import from_config
+
+DEMO_MODEL = "models/tiny-llama"
+MAX_DIRS = 2_000  # folders visited per root
+MAX_DEPTH = 3
+WEIGHTS = ("*.safetensors", "*.bin", "*.gguf")
+SKIP = {"jobs", "edge-cache", "store", "node_modules", "__pycache__"}
+
+
+class ModelInfo(BaseModel):
+    base_model: str  # what to pass as base_model
+    source: Literal["folder", "hub-cache", "demo"]
+    architecture: str | None
+    parameters: int | None
+    chat_template: bool
+    bytes: int | None
+
+
+def stage_demo_model(home: Path) -> Path:
+    """The shipped tiny model, copied under FTS_HOME (inside the default roots) once."""
+    target = home / "demo" / "tiny-llama"
+    if not (target / "config.json").exists():
+        with as_file(files("fts_mcp.resources")) as shipped:
+            shutil.copytree(shipped / DEMO_MODEL, target, dirs_exist_ok=True)
+    return target
+
+
+def describe(folder: Path, name: str, source: str, size: int | None = None) -> ModelInfo | None:
+    """A model folder's entry, or None when its config.json is not a causal LM's we can read."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        arch = from_config(config, source=str(folder))
+        params = arch.params
+    except (OSError, ValueError, FtsError):
+        return None
+    kind = (config.get("architectures") or [config.get("model_type")])[0]
+    template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
+    if not template and (folder / "tokenizer_config.json").is_file():
+        try:
+            template = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+        except (OSError, ValueError):
+            template = False
+    if size is None:
+        size = sum(p.stat().st_size for pattern in WEIGHTS for p in folder.glob(pattern) if p.is_file())
+    return ModelInfo(base_model=name, source=source, architecture=kind, parameters=params, chat_template=template,
+                     bytes=size)
+
+
+def _folders(root: Path) -> list[Path]:
+    """Folders under `root` holding a config.json and weights, breadth first, bounded."""
+    found, queue, seen = [], [(root, 0)], 0
+    while queue and seen < MAX_DIRS:
+        folder, depth = queue.pop(0)
+        seen += 1
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        names = {e.name for e in entries}
+        if "config.json" in names and any(folder.glob(p) for p in WEIGHTS):
+            found.append(folder)
+            continue
+        if depth < MAX_DEPTH:
+            queue += [(Path(e.path), depth + 1) for e in entries
+                      if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in SKIP]
+    return found
+
+
+def hub_cache(settings: Settings) -> Path:
+    env = settings.env
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    return Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "hub"
+
+
+def _cached(settings: Settings) -> list[ModelInfo]:
+    from huggingface_hub import scan_cache_dir  # lazy: the server starts without huggingface-hub loaded
+    from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
+
+    try:
+        cache = scan_cache_dir(hub_cache(settings))
+    except (CacheNotFound, CorruptedCacheException, OSError):
+        return []
+    out = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        latest = max(repo.revisions, key=lambda r: r.last_modified)
+        if (info := describe(Path(latest.snapshot_path), repo.repo_id, "hub-cache", repo.size_on_disk)) is not None:
+            out.append(info)
+    return out
+
+
+def list_models(settings: Settings) -> list[ModelInfo]:
+    models = []
+    demo = stage_demo_model(settings.home)
+    if (info := describe(demo, str(demo), "demo")) is not None:
+        models.append(info)
+    for root in settings.roots:
+        for folder in _folders(root):
+            if folder != demo and (info := describe(folder, str(folder), "folder")) is not None:
+                models.append(info)
+    return models + _cached(settings)
