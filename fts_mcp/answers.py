@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from fts_mcp.edge.service import Deployment
 from fts_mcp.edge.store import StoreEntry
-from fts_mcp.jobs.models import Job, JobError
+from fts_mcp.jobs.models import Job
 from fts_mcp.jobs.states import JobState
 
 
@@ -27,9 +27,9 @@ class NextStep(BaseModel):
 class JobView(BaseModel):
     job_id: str
     kind: str
-    state: JobState
+    state: str  # validating, queued, running, succeeded, failed, cancelled or interrupted (jobs.states)
     progress: dict[str, Any]
-    error: JobError | None = None
+    error: dict[str, Any] | None = None  # {code, message, param}
     artifacts: dict[str, Any]
     resumable: bool
     spec: dict[str, Any]
@@ -42,7 +42,7 @@ class JobView(BaseModel):
 class JobRow(BaseModel):
     job_id: str
     kind: str
-    state: JobState
+    state: str
     name: str | None = None
     step: int | None = None
     loss: float | None = None
@@ -67,9 +67,20 @@ def next_steps(job: Job) -> list[dict[str, Any]]:
     if not job.state.terminal:
         return [_step("job_status", "wait for it: returns as soon as the state changes", job_id=jid, wait_seconds=30)]
     if job.state == JobState.SUCCEEDED and job.kind == "train":
-        return [_step("merge_adapter", "fold the adapter into a 16-bit copy of the base, verified", adapter=jid),
+        held_out = job.spec.get("training", {}).get("eval_fraction")
+        return [_step("evaluate_adapter", "check it beats the base on held-out data before shipping", adapter=jid,
+                      **({} if held_out else {"dataset": "<held-out JSONL>"})),
                 _step("deploy_adapter", "publish it to the adapter store for the edge runtime", adapter=jid,
                       name=str(job.spec.get("output_name", "adapter")).lower()[:64])]
+    if job.state == JobState.SUCCEEDED and job.kind == "eval":
+        evaluation = job.artifacts.evaluation or {}
+        source = job.spec.get("adapter_dir")
+        if evaluation.get("better") and not evaluation.get("forgetting") and source:
+            return [_step("deploy_adapter", "it beats the base: ship it", adapter=source, name="<name>"),
+                    _step("merge_adapter", "or fold it into the base for serving without adapters", adapter=source)]
+        return [_step("start_qlora_job", "not good enough yet: more or cleaner data, more steps, or a lower "
+                      "learning rate if it forgot general text", base_model=job.spec.get("base_model"),
+                      dataset="<training data>")]
     if job.state == JobState.SUCCEEDED and job.kind == "merge":
         return [_step("generate", "try the merged model", model="base", base_model=job.artifacts.output_dir,
                       prompt="...")] if job.artifacts.output_dir and job.spec.get("output") == "model" else []
@@ -97,6 +108,7 @@ SPEC_KEYS = {
     "train": ("base_model", "dataset", "output_name", "quantization", "resumed_from_job"),
     "merge": ("base_model", "output_name", "dtype", "combination", "output"),
     "generate": ("model", "base_model", "max_tokens"),
+    "eval": ("base_model", "adapter_dir", "merged_dir", "dataset", "answer_format", "regex"),
 }
 
 
@@ -122,7 +134,8 @@ def _artifacts(job: Job) -> dict[str, Any]:
 
 def job_view(job: Job, *, detail: bool = False) -> JobView:
     progress = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in job.progress.model_dump().items()}
-    return JobView(job_id=job.job_id, kind=job.kind, state=job.state, progress=progress, error=job.error,
+    return JobView(job_id=job.job_id, kind=job.kind, state=job.state, progress=progress,
+                   error=job.error.model_dump() if job.error else None,
                    artifacts=_artifacts(job), resumable=job.resumable, spec=job.spec if detail else spec_summary(job),
                    process={"pid": job.pid, "slot": job.slot, "attempts": job.attempts, "exit_code": job.exit_code,
                             "cancel_requested": job.cancel_requested},

@@ -5,6 +5,7 @@ One `Core` per process: the settings, and one service per concern, each in its o
     core.jobs       fts_mcp.jobs.service       submit (the one path for every kind), status, list, cancel, resume
     core.training   fts_mcp.training.service   validate_dataset, start a training job
     core.merging    fts_mcp.adapters.service   merge and combine adapters
+    core.evaluating fts_mcp.adapters.service   adapter (or merged model) against its base on held-out data
     core.edge       fts_mcp.edge.service       deploy to the store, list it, generate
     core.planning   fts_mcp.planning.service   fine-tune or RAG, resource estimates
 
@@ -13,7 +14,7 @@ Arguments are checked there; bad ones raise `FtsError` subclasses naming the arg
 
 from __future__ import annotations
 
-from fts_mcp.adapters.service import Merging
+from fts_mcp.adapters.service import Evaluating, Merging
 from fts_mcp.config import Settings
 from fts_mcp.edge.service import Edge
 from fts_mcp.jobs.service import Jobs
@@ -27,6 +28,7 @@ class Core:
         self.jobs = Jobs(self.settings)
         self.training = Training(self.settings, self.jobs)
         self.merging = Merging(self.settings, self.jobs)
+        self.evaluating = Evaluating(self.settings, self.jobs)
         self.edge = Edge(self.settings, self.jobs)
         self.planning = Planning(self.settings)
 

@@ -2,7 +2,8 @@
 
 It starts `fts-mcp serve` over stdio, connects an MCP client to it, asks recommend_ft_vs_rag and
 estimate_resources about its own model and data, then drives validate_dataset -> start_qlora_job -> job_status
-(long-poll, with a progress bar) until the job has finished, merges the adapter with merge_adapter, deploys it
+(long-poll, with a progress bar) until the job has finished, compares the adapter with its base with
+evaluate_adapter, merges the adapter with merge_adapter, deploys it
 to the edge store, starts an edge runtime and asks it one question with and one without the adapter. The model is a
 tiny random-initialised Llama shipped in resources/ and the data a 16-example memorisation set; on 2 CPU
 cores it takes well under a minute.
@@ -68,12 +69,12 @@ async def drive(home: Path, steps: int) -> int:
     t0 = time.monotonic()
     async with Client(server) as client:
         tools = [t.name for t in (await client.list_tools()).tools]
-        say(f"[1/7] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
+        say(f"[1/8] connected to `fts-mcp serve` over stdio ({client.protocol_version}); tools: {', '.join(tools)}")
 
         advice = await call(client, "recommend_ft_vs_rag", {
             "knowledge_changes": "never", "output_format": True, "labelled_examples": 16,
             "example_quality": "high"})
-        say(f"[2/7] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
+        say(f"[2/8] recommend_ft_vs_rag: {advice['recommendation']} (confidence {advice['confidence']}): "
             f"{advice['summary']}")
         for verdict in advice["criteria"]:
             if verdict["verdict"] != "unknown":
@@ -92,7 +93,7 @@ async def drive(home: Path, steps: int) -> int:
         report = await call(client, "validate_dataset", {"path": str(data), "base_model": str(model),
                                                               "max_seq_len": 256})
         stats = report["token_stats"]
-        say(f"[3/7] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
+        say(f"[3/8] validate_dataset: ok={report['ok']} format={report['format']} examples={report['examples']} "
             f"tokens mean={stats['mean']} max={stats['max']} trained={stats['trained_tokens']}")
         for warning in report["warnings"]:
             say(f"      warning: {warning}")
@@ -103,7 +104,7 @@ async def drive(home: Path, steps: int) -> int:
             "training": {"max_steps": steps, "learning_rate": 0.01, "lr_scheduler": "constant", "warmup_ratio": 0,
                          "micro_batch_size": 16, "gradient_accumulation_steps": 1, "max_seq_len": 256,
                          "checkpoint_every_steps": 50}})
-        say(f"[4/7] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
+        say(f"[4/8] start_qlora_job: {job['job_id']} {job['state']} (QLoRA: NF4 base, double quantization, r=16)")
 
         first_loss = None
         while job["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
@@ -118,7 +119,7 @@ async def drive(home: Path, steps: int) -> int:
             if p["eta_seconds"] is not None and job["state"] == "running":
                 figures += f"  eta {p['eta_seconds']:.0f}s"
             phase = p["phase"] or job["state"]
-            say(f"\r[5/7] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
+            say(f"\r[5/8] {phase:<13} {bar(p['step'], p['total_steps'])}{figures}".ljust(100), end="")
         say()
         elapsed = time.monotonic() - t0
         if job["state"] != "succeeded":
@@ -134,6 +135,19 @@ async def drive(home: Path, steps: int) -> int:
             say(f"  {f.name:<28} {f.stat().st_size:>9,} bytes")
         say(f"loss curve: {job['artifacts']['loss_curve']}  (also the MCP resource fts://jobs/{job['job_id']}/loss.png)")
 
+        evaluation = await call(client, "evaluate_adapter", {"adapter": job["job_id"], "dataset": str(data),
+                                                             "max_examples": 16})
+        while evaluation["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
+            evaluation = await call(client, "job_status", {"job_id": evaluation["job_id"], "wait_seconds": 5})
+        if evaluation["state"] == "succeeded":
+            e = evaluation["artifacts"]["evaluation"]
+            say(f"[6/8] evaluate_adapter (on its own training data: a memorisation demo has nothing held out): "
+                f"exact match base {e['base']['exact_match']:.0%} -> adapter {e['adapter']['exact_match']:.0%}; "
+                f"general-text perplexity {e['base']['general_text_perplexity']} -> "
+                f"{e['adapter']['general_text_perplexity']}")
+        else:
+            say(f"[6/8] evaluate_adapter {evaluation['state']}: {(evaluation['error'] or {}).get('message')}")
+
         merged = await call(client, "merge_adapter", {"adapter": job["job_id"], "dtype": "float32",
                                                       "output_name": f"demo-codewords-{job['job_id']}"})
         while merged["state"] not in ("succeeded", "failed", "cancelled", "interrupted"):
@@ -142,7 +156,7 @@ async def drive(home: Path, steps: int) -> int:
             say(f"merge {merged['state']}: {(merged['error'] or {}).get('message')}")
             return 1
         v = merged["artifacts"]["verification"]
-        say(f"[6/7] merge_adapter: {merged['job_id']} merged into a 16-bit (float32) base -> "
+        say(f"[7/8] merge_adapter: {merged['job_id']} merged into a 16-bit (float32) base -> "
             f"{merged['artifacts']['output_dir']}")
         say(f"      verified on {v['inputs']} fixed inputs: max |logit diff| merged vs base+adapter "
             f"{v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:.2e}); vs the 4-bit base it was trained on "
@@ -158,7 +172,7 @@ async def drive(home: Path, steps: int) -> int:
             await wait_until_up(runtime, url)
             deployed = await call(client, "deploy_adapter", {"adapter": job["job_id"], "name": "demo-codewords",
                                                              "runtime_url": url})
-            say(f"[7/7] deploy_adapter: {deployed['model']} ({deployed['bytes']:,} bytes, bf16 weights, sha256 "
+            say(f"[8/8] deploy_adapter: {deployed['model']} ({deployed['bytes']:,} bytes, bf16 weights, sha256 "
                 f"{deployed['sha256'][:16]}…) -> {deployed['uri']}")
             say(f"      edge runtime up at {url} (one 4-bit base, adapters swapped per request); loaded the adapter "
                 f"in {deployed['swap_ms']:.1f} ms")

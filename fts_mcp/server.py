@@ -369,6 +369,25 @@ def list_models(ctx: Context) -> ModelRows:
                             roots=[str(r) for r in settings.roots]))
 
 
+@mcp.tool(title="Evaluate an adapter against its base", annotations=LAUNCHES)
+@agent_errors
+def evaluate_adapter(
+    ctx: Context,
+    adapter: Annotated[str | None, Field(description="training job id, store reference or adapter folder")] = None,
+    merged_model: Annotated[str | None, Field(description="a merged model folder instead")] = None,
+    dataset: Annotated[str | None, Field(description="held-out JSONL; default the job's eval split")] = None,
+    base_model: str | None = None,
+    answer_format: Literal["json"] | None = None,
+    regex: Annotated[str | None, Field(description="answers must fully match it")] = None,
+    max_examples: Annotated[int, Field(ge=1, le=10_000)] = 50,
+) -> JobView:
+    """Before shipping: base vs adapter on held-out data as a background `eval` job: loss, perplexity, exact
+    match, format check, a forgetting probe on general text, sample answers (artifacts.evaluation)."""
+    job = _core(ctx).evaluating.evaluate(adapter, merged_model=merged_model, dataset=dataset, base_model=base_model,
+                                         answer_format=answer_format, regex=regex, max_examples=max_examples)
+    return answer(job_view(job))
+
+
 RuntimeUrl = Annotated[str | None, Field(description="a running edge runtime or vLLM server")]
 
 
@@ -444,6 +463,18 @@ def job_metrics_resource(job_id: str, ctx: Context) -> str:
         points = [{k: e[k] for k in keys if e.get(k) is not None}
                   for e in _core(ctx).jobs.events(job_id, kind="progress") if e.get("logged") or "eval_loss" in e]
         return json.dumps({"job_id": job_id, "points": points}, separators=(",", ":"))
+
+    return _resource(read)
+
+
+@mcp.resource("fts://jobs/{job_id}/eval", mime_type="application/json",
+              description="An eval job's full report: both sides' figures and sample answers")
+def job_eval_resource(job_id: str, ctx: Context) -> str:
+    def read() -> str:
+        path = _core(ctx).jobs.folder(job_id) / "eval.json"
+        if not path.is_file():
+            raise FtsError(f"job {job_id} has no evaluation (evaluate_adapter makes one)", param="job_id")
+        return path.read_text()
 
     return _resource(read)
 

@@ -26,6 +26,7 @@ ANNOTATIONS = {
     "deploy_adapter": (False, False, True, True),  # may load it into a runtime at a URL
     "list_adapters": (True, False, True, False),
     "list_models": (True, False, True, False),
+    "evaluate_adapter": (False, False, False, False),
     "generate": (False, False, False, True),
 }
 TOOLS = set(ANNOTATIONS)

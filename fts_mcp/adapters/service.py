@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,10 +17,13 @@ from fts_mcp.adapters.spec import (
     AdapterSource,
     Combination,
     Dtype,
+    EvalJobSpec,
+    EvalSplit,
     MergeJobSpec,
     WeightedAdapter,
 )
 from fts_mcp.config import Settings
+from fts_mcp.datasets import require_valid
 from fts_mcp.errors import InvalidArgument
 from fts_mcp.io import sha256_file
 from fts_mcp.jobs.models import Job
@@ -27,6 +31,7 @@ from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JobState
 from fts_mcp.models.refs import hub_offline, resolve_model_argument
 from fts_mcp.names import check_output_name
+from fts_mcp.paths import resolve_inside
 from fts_mcp.planning.architecture import from_config, read_config
 
 
@@ -123,6 +128,57 @@ class Merging:
             raise InvalidArgument(f"{out} exists and was not written by a merge; choose another output_name",
                                   param="output_name")
         return None
+
+
+class Evaluating:
+    """Submit `eval` jobs: the base against the base with an adapter (or a merged model) on held-out data."""
+
+    def __init__(self, settings: Settings, jobs: Jobs) -> None:
+        self.settings = settings
+        self.jobs = jobs
+
+    def evaluate(self, adapter: str | None = None, *, merged_model: str | None = None, dataset: str | None = None,
+                 base_model: str | None = None, answer_format: Literal["json"] | None = None,
+                 regex: str | None = None, max_examples: int = 50, samples: int = 3,
+                 max_new_tokens: int = 64) -> Job:
+        if (adapter is None) == (merged_model is None):
+            raise InvalidArgument("give adapter (a training job, store reference or adapter folder) or merged_model "
+                                  "(a merged model folder), exactly one", param="adapter")
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise InvalidArgument(f"{regex[:80]!r} is not a regular expression: {exc}", param="regex") from None
+        split, declared = None, None
+        adapter_dir = merged_dir = None
+        if adapter is not None:
+            source = resolve_adapter(adapter, self.settings, self.jobs)
+            info = read_adapter(source.folder)
+            adapter_dir, declared = str(source.folder), source.base_model or info.base_model
+            training = source.job.spec.get("training", {}) if source.job else {}
+            if dataset is None and training.get("eval_fraction"):
+                dataset = source.job.spec["dataset"]
+                split = EvalSplit(fraction=training["eval_fraction"], seed=training.get("seed", 42))
+        else:
+            folder = resolve_inside(merged_model, self.settings.roots, param="merged_model")
+            if not (folder / "config.json").is_file():
+                raise InvalidArgument(f"{folder} has no config.json: expected a merged model folder",
+                                      param="merged_model")
+            merge = json.loads((folder / "merge.json").read_text()) if (folder / "merge.json").is_file() else {}
+            merged_dir, declared = str(folder), merge.get("spec", {}).get("base_model")
+        if dataset is None:
+            raise InvalidArgument("give dataset: a held-out JSONL file (the training job kept no eval split; train "
+                                  "with training.eval_fraction to have one)", param="dataset")
+        file = resolve_inside(dataset, self.settings.roots, param="dataset")
+        require_valid(file)
+        if base_model is None and declared is None:
+            raise InvalidArgument("the adapter does not name its base model; pass base_model", param="base_model")
+        model = resolve_model_argument(base_model or declared, self.settings)
+        spec = EvalJobSpec(base_model=model, adapter_dir=adapter_dir, merged_dir=merged_dir, dataset=str(file),
+                           split=split, answer_format=answer_format, regex=regex, max_examples=max_examples,
+                           samples=samples, max_new_tokens=max_new_tokens,
+                           trust_remote_code=self.settings.trust_remote_code)
+        return self.jobs.submit("eval", spec, model=model)
 
 
 def default_name(source: ResolvedAdapter) -> str:

@@ -49,3 +49,30 @@ class MergeJobSpec(BaseModel):
     trust_remote_code: bool = False
     training_metrics: dict[str, Any] | None = Field(None, description="the training job's figures, for the model "
                                                                       "card (single adapters from a job on record)")
+
+
+class EvalSplit(BaseModel):
+    """The held-out split of a training job: the same rows its trainer evaluated on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(gt=0, le=0.5)
+    seed: int
+
+
+class EvalJobSpec(BaseModel):
+    """What an `eval` job compares: the base alone against the base with the adapter (or a merged model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    adapter_dir: str | None = None
+    merged_dir: str | None = None
+    dataset: str
+    split: EvalSplit | None = None
+    answer_format: Literal["json"] | None = None
+    regex: str | None = None
+    max_examples: int = Field(50, ge=1, le=10_000)
+    samples: int = Field(3, ge=0, le=20)
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    trust_remote_code: bool = False

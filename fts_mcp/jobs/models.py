@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from fts_mcp.jobs.states import JobState
 
-JobKind = Literal["train", "merge", "generate"]
+JobKind = Literal["train", "merge", "generate", "eval"]
 
 
 class Progress(BaseModel):
@@ -56,6 +56,8 @@ class Artifacts(BaseModel):
     verification: Verification | None = None
     text: str | None = Field(None, description="generated text (generate jobs)")
     finish_reason: str | None = Field(None, description="stop (end of text) or length (max_tokens reached)")
+    evaluation: dict[str, Any] | None = Field(None, description="eval jobs: base vs adapter summary (eval.json has "
+                                                                 "everything)")
     files: list[ArtifactFile] = Field(default_factory=list)
 
 

@@ -49,3 +49,9 @@ def find_gpu(name: str) -> Gpu:
         raise InvalidArgument(f"unknown GPU {name!r}; known: {', '.join(g.name for g in GPUS.values())} "
                               "(or give gpu_memory_gb for another card)", param="gpu")
     return GPUS[key]
+
+
+def nearest_gpu(memory_gb: float) -> Gpu:
+    """The known card whose memory is closest to `memory_gb` (the cheaper one on a tie): the stated assumption for
+    timing a card given only by its memory."""
+    return min(GPUS.values(), key=lambda g: (abs(g.memory_gb - memory_gb), g.usd_per_hour))

@@ -11,7 +11,7 @@ from fts_mcp.planning.architecture import Architecture, from_config, read_config
 from fts_mcp.planning.estimate import METHODS, MethodChoice, ResourceEstimate, estimate, shape_for_params
 from fts_mcp.planning.estimate import Settings as EstimateSettings
 from fts_mcp.planning.families import known_family
-from fts_mcp.planning.gpus import find_gpu
+from fts_mcp.planning.gpus import find_gpu, nearest_gpu
 
 DEFAULT_TOKENS_PER_EXAMPLE = 512
 
@@ -71,6 +71,16 @@ class Planning:
             tokens = dataset_examples * (tokens_per_example or min(settings.seq_len, DEFAULT_TOKENS_PER_EXAMPLE))
         training_tokens = int(tokens * epochs) if tokens is not None else None
         methods = METHODS if method == "all" else (method,)
-        return estimate(arch, model=model, shape_source=source, methods=methods, settings=settings, gpu=card,
-                        gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
-                        training_tokens=training_tokens, utilization=utilization)
+        assumed = None
+        if card is None and gpu_memory_gb is not None:  # a card known only by its memory: time it like its peer
+            assumed = card = nearest_gpu(gpu_memory_gb)
+        result = estimate(arch, model=model, shape_source=source, methods=methods, settings=settings, gpu=card,
+                          gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
+                          training_tokens=training_tokens, utilization=utilization)
+        if assumed is not None:
+            result.gpu = None
+            what = "speed" if price_per_gpu_hour is not None else "speed and price"
+            result.notes.insert(0, f"time and cost assume the {what} of an {assumed.name} ({assumed.memory_gb:g} GB, "
+                                   f"{assumed.tflops_bf16:g} bf16 TFLOP/s), the known card nearest "
+                                   f"{gpu_memory_gb:g} GB; pass gpu for your card's own figures")
+        return result

@@ -49,3 +49,12 @@ def test_an_offline_estimate_by_hub_id_uses_the_table_and_says_so(planning):
 def test_an_unknown_hub_id_offline_still_says_what_to_do(planning):
     with pytest.raises(ModelUnavailable, match="architecture numbers"):
         planning.estimate_resources(base_model="acme/mystery-13b", settings=SETTINGS)
+
+
+def test_a_card_known_only_by_its_memory_gets_time_and_cost_from_a_stated_assumption(planning):
+    result = planning.estimate_resources(params=8_000_000_000, settings=SETTINGS, gpu_memory_gb=24,
+                                         dataset_tokens=10_000_000, epochs=1)
+    qlora = next(e for e in result.estimates if e.method == "qlora")
+    assert qlora.throughput is not None and qlora.throughput.hours > 0 and qlora.throughput.cost_usd > 0
+    assert "assume the speed and price of an" in result.notes[0] and "24 GB" in result.notes[0]
+    assert result.gpu is None and result.gpu_memory_gb == 24
