@@ -81,9 +81,15 @@ def next_steps(job: Job) -> list[dict[str, Any]]:
         return [_step("start_qlora_job", "not good enough yet: more or cleaner data, more steps, or a lower "
                       "learning rate if it forgot general text", base_model=job.spec.get("base_model"),
                       dataset="<training data>")]
-    if job.state == JobState.SUCCEEDED and job.kind == "merge":
-        return [_step("generate", "try the merged model", model="base", base_model=job.artifacts.output_dir,
-                      prompt="...")] if job.artifacts.output_dir and job.spec.get("output") == "model" else []
+    if job.state == JobState.SUCCEEDED and job.kind == "merge" and job.artifacts.output_dir:
+        out = job.artifacts.output_dir
+        if job.spec.get("output") == "adapter":
+            return [_step("evaluate_adapter", "check the combined adapter on held-out data", adapter=out,
+                          dataset="<held-out JSONL>"),
+                    _step("deploy_adapter", "publish the combined adapter", adapter=out, name="<name>")]
+        return [_step("evaluate_adapter", "compare the merged model with its base", merged_model=out,
+                      dataset="<held-out JSONL>"),
+                _step("generate", "try the merged model", model="base", base_model=out, prompt="...")]
     if job.resumable:
         return [_step("resume_job", "continue from its last checkpoint", job_id=jid)]
     if job.state == JobState.FAILED and job.error is not None:

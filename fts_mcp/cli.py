@@ -56,24 +56,17 @@ def parse_size(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
-    return value
+def positive(cast: type, what: str):
+    """An argparse type: a number of `cast` above zero."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+        return value
+    return parse
 
 
 def cmd_edge_serve(args: argparse.Namespace) -> int:
@@ -240,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8001)
     run.add_argument("--token", help="bearer token clients must send (default: FTS_AUTH_TOKEN)")
-    run.add_argument("--max-queue", type=positive_int, default=64,
+    run.add_argument("--max-queue", type=positive(int, "a whole number"), default=64,
                      help="requests waiting or running at once; more get 429 with Retry-After")
-    run.add_argument("--request-timeout", type=positive_float, default=300.0,
+    run.add_argument("--request-timeout", type=positive(float, "a number of seconds"), default=300.0,
                      help="seconds a request may take, waiting included; past it: 504")
     run.add_argument("--allowed-host", action="append", default=[],
                      help="extra Host header value to accept, e.g. edge.example.com:443 (repeatable)")
