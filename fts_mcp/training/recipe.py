@@ -53,6 +53,9 @@ def build_datasets(spec: TrainJobSpec, tokenizer: Any) -> tuple[Dataset, Dataset
     return split["train"], split["test"]
 
 
+REPORT_EVERY_SECONDS = 1.0
+
+
 class Progress(TrainerCallback):
     """Reports step, loss, learning rate, tokens/s and ETA through the job context; turns a stop request into a
     checkpoint.
@@ -65,6 +68,7 @@ class Progress(TrainerCallback):
         self.ctx = ctx
         self.start: tuple[float, int] | None = None  # (time, step) of this run's first step
         self.last: tuple[float, int] | None = None  # (time, tokens seen) at the last logged loss
+        self.reported_at = float("-inf")  # when step/ETA last went to the store
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.ctx.report({"phase": "training", "total_steps": state.max_steps}, event=False)
@@ -76,11 +80,16 @@ class Progress(TrainerCallback):
             self.ctx.rewind(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        started, step0 = self.start or (time.monotonic(), state.global_step)
-        done = state.global_step - step0
-        eta = (time.monotonic() - started) / done * (state.max_steps - state.global_step) if done else None
-        self.ctx.report({"step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
-                         "eta_seconds": eta}, event=False)
+        now = time.monotonic()
+        if now - self.reported_at >= REPORT_EVERY_SECONDS or state.global_step >= state.max_steps:
+            # at most about once a second (and at the last step): a store write per step costs more than a tiny
+            # model's step; logged losses are reported by on_log whenever they come
+            started, step0 = self.start or (now, state.global_step)
+            done = state.global_step - step0
+            eta = (now - started) / done * (state.max_steps - state.global_step) if done else None
+            self.ctx.report({"step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
+                             "eta_seconds": eta}, event=False)
+            self.reported_at = now
         if self.ctx.stop:
             control.should_save = True
             control.should_training_stop = True

@@ -66,3 +66,20 @@ def test_a_stop_request_asks_the_trainer_to_save_and_stop(tmp_path):
     progress.on_step_begin(None, state, control)
     progress.on_step_end(None, state, control)
     assert control.should_save and control.should_training_stop
+
+
+def test_step_progress_reaches_the_store_about_once_a_second(tmp_path, monkeypatch):
+    """Fifty 10 ms steps report their step and ETA a handful of times, not fifty; the last step always."""
+    clock = Clock()
+    monkeypatch.setattr(recipe.time, "monotonic", clock)
+    ctx, reports = recording_context(tmp_path)
+    progress = recipe.Progress(ctx)
+    state = SimpleNamespace(global_step=0, max_steps=50, epoch=0.0, num_input_tokens_seen=0)
+    control = SimpleNamespace()
+    for step in range(1, 51):
+        progress.on_step_begin(None, state, control)
+        clock.now += 0.01
+        state.global_step = step
+        progress.on_step_end(None, state, control)
+    steps = [r["step"] for r in reports if "eta_seconds" in r]
+    assert steps[-1] == 50 and len(steps) <= 3, steps
