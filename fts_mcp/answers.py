@@ -3,11 +3,12 @@
 Every tool schema and every answer is in the agent's context, so these views keep what an agent acts on and
 leave the rest to resources (`fts://jobs/{id}` has the whole record, `fts://jobs/{id}/log` the log). Schemas
 stay honest: open-ended parts (progress figures, artifact paths, a spec) are typed as objects, and their keys
-are listed in README and `fts://docs/answers`.
+are listed in README's tool section.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,6 +38,7 @@ class JobView(BaseModel):
     times: dict[str, Any]  # created, started, updated, finished (ISO 8601, UTC)
     log_tail: list[str] = []
     next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
+    note: str | None = None  # e.g. that a long-poll was capped
 
 
 class JobRow(BaseModel):
@@ -74,12 +76,17 @@ def next_steps(job: Job) -> list[dict[str, Any]]:
                       name=str(job.spec.get("output_name", "adapter")).lower()[:64])]
     if job.state == JobState.SUCCEEDED and job.kind == "eval":
         evaluation = job.artifacts.evaluation or {}
-        source = job.spec.get("adapter_dir")
-        if evaluation.get("better") and not evaluation.get("forgetting") and source:
-            return [_step("deploy_adapter", "it beats the base: ship it", adapter=source, name="<name>"),
-                    _step("merge_adapter", "or fold it into the base for serving without adapters", adapter=source)]
-        return [_step("start_qlora_job", "not good enough yet: more or cleaner data, more steps, or a lower "
-                      "learning rate if it forgot general text", base_model=job.spec.get("base_model"),
+        good = evaluation.get("better") and not evaluation.get("forgetting")
+        if job.spec.get("merged_dir"):
+            return [_step("generate", "try the merged model" if good else "see how it answers", model="base",
+                          base_model=job.spec["merged_dir"], prompt="...")]
+        ref = job.spec.get("adapter_ref") or job.spec.get("adapter_dir")
+        if good:
+            return [_step("deploy_adapter", "it beats the base: ship it", adapter=ref,
+                          name=Path(str(ref)).name.lower().split("@")[0].split(":")[0][:64] or "adapter"),
+                    _step("merge_adapter", "or fold it into the base for serving without adapters", adapter=ref)]
+        return [_step("start_qlora_job", "not better yet: more or cleaner data or more steps; a lower learning "
+                      "rate if it forgot general text", base_model=job.spec.get("base_model"),
                       dataset="<training data>")]
     if job.state == JobState.SUCCEEDED and job.kind == "merge" and job.artifacts.output_dir:
         out = job.artifacts.output_dir
@@ -92,11 +99,14 @@ def next_steps(job: Job) -> list[dict[str, Any]]:
                 _step("generate", "try the merged model", model="base", base_model=out, prompt="...")]
     if job.resumable:
         return [_step("resume_job", "continue from its last checkpoint", job_id=jid)]
-    if job.state == JobState.FAILED and job.error is not None:
-        if job.error.code == "out_of_memory":
-            return [_step("estimate_resources", "find a configuration that fits this device",
-                          base_model=job.spec.get("base_model"))]
+    if job.state == JobState.FAILED and job.error is not None and job.error.code == "out_of_memory":
+        return [_step("estimate_resources", "find a configuration that fits this device",
+                      base_model=job.spec.get("base_model"))]
+    if job.state == JobState.FAILED:
         return [_step("job_status", "read the log tail for the cause", job_id=jid, log_lines=40)]
+    if job.state == JobState.CANCELLED and job.kind == "train":
+        return [_step("start_qlora_job", "it stopped before its first checkpoint: start it again",
+                      base_model=job.spec.get("base_model"), dataset=job.spec.get("dataset"))]
     return []
 
 

@@ -3,7 +3,7 @@
 | variable | meaning | default |
 |---|---|---|
 | `FTS_HOME` | where jobs, the job store and outputs live | the per-user data folder (`platformdirs`) |
-| `FTS_ROOTS` | `os.pathsep`-separated folders path arguments must be in | `FTS_HOME` + start folder (not `/`, `~`) |
+| `FTS_ROOTS` | folders (`os.pathsep`) path arguments must be in, besides `FTS_HOME` | start folder (not `/`, `~`) |
 | `FTS_STORE` | the adapter store folder, the same for every command and tool | `FTS_HOME/store` |
 | `FTS_GPUS` | CUDA device indices to run jobs on (`0,1`), or `none` for the CPU slot | every visible CUDA device |
 | `FTS_TRUST_REMOTE_CODE` | `1` lets models run code shipped in their repository | off |
@@ -90,8 +90,9 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         home = Path(env.get("FTS_HOME") or platformdirs.user_data_dir("fts-mcp")).expanduser().resolve()
-        if env.get("FTS_ROOTS"):
-            roots = tuple(Path(p).expanduser().resolve() for p in env["FTS_ROOTS"].split(os.pathsep) if p)
+        if env.get("FTS_ROOTS"):  # FTS_HOME stays a root: merged models, adapters and the demo model live there
+            given = tuple(Path(p).expanduser().resolve() for p in env["FTS_ROOTS"].split(os.pathsep) if p)
+            roots = given if any(home == r or home.is_relative_to(r) for r in given) else (home, *given)
         else:
             roots = default_roots(home, Path.cwd().resolve(), Path(env.get("HOME") or Path.home()).resolve())
         return cls(

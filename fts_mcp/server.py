@@ -60,14 +60,15 @@ log = logging.getLogger("fts_mcp.server")
 
 INSTRUCTIONS = """\
 fts-mcp fine-tunes LoRA / QLoRA adapters on this host's GPUs (or CPU) as background jobs.
-Plan first: recommend_ft_vs_rag (is fine-tuning the right tool?) and estimate_resources (memory, fit, time,
-cost); reference documents are at fts://docs. Then: validate_dataset -> start_qlora_job -> job_status (with
-wait_seconds to long-poll) until the job is succeeded -> use artifacts.adapter_dir. cancel_job stops a job
-with a checkpoint; resume_job continues an interrupted job, or a cancelled one that saved a checkpoint.
-Jobs outlive this server; list_jobs shows them. Paths must lie inside the configured roots."""
+Plan: recommend_ft_vs_rag, then estimate_resources; list_models shows the base models usable here; reference
+documents are at fts://docs. Then validate_dataset -> start_qlora_job -> job_status (wait_seconds long-polls)
+-> evaluate_adapter (is it better than the base on held-out data?) -> merge_adapter and/or deploy_adapter ->
+generate. Every job answer's `next` says what to call next. cancel_job stops a job with a checkpoint;
+resume_job continues it. Jobs outlive this server. Paths must lie inside the configured roots."""
 
 TICK_SECONDS = 1.0
-SAFE_WAIT_SECONDS = 45.0  # TypeScript clients time a request out at 60 s unless progress resets their timer
+SAFE_WAIT_SECONDS = 45.0
+HEARTBEAT_SECONDS = 10.0  # TypeScript clients time a request out at 60 s unless progress resets their timer
 MAX_WAIT_SECONDS = 300.0
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 # Starts work; asked twice, starts it twice.
@@ -122,7 +123,7 @@ async def lifespan(_server: MCPServer) -> AsyncIterator[Core | FtsError]:
 
 def compact_schema(node: Any, drop: tuple[str, ...] = ("title",)) -> Any:
     """A JSON schema without the `title` pydantic gives every property and model (the name already says it) and,
-    for answers, without descriptions (README and fts://docs/answers say what each field means): every tool's
+    for answers, without descriptions (README's tool section says what each field means): every tool's
     schema is in the agent's context on every turn."""
     if isinstance(node, dict):
         return {k: compact_schema(v, drop) for k, v in node.items() if not (k in drop and isinstance(v, str))}
@@ -146,6 +147,10 @@ def optional_not_null(node: Any) -> Any:
     return node
 
 
+# Object arguments whose keys are checked by a model: an unknown top-level argument may be one of their keys.
+NESTED = {"start_qlora_job": {"training": TrainingSpec, "lora": LoraSpec}}
+
+
 class FtsServer(MCPServer):
     """MCPServer with compact tool schemas and argument errors an agent fixes in one try."""
 
@@ -163,7 +168,11 @@ class FtsServer(MCPServer):
             known = list(tool.parameters.get("properties", {}))
             for given in arguments:
                 if given not in known:  # the SDK would drop it silently: say so, with the closest argument
-                    close = difflib.get_close_matches(given, known, n=1, cutoff=0.5)
+                    nested = [f"{outer}.{field}" for outer, model in NESTED.get(name, {}).items()
+                              for field in model.model_fields]
+                    close = difflib.get_close_matches(given, known, n=1, cutoff=0.5) or \
+                        difflib.get_close_matches(given, [n.split(".")[1] for n in nested], n=1, cutoff=0.5)
+                    close = [next((n for n in nested if n.endswith(f".{c}")), c) for c in close]
                     hint = f"did you mean {close[0]}?" if close else f"arguments: {', '.join(known)}"
                     raise ToolError(f"Error executing tool {name}: {given}: not a known argument; {hint}")
         try:
@@ -293,18 +302,24 @@ async def job_status(
         wait = SAFE_WAIT_SECONDS
         note = (f"waited at most {SAFE_WAIT_SECONDS:g} s (not {wait_seconds:g}): without a progress token many "
                 "clients time out at 60 s; call job_status again to keep waiting")
-    last_step = None
+    last = {"step": None, "at": 0.0, "value": -1.0}
 
     async def report(job: Job) -> None:
-        nonlocal last_step
-        p = job.progress
-        if p.step != last_step:
-            last_step = p.step
-            loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
-            await ctx.report_progress(p.step, p.total_steps, f"{job.state} step {p.step}/{p.total_steps or '?'}{loss}")
+        """A notification on every new step, and at least every HEARTBEAT_SECONDS meanwhile (loading, queued, an
+        eval): clients that reset their timeout on progress must hear something. The value always rises."""
+        p, now = job.progress, anyio.current_time()
+        if p.step == last["step"] and now - last["at"] < HEARTBEAT_SECONDS:
+            return
+        value = max(float(p.step), last["value"] + 0.001)
+        last.update(step=p.step, at=now, value=value)
+        loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+        phase = p.phase or job.state
+        await ctx.report_progress(value, p.total_steps, f"{phase} step {p.step}/{p.total_steps or '?'}{loss}")
 
     job = await watch(lambda: core.jobs.get(job_id, log_lines=log_lines), wait_seconds=wait, on_poll=report)
-    return answer(job_view(job, detail=detail), note)
+    view = job_view(job, detail=detail)
+    view.note = note
+    return answer(view)
 
 
 @mcp.tool(title="List jobs", annotations=READ_ONLY)
@@ -362,9 +377,10 @@ def merge_adapter(
 @mcp.tool(title="List base models", annotations=READ_ONLY)
 @agent_errors
 def list_models(ctx: Context) -> ModelRows:
-    """Base models usable here (pass base_model as given): folders in the roots, hub ids in the local Hugging Face
-    cache, and the built-in demo model."""
-    settings = _core(ctx).settings
+    """Base models usable here (pass base_model as given): folders in the roots, the local Hugging Face cache,
+    the demo model."""
+    core = ctx.request_context.lifespan_context
+    settings = Settings.from_env() if isinstance(core, FtsError) else core.settings  # no job store needed
     return answer(ModelRows(models=[m.model_dump() for m in catalog.list_models(settings)],
                             roots=[str(r) for r in settings.roots]))
 
@@ -381,8 +397,8 @@ def evaluate_adapter(
     regex: Annotated[str | None, Field(description="answers must fully match it")] = None,
     max_examples: Annotated[int, Field(ge=1, le=10_000)] = 50,
 ) -> JobView:
-    """Before shipping: base vs adapter on held-out data as a background `eval` job: loss, perplexity, exact
-    match, format check, a forgetting probe on general text, sample answers (artifacts.evaluation)."""
+    """Before shipping: base vs adapter on held-out data (background job): loss, exact match, format check,
+    forgetting probe, sample answers."""
     job = _core(ctx).evaluating.evaluate(adapter, merged_model=merged_model, dataset=dataset, base_model=base_model,
                                          answer_format=answer_format, regex=regex, max_examples=max_examples)
     return answer(job_view(job))
@@ -518,7 +534,7 @@ def recommend_ft_vs_rag(
     return answer(plain_view(AdviceView, _planning(ctx).recommend_ft_vs_rag(criteria)))
 
 
-Count = Annotated[int | None, Field(ge=1, le=10_000_000)]
+Count = int | None  # bounds are the Architecture model's, checked (and named) by the core
 
 
 @mcp.tool(title="Estimate memory, time and cost", annotations=READ_ONLY)
@@ -549,8 +565,8 @@ def estimate_resources(
     price_per_gpu_hour: Annotated[float | None, Field(ge=0, le=10_000)] = None,
     utilization: Annotated[float | None, Field(gt=0, le=1)] = None,
 ) -> EstimateView:
-    """Before training: GPU memory by term for full, LoRA and QLoRA, fit, a configuration that fits, and with a
-    dataset size time and cost. Give base_model, params or the shape (layers ... vocab)."""
+    """Before training: GPU memory by term for full, LoRA and QLoRA, fit, a fitting configuration, time and cost.
+    Give base_model, params or the shape."""
     settings = EstimateSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
                                 target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                                 optimizer=optimizer)

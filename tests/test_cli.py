@@ -69,10 +69,11 @@ def test_demo_runs_end_to_end(fts_home):
     done = subprocess.run([sys.executable, "-m", "fts_mcp", "demo", "--steps", "40"], capture_output=True, text=True,
                           timeout=180, cwd=fts_home)
     assert done.returncode == 0, done.stdout + done.stderr
-    for step in ("[1/7]", "[2/7] recommend_ft_vs_rag: neither_yet", "qlora", "[3/7] validate_dataset: ok=True",
-                 "[4/7] start_qlora_job", "succeeded, step 40", "[6/7] merge_adapter", "max |logit diff|",
-                 "[7/7] deploy_adapter: demo-codewords@v", "edge runtime up", "-> '", "try it: curl"):
-        assert step in done.stdout
+    for step in ("[1/8]", "[2/8] recommend_ft_vs_rag: neither_yet", "qlora", "[3/8] validate_dataset: ok=True",
+                 "[4/8] start_qlora_job", "succeeded, step 40", "[6/8] evaluate_adapter", "exact match base",
+                 "[7/8] merge_adapter", "max |logit diff|", "[8/8] deploy_adapter: demo-codewords@v",
+                 "edge runtime up", "-> '", "try it: curl"):
+        assert step in done.stdout, step
 
 
 def test_deploy_adapters_and_merge_commands(fts_home, tiny_model, adapter_a, capsys, monkeypatch, tmp_path):

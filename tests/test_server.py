@@ -88,7 +88,8 @@ async def test_list_jobs_costs_at_most_400_characters_a_job(fts_home):
     ("start_qlora_job", {"base_model": "m", "dataset": "d", "lora": {"rank": 8}},
      "lora.rank: not a known argument; did you mean lora.r?"),
     ("start_qlora_job", {"base_model": "m", "dataset": "d", "batch_size": 8},
-     "batch_size: not a known argument; arguments:"),
+     "batch_size: not a known argument; did you mean training.micro_batch_size?"),
+    ("start_qlora_job", {"base_model": "m", "dataset": "d", "zzz": 8}, "zzz: not a known argument; arguments:"),
     ("start_qlora_job", {"base_model": "m", "datset": "d"}, "datset: not a known argument; did you mean dataset?"),
     ("merge_adapter", {"adapters": [{"adapter": "a", "wieght": 2}]},
      "adapters[0].wieght: not a known argument; did you mean adapters[0].weight?"),
@@ -127,9 +128,12 @@ async def test_long_polls_stay_within_what_any_client_waits_for(fts_home, monkey
     store.transition(waiting.job_id, JobState.QUEUED)
     store.close()
 
-    async def on_progress(progress, total, message):
-        pass
+    heard = []
 
+    async def on_progress(progress, total, message):
+        heard.append(progress)
+
+    monkeypatch.setattr(server, "HEARTBEAT_SECONDS", 0.2)
     async with Client(mcp, mode="legacy") as client:
         started = time.monotonic()
         capped = await client.call_tool("job_status", {"job_id": waiting.job_id, "wait_seconds": 1.0})
@@ -142,7 +146,9 @@ async def test_long_polls_stay_within_what_any_client_waits_for(fts_home, monkey
     sleeper.wait()
     assert capped.structured_content["state"] == honoured.structured_content["state"] == "queued"
     assert capped_for < 0.9 and "waited at most 0.3 s" in capped.content[0].text
+    assert "waited at most 0.3 s" in capped.structured_content["note"]  # said in the structured answer too
     assert honoured_for >= 0.9 and "waited at most" not in honoured.content[0].text
+    assert len(heard) >= 3 and heard == sorted(set(heard))  # heartbeats while nothing moves, always rising
 
 
 async def test_answers_say_what_to_do_next(fts_home, tiny_model, tmp_path):

@@ -109,6 +109,15 @@ def format_ok(spec: EvalJobSpec, text: str) -> bool:
     return True
 
 
+def structured(text: str) -> bool:
+    """Expected answers that are JSON objects or arrays make the format check automatic (a bare 42 or true is
+    JSON too, but says nothing about format)."""
+    try:
+        return isinstance(json.loads(text), dict | list)
+    except ValueError:
+        return False
+
+
 def side(model: Any, tokenizer: Any, spec: EvalJobSpec, batch: list[dict[str, Any]], check_format: bool
          ) -> dict[str, Any]:
     total, count = completion_loss(model, batch)
@@ -149,7 +158,7 @@ def run(spec: EvalJobSpec, ctx: JobContext) -> Artifacts:
     batch = examples(spec, tokenizer)
     expected = [e["expected"] for e in batch if e["expected"] is not None]
     check_format = spec.answer_format == "json" or spec.regex is not None or \
-        (bool(expected) and all(format_ok(spec, x) for x in expected))
+        (bool(expected) and all(structured(x) for x in expected))
     base = loading.load_model(spec.base_model, trust_remote_code=spec.trust_remote_code).eval()
     ctx.phase("evaluating")
     if spec.adapter_dir:
@@ -172,6 +181,7 @@ def run(spec: EvalJobSpec, ctx: JobContext) -> Artifacts:
               "summary": summary, "samples": samples, "dataset": spec.dataset,
               "split": spec.split.model_dump() if spec.split else None}
     write_json_atomic(ctx.workdir / "eval.json", report)
+    brief = [{k: v[:120] for k, v in sample.items()} for sample in samples[:2]]  # the rest: fts://jobs/{id}/eval
     return Artifacts(metrics=str(ctx.workdir / "eval.json"),
-                     evaluation={k: report[k] for k in ("examples", "base", "adapter", "better", "forgetting",
-                                                        "summary", "samples")})
+                     evaluation={**{k: report[k] for k in ("examples", "base", "adapter", "better", "forgetting",
+                                                           "summary")}, "samples": brief})

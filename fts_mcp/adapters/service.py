@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -144,6 +145,9 @@ class Evaluating:
         if (adapter is None) == (merged_model is None):
             raise InvalidArgument("give adapter (a training job, store reference or adapter folder) or merged_model "
                                   "(a merged model folder), exactly one", param="adapter")
+        if regex is not None and answer_format is not None:
+            raise InvalidArgument("give answer_format or regex, not both (a regex can require JSON too)",
+                                  param="regex")
         if regex is not None:
             try:
                 re.compile(regex)
@@ -156,7 +160,9 @@ class Evaluating:
             info = read_adapter(source.folder)
             adapter_dir, declared = str(source.folder), source.base_model or info.base_model
             training = source.job.spec.get("training", {}) if source.job else {}
-            if dataset is None and training.get("eval_fraction"):
+            held_out = math.floor(source.job.spec.get("dataset_examples", 0) * training.get("eval_fraction", 0)) \
+                if source.job else 0
+            if dataset is None and held_out:
                 dataset = source.job.spec["dataset"]
                 split = EvalSplit(fraction=training["eval_fraction"], seed=training.get("seed", 42))
         else:
@@ -174,7 +180,8 @@ class Evaluating:
         if base_model is None and declared is None:
             raise InvalidArgument("the adapter does not name its base model; pass base_model", param="base_model")
         model = resolve_model_argument(base_model or declared, self.settings)
-        spec = EvalJobSpec(base_model=model, adapter_dir=adapter_dir, merged_dir=merged_dir, dataset=str(file),
+        spec = EvalJobSpec(base_model=model, adapter_dir=adapter_dir, adapter_ref=adapter, merged_dir=merged_dir,
+                           dataset=str(file),
                            split=split, answer_format=answer_format, regex=regex, max_examples=max_examples,
                            samples=samples, max_new_tokens=max_new_tokens,
                            trust_remote_code=self.settings.trust_remote_code)

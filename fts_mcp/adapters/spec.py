@@ -67,6 +67,8 @@ class EvalJobSpec(BaseModel):
 
     base_model: str
     adapter_dir: str | None = None
+    adapter_ref: str | None = Field(None, description="the adapter as the caller named it (job id, store reference, "
+                                                      "folder): what a next deploy or merge takes")
     merged_dir: str | None = None
     dataset: str
     split: EvalSplit | None = None

@@ -22,6 +22,7 @@ MAX_DIRS = 2_000  # folders visited per root
 MAX_DEPTH = 3
 WEIGHTS = ("*.safetensors", "*.bin", "*.gguf")
 SKIP = {"jobs", "edge-cache", "store", "node_modules", "__pycache__"}
+CAUSAL = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 class ModelInfo(BaseModel):
@@ -51,6 +52,8 @@ def describe(folder: Path, name: str, source: str, size: int | None = None) -> M
     except (OSError, ValueError, FtsError):
         return None
     kind = (config.get("architectures") or [config.get("model_type")])[0]
+    if config.get("architectures") and not any(a.endswith(CAUSAL) for a in config["architectures"]):
+        return None  # an encoder or classifier: not a base for this server's causal-LM fine-tunes
     template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
     if not template and (folder / "tokenizer_config.json").is_file():
         try:
@@ -74,7 +77,7 @@ def _folders(root: Path) -> list[Path]:
         except OSError:
             continue
         names = {e.name for e in entries}
-        if "config.json" in names and any(folder.glob(p) for p in WEIGHTS):
+        if "config.json" in names and any(next(folder.glob(p), None) is not None for p in WEIGHTS):
             found.append(folder)
             continue
         if depth < MAX_DEPTH:

@@ -36,17 +36,17 @@ class Criteria(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     knowledge_changes: Literal["never", "yearly", "monthly", "weekly", "daily", "realtime"] | None = Field(
-        None, description="how often the facts the model must use change")
-    output_format: bool | None = Field(None, description="a specific output format or schema must be followed")
-    reasoning_style: bool | None = Field(None, description="a custom reasoning or writing style must be learned")
-    domain_jargon: bool | None = Field(None, description="the domain uses vocabulary a general model handles poorly")
+        None, description="how often the facts change")
+    output_format: bool | None = Field(None, description="a set output format or schema")
+    reasoning_style: bool | None = Field(None, description="a style to learn")
+    domain_jargon: bool | None = Field(None, description="vocabulary general models lack")
     factual_accuracy_with_sources: bool | None = Field(
-        None, description="answers must be factually exact and cite their sources")
+        None, description="exact facts with sources")
     budget: Literal["tight", "moderate", "ample"] | None = None
-    maximum_quality: bool | None = Field(None, description="the best achievable quality is the aim")
+    maximum_quality: bool | None = Field(None, description="best quality is the aim")
     labelled_examples: int | None = Field(None, ge=0, le=1_000_000_000, description="labelled examples available")
     example_quality: Literal["low", "mixed", "high"] | None = None
-    latency_sensitive: bool | None = Field(None, description="tight latency budget (no room for a retrieval hop)")
+    latency_sensitive: bool | None = Field(None, description="no time for a retrieval hop")
     deployment: Literal["cloud", "on_prem", "edge"] | None = None
 
 

@@ -77,8 +77,12 @@ class Planning:
         result = estimate(arch, model=model, shape_source=source, methods=methods, settings=settings, gpu=card,
                           gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
                           training_tokens=training_tokens, utilization=utilization)
+        if training_tokens is None and (card is not None):
+            result.notes.insert(0, "time and cost need the amount of training: give dataset_examples (with "
+                                   "tokens_per_example) or dataset_tokens")
         if assumed is not None:
             result.gpu = None
+        if assumed is not None and training_tokens is not None:
             what = "speed" if price_per_gpu_hour is not None else "speed and price"
             result.notes.insert(0, f"time and cost assume the {what} of an {assumed.name} ({assumed.memory_gb:g} GB, "
                                    f"{assumed.tflops_bf16:g} bf16 TFLOP/s), the known card nearest "

@@ -36,6 +36,17 @@ async def test_list_models_finds_a_folder_a_cached_hub_id_and_the_demo(fts_home,
                                                                        monkeypatch):
     cache = tmp_path / "hf-cache"
     fake_hub_cache(cache, "acme/tiny-chat", tiny_model)
+    encoder = tmp_path / "encoder"  # a cached classifier is not a base for causal-LM fine-tuning
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({**json.loads((tiny_model / "config.json").read_text()),
+                                                      "architectures": ["BertForSequenceClassification"]}))
+    (encoder / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes())
+    fake_hub_cache(cache, "acme/encoder", encoder)
+    app = tmp_path / "app"  # a config.json without weights is an app's, not a model's
+    (app / "nested-model").mkdir(parents=True)
+    (app / "config.json").write_text("{}")
+    for f in tiny_model.iterdir():
+        (app / "nested-model" / f.name).write_bytes(f.read_bytes())
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     async with Client(mcp) as client:
         answer = (await client.call_tool("list_models", {})).structured_content
@@ -43,6 +54,8 @@ async def test_list_models_finds_a_folder_a_cached_hub_id_and_the_demo(fts_home,
     for model in answer["models"]:
         by_source.setdefault(model["source"], []).append(model)
     assert any(m["base_model"] == str(tiny_model) for m in by_source["folder"])
+    assert any(m["base_model"] == str(tmp_path / "app" / "nested-model") for m in by_source["folder"])
+    assert not any(m["base_model"] == str(tmp_path / "app") for m in by_source["folder"])
     (cached,) = by_source["hub-cache"]
     assert cached["base_model"] == "acme/tiny-chat" and cached["architecture"] == "LlamaForCausalLM"
     assert cached["parameters"] == by_source["folder"][0]["parameters"] > 0 and cached["chat_template"]

@@ -58,3 +58,9 @@ def test_a_card_known_only_by_its_memory_gets_time_and_cost_from_a_stated_assump
     assert qlora.throughput is not None and qlora.throughput.hours > 0 and qlora.throughput.cost_usd > 0
     assert "assume the speed and price of an" in result.notes[0] and "24 GB" in result.notes[0]
     assert result.gpu is None and result.gpu_memory_gb == 24
+
+
+def test_without_a_dataset_size_the_answer_says_what_to_add(planning):
+    result = planning.estimate_resources(params=8_000_000_000, settings=SETTINGS, gpu="L4")
+    assert all(e.throughput is None or e.throughput.hours is None for e in result.estimates)
+    assert "give dataset_examples" in result.notes[0]

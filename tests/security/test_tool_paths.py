@@ -72,3 +72,10 @@ def test_the_server_says_which_roots_are_in_force(fts_home, monkeypatch):
                           timeout=60, cwd="/")
     assert f"path arguments must lie inside: {fts_home}" in done.stderr
     assert f"{fts_home}, /" not in done.stderr  # / is never a root implicitly
+
+
+def test_fts_home_stays_a_root_when_fts_roots_is_set(tmp_path):
+    from fts_mcp.config import Settings
+
+    settings = Settings.from_env({"FTS_HOME": str(tmp_path / "home"), "FTS_ROOTS": str(tmp_path / "data")})
+    assert settings.roots == ((tmp_path / "home").resolve(), (tmp_path / "data").resolve())
