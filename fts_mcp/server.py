@@ -112,6 +112,10 @@ async def lifespan(_server: MCPServer) -> AsyncIterator[Core | FtsError]:
         log.error("%s", exc)
         yield exc
         return
+    try:
+        catalog.stage_demo_model(core.settings.home)  # so list_models can offer a model that trains anywhere
+    except OSError as exc:
+        log.warning("could not stage the demo model under %s: %s", core.settings.home, exc)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_monitor, core)
         try:

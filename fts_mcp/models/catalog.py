@@ -1,6 +1,7 @@
 """Base models usable on this host: model folders under the roots, hub ids already in the local Hugging Face
-cache, and the built-in demo model. Reads config.json and tokenizer files only (never weights, no torch), with
-bounded walks, so an agent can pick a `base_model` that will load instead of inventing a hub id."""
+cache, and the built-in demo model (staged under FTS_HOME when the server starts). Reads config.json and tokenizer
+files only (never weights, no torch), with bounded walks, so an agent can pick a `base_model` that will load
+instead of inventing a hub id."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class ModelInfo(BaseModel):
 
 def stage_demo_model(home: Path) -> Path:
     """The shipped tiny model, copied under FTS_HOME (inside the default roots) once."""
-    target = home / "demo" / "tiny-llama"
+    target = demo_folder(home)
     if not (target / "config.json").exists():
         with as_file(files("fts_mcp.resources")) as shipped:
             shutil.copytree(shipped / DEMO_MODEL, target, dirs_exist_ok=True)
@@ -111,10 +112,15 @@ def _cached(settings: Settings) -> list[ModelInfo]:
     return out
 
 
+def demo_folder(home: Path) -> Path:
+    return home / "demo" / "tiny-llama"
+
+
 def list_models(settings: Settings) -> list[ModelInfo]:
+    """Reads only: the demo model is listed once the server has staged it (it does at start-up)."""
     models = []
-    demo = stage_demo_model(settings.home)
-    if (info := describe(demo, str(demo), "demo")) is not None:
+    demo = demo_folder(settings.home)
+    if demo.is_dir() and (info := describe(demo, str(demo), "demo")) is not None:
         models.append(info)
     for root in settings.roots:
         for folder in _folders(root):

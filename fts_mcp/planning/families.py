@@ -46,18 +46,23 @@ FAMILIES: dict[str, Architecture] = {
     "qwen3-32b": _a(64, 5120, 25_600, 64, 8, 151_936, head_dim=128),
     # Mistral (mistralai)
     "mistral-7b-v0.1": _a(32, 4096, 14_336, 32, 8, 32_000),
+    "mistral-7b-v0.2": _a(32, 4096, 14_336, 32, 8, 32_000),
     "mistral-7b-v0.3": _a(32, 4096, 14_336, 32, 8, 32_768),
     "mistral-nemo-2407": _a(40, 5120, 14_336, 32, 8, 131_072, head_dim=128),
     # Gemma 2 (google)
     "gemma-2-2b": _a(26, 2304, 9216, 8, 4, 256_000, head_dim=256, tied=True),
     "gemma-2-9b": _a(42, 3584, 14_336, 16, 8, 256_000, head_dim=256, tied=True),
     "gemma-2-27b": _a(46, 4608, 36_864, 32, 16, 256_000, head_dim=128, tied=True),
+    # Gemma 3 text models (google; gemma-3-1b is text-only, the larger ones' language model)
+    "gemma-3-1b": _a(26, 1152, 6912, 4, 1, 262_144, head_dim=256, tied=True),
     # Phi (microsoft)
     "phi-3-mini": _a(32, 3072, 8192, 32, 32, 32_064),
     "phi-3.5-mini": _a(32, 3072, 8192, 32, 32, 32_064),
     "phi-4": _a(40, 5120, 17_920, 40, 10, 100_352),
 }
-ALIASES = {"meta-llama-3.1-8b": "llama-3.1-8b", "meta-llama-3-8b": "llama-3-8b", "meta-llama-3-70b": "llama-3-70b",
+ALIASES = {**{f"qwen2.5-coder-{size}": f"qwen2.5-{size}" for size in ("0.5b", "1.5b", "3b", "7b", "14b", "32b")},
+           **{f"qwen3-{size}-2507": f"qwen3-{size}" for size in ("4b",)},
+           "meta-llama-3.1-8b": "llama-3.1-8b", "meta-llama-3-8b": "llama-3-8b", "meta-llama-3-70b": "llama-3-70b",
            "meta-llama-3.1-70b": "llama-3.1-70b", "mistral-nemo-base-2407": "mistral-nemo-2407",
            "mistral-nemo-instruct-2407": "mistral-nemo-2407"}
 VARIANT = re.compile(r"-(instruct|it|chat|hf|base|4k|128k)(?=-|$)")

@@ -12,7 +12,7 @@ from fts_mcp.planning.service import Planning
 # Parameter counts the model cards publish (billions).
 PUBLISHED = {"llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "llama-3.1-8b": 8.03, "llama-3.1-70b": 70.6,
              "qwen2.5-7b": 7.62, "qwen2.5-72b": 72.7, "qwen3-8b": 8.19, "mistral-7b-v0.3": 7.25, "gemma-2-9b": 9.24,
-             "phi-3-mini": 3.82, "phi-4": 14.7}
+             "phi-3-mini": 3.82, "phi-4": 14.7, "gemma-3-1b": 1.0}
 SETTINGS = EstimateSettings(seq_len=2048, micro_batch=4, lora_r=16, target_modules="all-linear",
                             gradient_checkpointing=True, optimizer="adamw_32bit")
 
@@ -26,6 +26,8 @@ def test_the_table_reproduces_published_parameter_counts(entry, billions):
     ("meta-llama/Llama-3.1-8B", "llama-3.1-8b"), ("meta-llama/Meta-Llama-3.1-8B-Instruct", "llama-3.1-8b"),
     ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"), ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b-v0.3"),
     ("google/gemma-2-9b-it", "gemma-2-9b"), ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini"),
+    ("Qwen/Qwen2.5-Coder-7B-Instruct", "qwen2.5-7b"), ("Qwen/Qwen3-4B-Instruct-2507", "qwen3-4b"),
+    ("mistralai/Mistral-7B-Instruct-v0.2", "mistral-7b-v0.2"), ("google/gemma-3-1b-it", "gemma-3-1b"),
 ])
 def test_variants_map_to_their_base_shape(hub_id, entry):
     assert family_key(hub_id) == entry
