@@ -9,9 +9,9 @@ are listed in README's tool section.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, WithJsonSchema
 
 from fts_mcp.edge.service import Deployment
 from fts_mcp.edge.store import StoreEntry
@@ -209,23 +209,29 @@ def adapter_rows(entries: list[StoreEntry]) -> AdapterRows:
                                             bytes=e.latest.bytes if e.latest else None) for e in entries])
 
 
+# A JSON object with any keys; `additionalProperties: true` is JSON Schema's default, so the schema leaves it out
+# (every tool's schema is in the agent's context on every turn).
+AnyObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object"})]
+# `{"type": [t, "null"]}` says what pydantic's `{"anyOf": [{"type": t}, {"type": "null"}]}` says, in fewer characters.
+NullableStr = Annotated[str | None, WithJsonSchema({"type": ["string", "null"]})]
+NullableFloat = Annotated[float | None, WithJsonSchema({"type": ["number", "null"]})]
+
+
 class EstimateView(BaseModel):
     """`estimate_resources`' answer: the planning core's ResourceEstimate, with its nested parts typed as
     objects (their keys: README's tool table)."""
 
     model: str
     parameters: int
-    architecture: dict[str, Any]
+    architecture: AnyObject
     shape_source: str
-    gpu: str | None
-    gpu_memory_gb: float | None
-    settings: dict[str, Any]
-    estimates: list[dict[str, Any]]
-    suggestions: list[dict[str, Any]]
-    recommended_method: str | None
+    gpu: NullableStr
+    gpu_memory_gb: NullableFloat
+    settings: AnyObject
+    estimates: list[AnyObject]
+    suggestions: list[AnyObject]
+    recommended_method: NullableStr
     notes: list[str]
-
-
 
 
 class AdviceView(BaseModel):

@@ -3,6 +3,7 @@ and adapter settings' reference, rendered from the models that validate them (so
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 
 from pydantic import BaseModel
@@ -40,7 +41,8 @@ def _table(model: type[BaseModel], argument: str) -> list[str]:
     properties = model.model_json_schema()["properties"]
     for name, field in model.model_fields.items():
         kind = _kind(properties[name])
-        lines.append(f"| `{name}` | {kind} | `{field.get_default(call_default_factory=True)!r}` | {_bounds(field)} | "
+        default = json.dumps(field.get_default(call_default_factory=True))  # as an agent writes it: null, true
+        lines.append(f"| `{name}` | {kind} | `{default}` | {_bounds(field)} | "
                      f"{field.description or ''} |")
     return lines + [""]
 

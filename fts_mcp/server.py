@@ -545,42 +545,48 @@ Count = int | None  # bounds are the Architecture model's, checked (and named) b
 @agent_errors
 def estimate_resources(
     ctx: Context,
-    base_model: Annotated[str | None, Field(description="folder or hub id (only config.json is read)")] = None,
-    params: Annotated[int | None, Field(ge=1_000_000, le=10**13, description="a parameter count instead")] = None,
+    base_model: Annotated[str | None, Field(description="folder or hub id; reads config.json only")] = None,
+    params: Annotated[int | None, Field(ge=1_000_000, le=10**13, description="or a parameter count")] = None,
     layers: Count = None,
     hidden: Count = None,
     intermediate: Count = None,
     heads: Count = None,
     kv_heads: Count = None,
     vocab: Count = None,
+    tied_embeddings: bool | None = None,
     method: Literal["full", "lora", "qlora", "all"] = "all",
     seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048,
     micro_batch: Annotated[int, Field(ge=1, le=4096)] = 4,
     lora_r: Annotated[int, Field(ge=1, le=1024)] = 16,
     target_modules: Literal["all-linear"] | list[str] = "all-linear",
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | Literal["auto"] = "auto",
     optimizer: Literal["adamw_32bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_32bit",
+    cross_entropy: Literal["chunked", "liger", "full"] = "chunked",
+    padding_free: bool = True,
+    precision: Literal["mixed", "bf16"] | None = None,
     dataset_examples: Annotated[int | None, Field(ge=1, le=10**10)] = None,
     tokens_per_example: Annotated[int | None, Field(ge=1, le=1_048_576)] = None,
     dataset_tokens: Annotated[int | None, Field(ge=1, le=10**14)] = None,
     epochs: Annotated[float, Field(gt=0, le=100)] = 3.0,
-    gpu: Annotated[str | None, Field(description="e.g. H100, A100-80GB, L4")] = None,
+    gpu: str | None = None,  # a card's name; an unknown one is refused with the list of known ones
     gpu_memory_gb: Annotated[float | None, Field(gt=0, le=10_000)] = None,
     price_per_gpu_hour: Annotated[float | None, Field(ge=0, le=10_000)] = None,
     utilization: Annotated[float | None, Field(gt=0, le=1)] = None,
 ) -> EstimateView:
-    """Before training: GPU memory by term for full, LoRA and QLoRA, fit, a fitting configuration, time and cost.
-    Give base_model, params or the shape."""
+    """Before training: memory by term for full, LoRA, QLoRA; fit; a setup that fits; time, cost. Give base_model,
+    params or the shape. Defaults are the recipe's; notes say what was assumed."""
     settings = EstimateSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
                                 target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
-                                optimizer=optimizer)
+                                optimizer=optimizer, cross_entropy=cross_entropy, padding_free=padding_free,
+                                precision=precision or "mixed",
+                                adapter_dtype={None: None, "mixed": "fp32", "bf16": "bf16"}[precision])
     shape = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
              "vocab": vocab}
     return answer(plain_view(EstimateView, _planning(ctx).estimate_resources(
-        base_model=base_model, params=params, shape=shape, method=method, settings=settings,
-        dataset_examples=dataset_examples, tokens_per_example=tokens_per_example, dataset_tokens=dataset_tokens,
-        epochs=epochs, gpu=gpu, gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
-        utilization=utilization)))
+        base_model=base_model, params=params, shape=shape, tied_embeddings=tied_embeddings, method=method,
+        settings=settings, dataset_examples=dataset_examples, tokens_per_example=tokens_per_example,
+        dataset_tokens=dataset_tokens, epochs=epochs, gpu=gpu, gpu_memory_gb=gpu_memory_gb,
+        price_per_gpu_hour=price_per_gpu_hour, utilization=utilization)))
 
 
 # ---- reference documents and prompts -------------------------------------------------------------------------

@@ -50,7 +50,8 @@ async def test_the_settings_reference_is_rendered_from_the_models(fts_home):
     async with Client(mcp) as client:
         text = (await client.read_resource("fts://docs/settings")).contents[0].text
     assert "| `r` | int | `16` | ≥ 1, ≤ 1024 |" in text
-    assert "| `micro_batch_size` | int | `4` |" in text and "| `target_modules` |" in text
+    assert "| `micro_batch_size` | int or null | `null` |" in text
+    assert "| `padding_free` | bool | `true` |" in text and "| `target_modules` |" in text
 
 
 # ---- what an agent pays ------------------------------------------------------------------------------------------

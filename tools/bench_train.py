@@ -1,17 +1,27 @@
 """Training throughput and peak memory: fts-mcp's training path vs. a plain transformers + PEFT + bitsandbytes loop.
 
-    python tools/bench_train.py                                   # tiny shape, CPU (default)
-    python tools/bench_train.py --shape llama-3.1-8b --batch 4    # on a GPU: random weights of the real shape
+    python tools/bench_train.py                                           # tiny shape, CPU: both length mixes
+    python tools/bench_train.py --shape llama-3.1-8b --lengths realistic  # on a GPU: random weights, real shape
 
-Both variants train the same random-weight model (QLoRA: NF4, double quant, r=16, alpha 32, all linear
-layers, gradient checkpointing, torch AdamW) on the same random tokens, each in its own process so peak
-memory is not shared. Prints tokens/s, peak memory and project/baseline ratios. Figures, not assertions.
+Both variants train the same random-weight model (QLoRA: NF4, double quant, r=16, alpha 32, all linear layers,
+AdamW) on the same random tokens, each in its own process so peak memory is not shared, for two length mixes:
+
+* fixed: every example is `--seq` tokens (no padding anywhere);
+* realistic: lognormal lengths with median `--median` and a long tail, cut at `--seq`, as instruction data has.
+
+The plain loop is the common recipe: examples shuffled, each micro-batch padded to its longest example, gradient
+checkpointing on, the model's own cross-entropy. fts-mcp runs its training path with its defaults (padding-free
+batches, checkpointing from the memory estimate, chunked loss), at the same micro-batch. Prints *useful* tokens/s
+(non-padding tokens trained per second), the share of computed tokens that are padding, peak memory, and the
+ratios. Figures, not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import resource
 import subprocess
 import sys
@@ -24,6 +34,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128_256),
     "llama-3.1-8b": (4096, 32, 32, 8, 14_336, 128_256),
 }
+LENGTHS = ("fixed", "realistic")
 
 
 def build_model(folder: Path, shape: str) -> None:
@@ -44,12 +55,20 @@ def build_model(folder: Path, shape: str) -> None:
     ByT5Tokenizer().save_pretrained(folder)
 
 
-def random_rows(vocab: int, count: int, seq: int, seed: int = 0) -> list[dict]:
+def lengths(kind: str, count: int, seq: int, median: int, seed: int = 0) -> list[int]:
+    """Example lengths: all `seq`, or lognormal (sigma 1: a long tail) around `median`, cut to [16, seq]."""
+    if kind == "fixed":
+        return [seq] * count
+    rng = random.Random(seed)
+    return [max(16, min(seq, round(rng.lognormvariate(math.log(median), 1.0)))) for _ in range(count)]
+
+
+def random_rows(vocab: int, sizes: list[int], seed: int = 0) -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (count, seq), generator=g)
-    return [{"input_ids": row.tolist(), "completion_mask": [1] * seq} for row in ids]
+    return [{"input_ids": torch.randint(3, vocab, (n,), generator=g).tolist(), "completion_mask": [1] * n}
+            for n in sizes]
 
 
 def peak_memory_bytes() -> int:
@@ -60,44 +79,71 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def dataset_rows(args: argparse.Namespace) -> list[dict]:
+    sizes = lengths(args.lengths, args.steps * args.batch, args.seq, args.median)
+    return random_rows(SHAPES[args.shape][5], sizes)
+
+
+class TokenCount:
+    """Wraps a collator: counts computed (row) tokens and useful (non-padding) tokens of every batch."""
+
+    def __init__(self, collate) -> None:
+        self.collate, self.computed, self.useful = collate, 0, 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        self.computed += batch["input_ids"].numel()
+        self.useful += sum(len(e["input_ids"]) for e in examples)
+        return batch
+
+
 def run_project(folder: Path, args: argparse.Namespace) -> dict:
     from datasets import Dataset
 
     from fts_mcp.models.loading import compute_dtype, load_model, load_tokenizer
     from fts_mcp.training.recipe import make_trainer
     from fts_mcp.training.spec import LoraSpec, TrainingSpec, TrainJobSpec
+    from fts_mcp.training.speed import plan
 
+    checkpointing = {"auto": "auto", "on": True, "off": False}[args.checkpointing]
     spec = TrainJobSpec(base_model=str(folder), dataset="-", dataset_format="text", dataset_examples=0,
                         output_name="bench", lora=LoraSpec(r=16, alpha=32, dropout=0.0), quantization="nf4",
                         training=TrainingSpec(max_steps=args.steps, micro_batch_size=args.batch,
                                               gradient_accumulation_steps=1, max_seq_len=args.seq,
                                               learning_rate=1e-4, warmup_ratio=0, logging_steps=args.steps,
-                                              checkpoint_every_steps=10**6, gradient_checkpointing=True))
+                                              checkpoint_every_steps=10**6, gradient_checkpointing=checkpointing))
     dtype = compute_dtype()
     tokenizer = load_tokenizer(spec.base_model, trust_remote_code=False)
-    model = load_model(spec.base_model, trust_remote_code=False, quantization="nf4", dtype=dtype)
-    data = Dataset.from_list(random_rows(SHAPES[args.shape][5], args.steps * args.batch, args.seq))
+    model = load_model(spec.base_model, trust_remote_code=False, quantization="nf4", dtype=dtype, training=True)
+    speed = plan(spec, model)
+    data = Dataset.from_list(dataset_rows(args))
     with tempfile.TemporaryDirectory() as checkpoints:
-        trainer = make_trainer(spec, model, tokenizer, data, None, Path(checkpoints), dtype, callbacks=[])
+        trainer = make_trainer(spec, speed, model, tokenizer, data, None, Path(checkpoints), dtype, callbacks=[])
+        trainer.data_collator = counter = TokenCount(trainer.data_collator)
         timer = StepTimer(args.warmup)
         trainer.add_callback(timer)
         trainer.train()
-    return {"tokens_per_second": timer.tokens_per_second(args.batch * args.seq), "peak_bytes": peak_memory_bytes()}
+    return {"useful_tokens_per_second": timer.tokens_per_second(), "peak_bytes": peak_memory_bytes(),
+            "padding_share": 1 - counter.useful / counter.computed, "plan": speed.summary()}
 
 
 class StepTimer:
-    """Times optimizer steps after `warmup` steps (a TrainerCallback; also driven by the baseline loop)."""
+    """Times optimizer steps after `warmup` steps, counting the useful tokens trained in them (a TrainerCallback
+    reading the trainer's token count; the baseline loop passes its own)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.steps, self.start = warmup, 0, None
+        self.warmup, self.steps, self.start, self.tokens = warmup, 0, None, 0
 
-    def on_step_end(self, *args, **kwargs) -> None:
+    def on_step_end(self, args=None, state=None, control=None, *, tokens: int | None = None, **kwargs) -> None:
         self.steps += 1
+        seen = state.num_input_tokens_seen if state is not None else self.tokens + (tokens or 0)
         if self.steps == self.warmup:
-            self.start = time.perf_counter()
+            self.start, self.at_start = time.perf_counter(), seen
+        self.tokens = seen
+        self.end = time.perf_counter()
 
-    def tokens_per_second(self, tokens_per_step: int) -> float:
-        return (self.steps - self.warmup) * tokens_per_step / (time.perf_counter() - self.start)
+    def tokens_per_second(self) -> float:
+        return (self.tokens - self.at_start) / (self.end - self.start)
 
     def __getattr__(self, name):  # every other TrainerCallback event is a no-op
         if name.startswith("on_"):
@@ -106,7 +152,8 @@ class StepTimer:
 
 
 def run_baseline(folder: Path, args: argparse.Namespace) -> dict:
-    """The plain loop: from_pretrained(4-bit) -> prepare_model_for_kbit_training -> get_peft_model -> AdamW."""
+    """The plain loop: from_pretrained(4-bit) -> prepare_model_for_kbit_training -> get_peft_model -> AdamW, over
+    shuffled examples, each micro-batch padded to its longest."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -122,57 +169,83 @@ def run_baseline(folder: Path, args: argparse.Namespace) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    rows = random_rows(SHAPES[args.shape][5], args.steps * args.batch, args.seq)
+    rows = dataset_rows(args)
+    random.Random(42).shuffle(rows)
     timer = StepTimer(args.warmup)
+    computed = useful = 0
     model.train()
     for step in range(args.steps):
-        batch = torch.tensor([r["input_ids"] for r in rows[step * args.batch:(step + 1) * args.batch]],
-                             device=model.device)
+        examples = [r["input_ids"] for r in rows[step * args.batch:(step + 1) * args.batch]]
+        longest = max(map(len, examples))
+        ids = torch.tensor([e + [0] * (longest - len(e)) for e in examples], device=model.device)
+        mask = torch.tensor([[1] * len(e) + [0] * (longest - len(e)) for e in examples], device=model.device)
         with torch.autocast("cuda", dtype=dtype, enabled=cuda):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        timer.on_step_end()
-    return {"tokens_per_second": timer.tokens_per_second(args.batch * args.seq), "peak_bytes": peak_memory_bytes()}
+        tokens = sum(map(len, examples))
+        computed, useful = computed + ids.numel(), useful + tokens
+        timer.on_step_end(tokens=tokens)
+    return {"useful_tokens_per_second": timer.tokens_per_second(), "peak_bytes": peak_memory_bytes(),
+            "padding_share": 1 - useful / computed, "plan": "padded micro-batches, checkpointing on, full loss"}
+
+
+def measure(folder: Path, args: argparse.Namespace, lengths_kind: str) -> dict[str, dict]:
+    results = {}
+    for variant in ("baseline", "project"):
+        cmd = [sys.executable, __file__, "--variant", variant, "--model-dir", str(folder), "--shape", args.shape,
+               "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--lengths", lengths_kind, "--median", str(args.median),
+               "--checkpointing", args.checkpointing]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="micro-batch (examples per step), both variants")
+    parser.add_argument("--seq", type=int, default=None, help="max sequence length (tiny: 1024; others: 2048)")
+    parser.add_argument("--median", type=int, default=None, help="median realistic length (default seq/6)")
+    parser.add_argument("--lengths", choices=[*LENGTHS, "both"], default="both")
+    parser.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                        help="fts-mcp's gradient checkpointing (the plain loop always checkpoints)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--model-dir", type=Path, help="reuse a folder built by an earlier run")
     parser.add_argument("--variant", choices=["project", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.seq = args.seq or (1024 if args.shape == "tiny" else 2048)
+    args.median = args.median or max(16, args.seq // 6)
     if args.variant:
         runner = run_project if args.variant == "project" else run_baseline
         print(json.dumps(runner(args.model_dir, args)))
         return
+    kinds = LENGTHS if args.lengths == "both" else (args.lengths,)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or Path(tmp) / args.shape
         if not (folder / "config.json").exists():
             t = time.perf_counter()
             build_model(folder, args.shape)
             print(f"built random {args.shape} weights in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-        results = {}
-        for variant in ("baseline", "project"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--model-dir", str(folder), "--shape", args.shape,
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results[variant] = json.loads(out.strip().splitlines()[-1])
-    base, proj = results["baseline"], results["project"]
-    print(f"shape {args.shape}, micro-batch {args.batch}, seq {args.seq}, {args.steps} steps ({args.warmup} warm-up)")
-    print(f"{'':<10}{'tokens/s':>12}{'peak memory':>16}")
-    for name, r in (("baseline", base), ("fts-mcp", proj)):
-        print(f"{name:<10}{r['tokens_per_second']:>12,.0f}{r['peak_bytes'] / 2**30:>13.2f} GiB")
-    print(f"ratio fts-mcp/baseline: tokens/s {proj['tokens_per_second'] / base['tokens_per_second']:.2f}, "
-          f"peak memory {proj['peak_bytes'] / base['peak_bytes']:.2f}")
+        results = {kind: measure(folder, args, kind) for kind in kinds}
+    print(f"shape {args.shape}, micro-batch {args.batch}, max length {args.seq} (realistic: lognormal, median "
+          f"{args.median}), {args.steps} steps ({args.warmup} warm-up)")
+    print(f"{'lengths':<11}{'variant':<10}{'useful tokens/s':>17}{'padding':>10}{'peak memory':>14}  plan")
+    for kind, pair in results.items():
+        for name, key in (("baseline", "baseline"), ("fts-mcp", "project")):
+            r = pair[key]
+            print(f"{kind:<11}{name:<10}{r['useful_tokens_per_second']:>17,.0f}{r['padding_share']:>9.0%}"
+                  f"{r['peak_bytes'] / 2**30:>10.2f} GiB  {r['plan']}")
+    for kind, pair in results.items():
+        base, proj = pair["baseline"], pair["project"]
+        speedup = proj["useful_tokens_per_second"] / base["useful_tokens_per_second"]
+        print(f"{kind}: fts-mcp/baseline useful tokens/s {speedup:.2f}x, "
+              f"peak memory {proj['peak_bytes'] / base['peak_bytes']:.2f}x")
 
 
 if __name__ == "__main__":

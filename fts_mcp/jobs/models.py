@@ -21,6 +21,8 @@ class Progress(BaseModel):
     tokens_per_second: float | None = Field(None, description="trained tokens per second over recent steps")
     eta_seconds: float | None = Field(None, description="estimated seconds until the last step")
     phase: str | None = Field(None, description="what the worker is doing: loading_model, tokenizing, training, saving")
+    plan: str | None = Field(None, description="the run's speed choices (micro-batch, checkpointing, padding-free) and "
+                                               "the memory estimate behind them")
 
 
 class JobError(BaseModel):

@@ -57,17 +57,27 @@ def load_tokenizer(model: str, *, trust_remote_code: bool, param: str = "base_mo
 
 
 def load_model(model: str, *, trust_remote_code: bool, quantization: Quantization = "none",
-               dtype: torch.dtype | None = None, on: torch.device | None = None, param: str = "base_model") -> Any:
-    """A causal LM on one device: 16-bit (or fp32 on the CPU) by default, NF4 with `quantization='nf4'`."""
+               dtype: torch.dtype | None = None, on: torch.device | None = None, param: str = "base_model",
+               training: bool = False) -> Any:
+    """A causal LM on one device: 16-bit (or fp32 on the CPU) by default, NF4 with `quantization='nf4'`.
+
+    `training`: the model will be trained. On the CPU, bitsandbytes repacks a 4-bit layer's weights for fast
+    inference the first time it runs in eval mode without gradients (an evaluation step, a probe), and the
+    repacked layer passes no gradient back to its input; a model for training keeps the trainable layout."""
     on = on or device()
     dtype = dtype or compute_dtype(on)
     quant = nf4_config(dtype) if quantization == "nf4" else None
     try:
-        return AutoModelForCausalLM.from_pretrained(model, quantization_config=quant, dtype=dtype,
-                                                    device_map={"": str(on)}, low_cpu_mem_usage=True,
-                                                    trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(model, quantization_config=quant, dtype=dtype,
+                                                      device_map={"": str(on)}, low_cpu_mem_usage=True,
+                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _refused(exc, model, "weights", param) from exc
+    if training:
+        for module in loaded.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return loaded
 
 
 def decode(tokenizer: Any, new_ids: list[int]) -> tuple[str, Literal["stop", "length"]]:

@@ -64,6 +64,18 @@ class Architecture(BaseModel):
         return self.layers * active + self.vocab * self.hidden
 
 
+
+TIED_SHARE = 0.09
+
+
+def likely_tied(arch: Architecture) -> bool:
+    """Whether a model known only by its numbers probably shares its input embedding with its output head. Small
+    models with big vocabularies do (Llama 3.2 1B/3B, Qwen 2.5 up to 3B, Qwen 3 up to 4B, Gemma), larger ones do
+    not; the rule is that one vocab x hidden matrix is at least 9% of the parameters. Of the published shapes in
+    families.py it misjudges only Gemma-2-27B (tied, 4%), on the safe side: its head is counted twice."""
+    tied = arch.model_copy(update={"tied_embeddings": True})
+    return arch.vocab * arch.hidden >= TIED_SHARE * tied.params
+
 def _first(config: dict, *keys: str):
     return next((config[k] for k in keys if config.get(k) is not None), None)
 

@@ -3,16 +3,31 @@ does, and time and cost. Pure: architecture numbers in, figures with their assum
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from fts_mcp.errors import InvalidArgument
 from fts_mcp.planning.architecture import Architecture
+from fts_mcp.planning.batch import BatchPlan, plan_batch
 from fts_mcp.planning.gpus import Gpu
-from fts_mcp.planning.memory import Method, MethodEstimate, Optimizer, gpus_needed, memory, throughput
+from fts_mcp.planning.memory import (
+    CE_CHUNK_TOKENS,
+    LOGIT_BYTES,
+    AdapterDtype,
+    CrossEntropy,
+    Method,
+    MethodEstimate,
+    Optimizer,
+    Precision,
+    gpus_needed,
+    memory,
+    padded_tokens,
+    throughput,
+)
 
 METHODS: tuple[Method, ...] = ("full", "lora", "qlora")
+PAGED: dict[str, Optimizer] = {"adamw_32bit": "paged_adamw_32bit", "adamw_8bit": "paged_adamw_8bit"}
 
 # Llama-family shapes, for an estimate from a parameter count alone (activations and logits depend on shape).
 REFERENCE_SHAPES = {
@@ -30,12 +45,24 @@ REFERENCE_SHAPES = {
 
 
 class Settings(BaseModel):
+    """What the run does. Defaults are what fts-mcp's training recipe does unless told otherwise."""
+
     seq_len: int
     micro_batch: int
-    lora_r: int
-    target_modules: str | list[str]
-    gradient_checkpointing: bool
-    optimizer: Optimizer
+    lora_r: int = 16
+    target_modules: str | list[str] = "all-linear"
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="'auto': off when the run fits the GPU without it, else on (the recipe's rule)")
+    optimizer: Optimizer = "adamw_32bit"
+    cross_entropy: CrossEntropy = "chunked"
+    padding_free: bool = Field(True, description="micro-batches hold only real tokens: time counts no padding")
+    adapter_dtype: AdapterDtype | None = Field(None, description="null: the recipe's (bf16 for QLoRA, fp32 for LoRA)")
+    precision: Precision = Field("mixed", description="full fine-tuning: fp32 master weights (mixed) or pure bf16")
+
+    def memory_kwargs(self) -> dict[str, Any]:
+        return {"lora_r": self.lora_r, "target_modules": self.target_modules, "optimizer": self.optimizer,
+                "cross_entropy": self.cross_entropy, "adapter_dtype": self.adapter_dtype,
+                "precision": self.precision}
 
 
 class Suggestion(BaseModel):
@@ -47,6 +74,7 @@ class Suggestion(BaseModel):
     lora_r: int | None = None
     optimizer: Optimizer | None = None
     total_gb: float | None = None
+    changes: list[str] = Field(default_factory=list, description="what differs from the request; empty: as asked")
     reason: str
 
 
@@ -62,7 +90,7 @@ class ResourceEstimate(BaseModel):
     suggestions: list[Suggestion] = Field(default_factory=list,
                                           description="per method, a configuration that fits the GPU")
     recommended_method: Method | None = Field(None, description="the method that fits with the least compromise")
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="the assumptions used, then remarks")
 
 
 def shape_for_params(params: int) -> tuple[Architecture, str]:
@@ -70,91 +98,170 @@ def shape_for_params(params: int) -> tuple[Architecture, str]:
     return REFERENCE_SHAPES[name], name
 
 
+def checkpointing(arch: Architecture, method: Method, s: Settings, gpu_memory_gb: float | None) -> tuple[bool, str]:
+    """The checkpointing an estimate assumes, and why: as asked, or the recipe's "auto" rule (plan_batch)."""
+    if s.gradient_checkpointing != "auto":
+        return s.gradient_checkpointing, f"checkpointing {'on' if s.gradient_checkpointing else 'off'} as asked"
+    if gpu_memory_gb is None:
+        return True, ("checkpointing auto, no GPU given: estimated on; the recipe turns it off when the run fits "
+                      "without it (activations_without_checkpointing_gb)")
+    plan = plan_batch(arch, method, budget_gb=gpu_memory_gb, seq_len=s.seq_len, micro_batch=s.micro_batch,
+                      gradient_accumulation_steps=1, gradient_checkpointing="auto", **s.memory_kwargs())
+    return plan.gradient_checkpointing, plan.reason
+
+
 def suggest(arch: Architecture, method: Method, gpu_memory_gb: float, s: Settings) -> Suggestion:
-    """The first configuration that fits, trading in order: checkpointing on, smaller micro-batch (more
-    accumulation), 8-bit paged AdamW, a smaller rank."""
-    batches = [b for b in (s.micro_batch, 8, 4, 2, 1) if b <= s.micro_batch]
-    optimizers: list[Optimizer] = [s.optimizer] if "8bit" in s.optimizer else [s.optimizer, "paged_adamw_8bit"]
+    """The first configuration that fits, trading in order: checkpointing (by the recipe's rule, plan_batch), a
+    smaller micro-batch (more accumulation), the paged version of the optimizer, a smaller rank."""
+    optimizers: list[Optimizer] = [s.optimizer] + ([] if s.optimizer.startswith("paged") else [PAGED[s.optimizer]])
     ranks = [s.lora_r] if method == "full" else sorted({s.lora_r, min(s.lora_r, 8)}, reverse=True)
+    asked = s.gradient_checkpointing
     for optimizer in optimizers:
         for r in ranks:
-            for batch in sorted(set(batches), reverse=True):
-                m, _ = memory(arch, method, seq_len=s.seq_len, micro_batch=batch, lora_r=r,
-                              target_modules=s.target_modules, gradient_checkpointing=True, optimizer=optimizer)
-                if m.total_gb <= gpu_memory_gb:
-                    changes = []
-                    if batch != s.micro_batch:
-                        changes.append(f"micro-batch {batch} x {max(1, s.micro_batch // batch)} accumulation")
-                    if not s.gradient_checkpointing:
-                        changes.append("gradient checkpointing on")
-                    if optimizer != s.optimizer:
-                        changes.append("8-bit paged AdamW")
-                    if method != "full" and r != s.lora_r:
-                        changes.append(f"rank {r}")
-                    return Suggestion(method=method, fits=True, micro_batch=batch,
-                                      gradient_accumulation_steps=max(1, s.micro_batch // batch),
-                                      gradient_checkpointing=True, lora_r=None if method == "full" else r,
-                                      optimizer=optimizer, total_gb=round(m.total_gb, 2),
-                                      reason="fits as asked" if not changes else "fits with " + ", ".join(changes))
+            kwargs = {**s.memory_kwargs(), "optimizer": optimizer, "lora_r": r}
+            for batch in (s.micro_batch, None):  # the asked micro-batch first, then the largest that fits below it
+                plan = plan_batch(arch, method, budget_gb=gpu_memory_gb, seq_len=s.seq_len, micro_batch=batch,
+                                  gradient_accumulation_steps=None, gradient_checkpointing=asked or "auto",
+                                  effective_batch=s.micro_batch, max_micro_batch=s.micro_batch, **kwargs)
+                if plan.fits:
+                    break
+            if not plan.fits:
+                continue
+            changes = []
+            if plan.micro_batch != s.micro_batch:
+                changes.append(f"micro-batch {plan.micro_batch} x {plan.gradient_accumulation_steps} accumulation")
+            if asked is False and plan.gradient_checkpointing:
+                changes.append("gradient checkpointing on")
+            if optimizer != s.optimizer:
+                changes.append(f"optimizer {optimizer} (states leave the GPU under pressure)")
+            if method != "full" and r != s.lora_r:
+                changes.append(f"rank {r}")
+            return Suggestion(method=method, fits=True, micro_batch=plan.micro_batch,
+                              gradient_accumulation_steps=plan.gradient_accumulation_steps,
+                              gradient_checkpointing=plan.gradient_checkpointing,
+                              lora_r=None if method == "full" else r, optimizer=optimizer,
+                              total_gb=round(plan.total_gb, 2), changes=changes,
+                              reason=("fits as asked" if not changes else "fits with " + ", ".join(changes))
+                              + f": {plan.total_gb:.1f} of {gpu_memory_gb:g} GB" + _auto_reason(asked, plan))
     return Suggestion(method=method, fits=False, reason=f"does not fit in {gpu_memory_gb:g} GB even at micro-batch 1 "
-                      f"with checkpointing and 8-bit AdamW at sequence {s.seq_len}; use more GPUs (see gpus_needed), "
-                      "a shorter sequence" + ("" if method == "qlora" else ", or QLoRA"))
+                      f"with checkpointing and a paged optimizer at sequence {s.seq_len}; use more GPUs (see "
+                      "gpus_needed), a shorter sequence" + ("" if method == "qlora" else ", or QLoRA"))
+
+
+def _auto_reason(asked: bool | Literal["auto"], plan: BatchPlan) -> str:
+    if asked != "auto":
+        return ""
+    return ", checkpointing off (fits without it)" if not plan.gradient_checkpointing else \
+        ", checkpointing on (does not fit without it)"
 
 
 def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tuple[Method, ...], settings: Settings,
              gpu: Gpu | None, gpu_memory_gb: float | None, price_per_gpu_hour: float | None,
-             training_tokens: int | None, utilization: float | None) -> ResourceEstimate:
+             training_tokens: int | None, utilization: float | None,
+             tokens_per_example: float | None = None) -> ResourceEstimate:
+    """`training_tokens` are real tokens; with padded batches the time adds the padding (padded_tokens), using
+    the mean `tokens_per_example` when known."""
     if settings.seq_len * settings.micro_batch > 64 * 1024 * 1024:
         raise InvalidArgument("seq_len x micro_batch is over 64M tokens per step; use realistic values",
                               param="micro_batch")
     memory_gb = gpu_memory_gb if gpu_memory_gb is not None else (gpu.memory_gb if gpu else None)
+    computed = training_tokens
+    if training_tokens is not None and not settings.padding_free:
+        computed = padded_tokens(training_tokens, micro_batch=settings.micro_batch, seq_len=settings.seq_len,
+                                 tokens_per_example=tokens_per_example)
     estimates, suggestions = [], []
     for method in methods:
+        on, why = checkpointing(arch, method, settings, memory_gb)
         m, trainable = memory(arch, method, seq_len=settings.seq_len, micro_batch=settings.micro_batch,
-                              lora_r=settings.lora_r, target_modules=settings.target_modules,
-                              gradient_checkpointing=settings.gradient_checkpointing, optimizer=settings.optimizer)
-        result = MethodEstimate(method=method, trainable_params=trainable, memory=m)
+                              gradient_checkpointing=on, **settings.memory_kwargs())
+        result = MethodEstimate(method=method, trainable_params=trainable, gradient_checkpointing=on, memory=m,
+                                notes=[why])
         if memory_gb is not None:
             result.fits = m.total_gb <= memory_gb
             result.gpus_needed = gpus_needed(m, memory_gb)
             suggestions.append(suggest(arch, method, memory_gb, settings))
+            room = memory_gb - m.total_gb
+            if result.fits and m.optimizer_paged_gb > room:
+                result.notes.append(f"{m.optimizer_paged_gb:.1f} GB of paged optimizer states, {room:.1f} GB left on "
+                                    "the GPU: the rest moves to host memory and back each optimizer step (slower, "
+                                    "not out of memory)")
         if gpu is not None:
             price = price_per_gpu_hour if price_per_gpu_hour is not None else gpu.usd_per_hour
-            result.throughput = throughput(arch, method, gpu, result.gpus_needed or 1,
-                                           settings.gradient_checkpointing, training_tokens, price, utilization)
+            result.throughput = throughput(arch, method, gpu, result.gpus_needed or 1, on, training_tokens, price,
+                                           utilization, computed_tokens=computed)
             if not gpu.bf16:
                 result.notes.append(f"{gpu.name} has no bf16: training runs in fp16 with loss scaling")
         if method == "qlora":
             saved = m.quantization_constants_without_double_quant_gb - m.quantization_constants_gb
             result.notes.append(f"double quantization saves {saved:.2f} GB of quantization constants here")
-        if "paged" in settings.optimizer:
-            result.notes.append("paged optimizer states can spill to host memory during spikes")
         estimates.append(result)
     return ResourceEstimate(
         model=model, parameters=arch.params, architecture=arch, shape_source=shape_source,
         gpu=gpu.name if gpu else None, gpu_memory_gb=memory_gb, settings=settings, estimates=estimates,
-        suggestions=suggestions, recommended_method=_recommended(suggestions), notes=_notes(arch, estimates))
+        suggestions=suggestions, recommended_method=_recommended(suggestions),
+        notes=assumptions(settings, methods) + _notes(arch, estimates))
 
 
 def _recommended(suggestions: list[Suggestion]) -> Method | None:
     """Full fine-tuning only if it fits as asked; else LoRA if it fits; else QLoRA if it fits."""
     fitting = {s.method: s for s in suggestions if s.fits}
-    if "full" in fitting and fitting["full"].reason == "fits as asked":
+    if "full" in fitting and not fitting["full"].changes:
         return "full"
     return next((m for m in ("lora", "qlora", "full") if m in fitting), None)
 
 
+def assumptions(s: Settings, methods: tuple[Method, ...]) -> list[str]:
+    """The recipe this estimate models, one line per choice (each an input of estimate_resources)."""
+    lines = [{
+        "chunked": f"cross_entropy 'chunked' (the recipe's loss): logits_gb holds one chunk of {CE_CHUNK_TOKENS:,} "
+                   "tokens x vocab, never the full logits",
+        "liger": "cross_entropy 'liger' (fused linear + cross-entropy): logits_gb holds one bf16 chunk of about "
+                 "tokens x hidden / vocab rows plus the hidden-state gradient",
+        "full": "cross_entropy 'full' (plain Hugging Face loss): logits_gb is micro-batch x sequence x vocab at "
+                f"{LOGIT_BYTES} bytes",
+    }[s.cross_entropy]]
+    if s.padding_free:
+        lines.append("padding-free batches: memory counts the worst case (micro_batch x seq_len real tokens); time "
+                     "counts only real tokens")
+    else:
+        lines.append("padded batches: time adds the padding, each micro-batch padded to its longest example "
+                     "(lengths assumed spread evenly up to twice the mean, capped at seq_len)")
+    if set(methods) & {"lora", "qlora"}:
+        dtypes = ("LoRA adapters and their gradients in " + s.adapter_dtype if s.adapter_dtype else
+                  "LoRA adapters and their gradients as the recipe trains them: bf16 on a 4-bit base (QLoRA, as TRL "
+                  "and the QLoRA paper do), fp32 on a 16-bit base (LoRA, PEFT's default)")
+        lines.append(dtypes + "; the frozen base computes in bf16 (QLoRA: stored as NF4 with double quantization)")
+    if "full" in methods:
+        lines.append("full fine-tuning in mixed precision: fp32 master weights and gradients, bf16 compute"
+                     if s.precision == "mixed" else
+                     "full fine-tuning in pure bf16: bf16 weights and gradients; torch AdamW's moments in bf16 "
+                     "(bitsandbytes' 32-bit ones stay fp32)")
+    lines.append({
+        "adamw_32bit": "optimizer adamw_32bit (torch AdamW): two moments per trainable parameter in its dtype, "
+                       "resident on the GPU",
+        "adamw_8bit": "optimizer adamw_8bit: 2 bytes of states per trainable parameter, resident on the GPU",
+        "paged_adamw_8bit": "optimizer paged_adamw_8bit: states in CUDA unified memory, evicted to host under "
+                            "pressure; reported as optimizer_paged_gb, not counted in total_gb or fits",
+        "paged_adamw_32bit": "optimizer paged_adamw_32bit: two fp32 moments in CUDA unified memory, evicted to host "
+                             "under pressure; reported as optimizer_paged_gb, not counted in total_gb or fits",
+    }[s.optimizer])
+    if s.gradient_checkpointing == "auto":
+        lines.append("gradient checkpointing 'auto': per method, off when it fits without, else on (each "
+                     "estimate's gradient_checkpointing and first note)")
+    return lines
+
+
 def _notes(arch: Architecture, estimates: list[MethodEstimate]) -> list[str]:
     notes = ["peak_allocated_gb is comparable with torch.cuda.max_memory_allocated; total_gb adds the CUDA "
-             "context and allocator slack, which is what must fit",
-             "LoRA adapters, their gradients and AdamW states are fp32 (PEFT's default): 16 bytes per trainable "
-             "parameter"]
+             "context and allocator slack, which is what must fit"]
     by = {e.method: e for e in estimates}
     if "full" in by:
+        m = by["full"].memory
+        states = m.weights_gb + m.gradients_gb + m.optimizer_gb + m.optimizer_paged_gb
         weights_only = 4 * arch.params / 1e9
-        notes.append(f"full fine-tuning with AdamW needs about 16 bytes per parameter before activations "
-                     f"({by['full'].memory.total_gb:,.0f} GB in all here), not the {weights_only:,.0f} GB the "
-                     "fp32 weights alone take, the figure often quoted")
+        notes.append(f"full fine-tuning with AdamW holds {states / arch.params * 1e9:.0f} bytes per parameter of "
+                     f"weights, gradients and optimizer states before activations ({m.total_gb:,.0f} GB in all "
+                     f"here), not the {weights_only:,.0f} GB the fp32 weights alone take, the figure often quoted")
     if "qlora" in by and "lora" in by:
         notes.append("the often-quoted LoRA and QLoRA figures count weights only "
                      f"({by['lora'].memory.weights_gb:,.0f} GB and {by['qlora'].memory.weights_gb:,.0f} GB here); "

@@ -7,7 +7,7 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import InvalidArgument, ModelUnavailable
 from fts_mcp.models.refs import hub_offline
 from fts_mcp.planning.advice import Advice, Criteria, recommend
-from fts_mcp.planning.architecture import Architecture, from_config, read_config
+from fts_mcp.planning.architecture import TIED_SHARE, Architecture, from_config, likely_tied, read_config
 from fts_mcp.planning.estimate import METHODS, MethodChoice, ResourceEstimate, estimate, shape_for_params
 from fts_mcp.planning.estimate import Settings as EstimateSettings
 from fts_mcp.planning.families import known_family
@@ -26,7 +26,8 @@ class Planning:
         return recommend(criteria)
 
     def estimate_resources(self, *, base_model: str | None = None, params: int | None = None,
-                           shape: dict[str, int | None] | None = None, method: MethodChoice = "all",
+                           shape: dict[str, int | None] | None = None, tied_embeddings: bool | None = None,
+                           method: MethodChoice = "all",
                            settings: EstimateSettings, dataset_examples: int | None = None,
                            tokens_per_example: int | None = None, dataset_tokens: int | None = None,
                            epochs: float = 3.0, gpu: str | None = None, gpu_memory_gb: float | None = None,
@@ -60,15 +61,26 @@ class Planning:
                                       f"missing {', '.join(missing)}", param=missing[0])
             shape.setdefault("kv_heads", shape["heads"])
             arch, model, source = Architecture(**shape), "explicit architecture", "explicit"
+            if tied_embeddings is None:  # numbers alone do not say; small models with big vocabularies tie
+                guess = likely_tied(arch)
+                arch = arch.model_copy(update={"tied_embeddings": guess})
+                source += (f"; embeddings assumed {'tied' if guess else 'untied'} (vocab x hidden is "
+                           f"{'at least' if guess else 'under'} {TIED_SHARE:.0%} of the parameters; pass "
+                           "tied_embeddings to say)")
+        if tied_embeddings is not None and tied_embeddings != arch.tied_embeddings:
+            arch = arch.model_copy(update={"tied_embeddings": tied_embeddings})
+            if source != "explicit":
+                source += f"; tied_embeddings={str(tied_embeddings).lower()} as given"
         if gpu is not None and gpu_memory_gb is not None:
             raise InvalidArgument("give gpu (a known card) or gpu_memory_gb (any card), not both", param="gpu")
         card = find_gpu(gpu) if gpu is not None else None
         if dataset_tokens is not None and dataset_examples is not None:
             raise InvalidArgument("give dataset_examples (with tokens_per_example) or dataset_tokens, not both",
                                   param="dataset_tokens")
-        tokens = dataset_tokens
-        if dataset_examples is not None:
-            tokens = dataset_examples * (tokens_per_example or min(settings.seq_len, DEFAULT_TOKENS_PER_EXAMPLE))
+        tokens, mean = dataset_tokens, None
+        if dataset_examples is not None:  # longer examples are truncated to seq_len
+            mean = min(settings.seq_len, tokens_per_example or DEFAULT_TOKENS_PER_EXAMPLE)
+            tokens = dataset_examples * mean
         training_tokens = int(tokens * epochs) if tokens is not None else None
         methods = METHODS if method == "all" else (method,)
         assumed = None
@@ -76,7 +88,7 @@ class Planning:
             assumed = card = nearest_gpu(gpu_memory_gb)
         result = estimate(arch, model=model, shape_source=source, methods=methods, settings=settings, gpu=card,
                           gpu_memory_gb=gpu_memory_gb, price_per_gpu_hour=price_per_gpu_hour,
-                          training_tokens=training_tokens, utilization=utilization)
+                          training_tokens=training_tokens, utilization=utilization, tokens_per_example=mean)
         if training_tokens is None and (card is not None):
             result.notes.insert(0, "time and cost need the amount of training: give dataset_examples (with "
                                    "tokens_per_example) or dataset_tokens")

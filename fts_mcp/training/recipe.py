@@ -32,6 +32,7 @@ from fts_mcp.plots import loss_curve_png
 from fts_mcp.training.checkpoints import latest_checkpoint
 from fts_mcp.training.data import encode_rows
 from fts_mcp.training.spec import TrainJobSpec
+from fts_mcp.training.speed import SpeedPlan, plan
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,18 @@ def build_datasets(spec: TrainJobSpec, tokenizer: Any) -> tuple[Dataset, Dataset
     if errors:
         shown = "; ".join(f"line {line}: {message}" for line, message in errors[:5])
         raise DatasetInvalid(f"{len(errors)} example(s) cannot be rendered for this model: {shown}", errors)
+    rows = [truncate(row, spec.training.max_seq_len) for row in rows]
     dataset = Dataset.from_list(rows)
     n_eval = math.floor(len(rows) * spec.training.eval_fraction)
     if n_eval == 0:
         return dataset, None
     split = dataset.train_test_split(test_size=n_eval, seed=spec.training.seed)
     return split["train"], split["test"]
+
+
+def truncate(row: dict[str, list[int]], max_len: int) -> dict[str, list[int]]:
+    """Keep an example's first `max_len` tokens (as the padded path's truncation does)."""
+    return {key: value[:max_len] for key, value in row.items()}
 
 
 REPORT_EVERY_SECONDS = 1.0
@@ -120,7 +127,8 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in insp
     else "gradient_checkpointing"
 
 
-def trainer_config(spec: TrainJobSpec, checkpoints: Path, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
+def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype: torch.dtype,
+                   has_eval: bool) -> SFTConfig:
     t = spec.training
     return SFTConfig(
         output_dir=str(checkpoints),
@@ -132,10 +140,10 @@ def trainer_config(spec: TrainJobSpec, checkpoints: Path, dtype: torch.dtype, ha
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        **{CHECKPOINTING: t.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
+        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_eval_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        **{CHECKPOINTING: plan.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
@@ -146,26 +154,41 @@ def trainer_config(spec: TrainJobSpec, checkpoints: Path, dtype: torch.dtype, ha
         save_total_limit=2,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.checkpoint_every_steps if has_eval else None,
-        max_length=t.max_seq_len,
-        packing=t.packing,
-        packing_strategy="wrapped",
+        # rows are truncated to max_seq_len already; a padding-free batch without packing has no row length to cap
+        max_length=t.max_seq_len if plan.packing or not plan.padding_free else None,
+        packing=plan.packing,
+        packing_strategy="bfd",
+        padding_free=plan.padding_free,
+        use_liger_kernel=plan.liger_kernel,
         completion_only_loss=True,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no",  # counted by Trainer.training_step without a device sync
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
 
-def make_trainer(spec: TrainJobSpec, model: Any, tokenizer: Any, train_data: Dataset, eval_data: Dataset | None,
-                 checkpoints: Path, dtype: torch.dtype, callbacks: list[TrainerCallback]) -> SFTTrainer:
-    """TRL's SFTTrainer with the job's LoRA config; a bad target module list names the model's layers."""
+class Trainer(SFTTrainer):
+    """SFTTrainer that counts trained (non-padding) tokens itself: from the flattened row's length when batches
+    are padding-free (no device sync), else from the attention mask."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        self.state.num_input_tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def make_trainer(spec: TrainJobSpec, plan: SpeedPlan, model: Any, tokenizer: Any, train_data: Dataset,
+                 eval_data: Dataset | None, checkpoints: Path, dtype: torch.dtype,
+                 callbacks: list[TrainerCallback]) -> SFTTrainer:
+    """TRL's SFTTrainer with the job's LoRA config and speed plan; a bad target module list names the model's
+    layers."""
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.effective_alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     try:
-        return SFTTrainer(model=model, args=trainer_config(spec, checkpoints, dtype, eval_data is not None),
-                          train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
-                          peft_config=lora, callbacks=callbacks)
+        return Trainer(model=model, args=trainer_config(spec, plan, checkpoints, dtype, eval_data is not None),
+                       train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
+                       peft_config=lora, callbacks=callbacks)
     except ValueError as exc:
         if "target modules" not in str(exc).lower():
             raise
@@ -187,12 +210,15 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     dtype = compute_dtype()
     tokenizer = load_tokenizer(spec.base_model, trust_remote_code=spec.trust_remote_code)
     model = load_model(spec.base_model, trust_remote_code=spec.trust_remote_code, quantization=spec.quantization,
-                       dtype=dtype)
+                       dtype=dtype, training=True)
 
     # 2. data
     ctx.phase("tokenizing")
     train_data, eval_data = build_datasets(spec, tokenizer)
-    trainer = make_trainer(spec, model, tokenizer, train_data, eval_data, checkpoints, dtype,
+    speed = plan(spec, model)
+    log.info("speed plan: %s; %s", speed.summary(), "; ".join(speed.reasons))
+    ctx.report({"plan": speed.summary()}, event=False)
+    trainer = make_trainer(spec, speed, model, tokenizer, train_data, eval_data, checkpoints, dtype,
                            callbacks=[Progress(ctx)])
 
     # 3. train (continuing from this job's own checkpoint, else from the one it was asked to resume)
@@ -234,6 +260,7 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
         "eval_loss": final_eval.get("eval_loss"),
         "train_runtime_seconds": result.metrics.get("train_runtime"),
         "tokens_seen": trainer.state.num_input_tokens_seen,
+        "speed": speed.model_dump(),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "log_history": history,

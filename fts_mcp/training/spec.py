@@ -43,14 +43,23 @@ class TrainingSpec(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="fraction of steps spent warming up")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0, le=1000)
-    micro_batch_size: int = Field(4, ge=1, le=1024,
-                                  description="sequences per forward pass; activation memory grows with it")
-    gradient_accumulation_steps: int = Field(4, ge=1, le=1024,
-                                             description="micro-batches per optimizer step (effective batch = "
-                                                         "micro_batch_size x this) at no extra memory")
-    gradient_checkpointing: bool = Field(True, description="recompute activations: ~30% slower, far less memory")
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="sequences per forward pass; activation memory grows with it. "
+                                         "null: the largest (up to 16) the estimator says fits the device")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, le=1024, description="micro-batches per optimizer step (effective batch = micro_batch_size x "
+                                         "this) at no extra memory. null: keep the effective batch at 16")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations: ~30% slower, far less memory. 'auto': off when the run fits "
+                            "the device without it (the memory estimate decides), else on")
     max_seq_len: int = Field(2048, ge=16, le=262_144, description="longer examples are truncated")
-    packing: bool = Field(False, description="pack short examples into full sequences: faster on short data")
+    padding_free: bool = Field(True, description="lay each micro-batch's examples end to end (positions restart, "
+                                                 "no attention across them): no padding computed, same losses")
+    packing: bool = Field(False, description="also fill each row up to max_seq_len with whole examples: fewer, "
+                                             "fuller steps per epoch")
+    liger_kernel: bool | Literal["auto"] = Field(
+        "auto", description="Liger's fused RMSNorm/RoPE/SwiGLU kernels; 'auto': on with CUDA and liger-kernel "
+                            "installed (pip install 'fts-mcp[liger]')")
     eval_fraction: float = Field(0.0, ge=0.0, le=0.5, description="share of examples held out for eval loss")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
         "adamw_torch", description="8-bit and paged AdamW save optimizer memory on CUDA")

@@ -9,8 +9,12 @@ from fts_mcp.planning.architecture import Architecture
 from fts_mcp.planning.estimate import REFERENCE_SHAPES
 from fts_mcp.planning.memory import BITS_CONSTANTS_DOUBLE, UTILIZATION, lora_params, memory
 
+# The memory document's table describes the plain Hugging Face loop (full cross-entropy: batch x sequence x vocab x
+# 12 bytes; fp32 adapters) and its H200 measurements; the estimator's defaults are the recipe's, so the table's
+# figures pin those two.
 SETTINGS = {"seq_len": 2048, "micro_batch": 1, "lora_r": 16, "target_modules": "all-linear",
-            "gradient_checkpointing": True, "optimizer": "adamw_32bit"}
+            "gradient_checkpointing": True, "optimizer": "adamw_32bit", "cross_entropy": "full",
+            "adapter_dtype": "fp32"}
 
 
 def table_row(shape: str, method: str) -> str:
