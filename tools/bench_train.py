@@ -115,7 +115,7 @@ def run_project(folder: Path, args: argparse.Namespace) -> dict:
     dtype = compute_dtype()
     tokenizer = load_tokenizer(spec.base_model, trust_remote_code=False)
     model = load_model(spec.base_model, trust_remote_code=False, quantization="nf4", dtype=dtype, training=True)
-    speed = plan(spec, model)
+    speed = plan(spec, model, budget_gb=args.budget_gb)
     data = Dataset.from_list(dataset_rows(args))
     with tempfile.TemporaryDirectory() as checkpoints:
         trainer = make_trainer(spec, speed, model, tokenizer, data, None, Path(checkpoints), dtype, callbacks=[])
@@ -199,7 +199,7 @@ def measure(folder: Path, args: argparse.Namespace, lengths_kind: str) -> dict[s
         cmd = [sys.executable, __file__, "--variant", variant, "--model-dir", str(folder), "--shape", args.shape,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--lengths", lengths_kind, "--median", str(args.median),
-               "--checkpointing", args.checkpointing]
+               "--checkpointing", args.checkpointing] + (["--budget-gb", str(args.budget_gb)] if args.budget_gb else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     return results
@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--lengths", choices=[*LENGTHS, "both"], default="both")
     parser.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="fts-mcp's gradient checkpointing (the plain loop always checkpoints)")
+    parser.add_argument("--budget-gb", type=float, help="memory fts-mcp's automatic choices may use (default: the "
+                        "device's free memory), e.g. the plain loop's peak")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--model-dir", type=Path, help="reuse a folder built by an earlier run")

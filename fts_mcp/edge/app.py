@@ -4,9 +4,14 @@
     GET  /v1/models                  POST /v1/completions         POST /v1/chat/completions
     POST /v1/load_lora_adapter {lora_name, lora_path}            POST /v1/unload_lora_adapter {lora_name}
 
-`model` in a request is an adapter (`name`, `name@v3`, `name:prod`, or a name given to load_lora_adapter) or the
-base model itself. An unknown model gets a 404 listing what is available; a corrupt adapter a 502 — and the
-runtime goes on serving the others.
+`model` in a request is an adapter (`name`, `name@v3`, `name:prod`, or a name given to load_lora_adapter), a
+stack of adapters (`a+b`, `0.7*a+0.3*b`) or the base model itself. An unknown model gets a 404 listing what is
+available; a corrupt adapter a 502 — and the runtime goes on serving the others.
+
+The request surface is what OpenAI's client libraries send: `prompt` as a string or a list, `messages`, `n`,
+`stop`, `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stream` (server-sent events,
+`data: [DONE]` last) with `stream_options.include_usage`, and `usage` in every answer. A field this runtime does
+not implement gets a 400 that names it, never silent ignoring.
 
 Every request is bounded: a body over `MAX_BODY_BYTES` gets 413; prompt + completion must fit the model's
 context (400 naming the argument); at most `max_queue` requests wait or run at once (429 with Retry-After
@@ -15,39 +20,89 @@ beyond); each has a deadline (504 past it); and generation stops when the client
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from fts_mcp.edge.engine import DeadlineExceeded, Engine
+from fts_mcp.edge.engine import DeadlineExceeded, Engine, Ticket
 from fts_mcp.edge.store import CorruptAdapter, UnknownAdapter
 from fts_mcp.errors import FtsError, InvalidArgument
 
+DEFAULT_MAX_TOKENS = 64
+
 
 class Message(BaseModel):
-    role: str
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
     content: str
+    name: str | None = None
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    model: str
-    prompt: str | None = None
-    messages: list[Message] | None = None
-    max_tokens: int = Field(64, ge=1, le=8192)
-    temperature: float = Field(0.0, ge=0, le=2)
+    include_usage: bool = False
+
+
+class Generation(BaseModel):
+    """What both endpoints take. Fields OpenAI defines but this runtime does not implement are refused by name
+    (`UNSUPPORTED`), unless sent at their neutral value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=1000)
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)  # greedy unless asked: an adapter's answers are reproducible
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings of at most 256 characters")
+        return stops
+
+
+class CompletionRequest(Generation):
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=8192)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value: str | list[str]) -> list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if len(prompts) > 64:
+            raise ValueError("at most 64 prompts per request")
+        return prompts
+
+
+class ChatRequest(Generation):
+    messages: list[Message] = Field(min_length=1, max_length=1000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+
+    @property
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
 
 class LoadRequest(BaseModel):
@@ -57,6 +112,14 @@ class LoadRequest(BaseModel):
 
 MAX_BODY_BYTES = 4 << 20
 DISCONNECT_POLL_SECONDS = 0.1
+# OpenAI request fields this runtime does not implement, and the value at which sending them changes nothing.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty":
+               (None, 0), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+               "parallel_tool_calls": (None,), "service_tier": (None, "auto", "default"), "store": (None, False),
+               "metadata": (None, {}), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+               "reasoning_effort": (None,), "web_search_options": (None,)}
 
 
 def error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
@@ -83,6 +146,73 @@ class Admission:
             self.inside -= 1
 
 
+class Choices:
+    """The tickets of one request (prompts x n) and what each has sent so far, for answers and stream chunks."""
+
+    def __init__(self, tickets: list[Ticket], engine: Engine, stops: list[str], n: int) -> None:
+        self.tickets, self.engine, self.n = tickets, engine, n  # prompts x n tickets, prompt-major
+        self.hold = max((len(s) for s in stops), default=1) - 1  # characters that might start a stop sequence
+        self.sent = [""] * len(tickets)
+        self.closed = [False] * len(tickets)
+
+    def cancel(self) -> None:
+        for ticket in self.tickets:
+            ticket.cancel.set()
+
+    @property
+    def done(self) -> bool:
+        return all(t.done for t in self.tickets)
+
+    def deltas(self) -> list[tuple[int, str, str | None]]:
+        """(index, new text, finish reason when it just finished) for each choice with something to send."""
+        out = []
+        for i, ticket in enumerate(self.tickets):
+            if self.closed[i]:
+                continue
+            tokens, finish, final, failure = ticket.snapshot()
+            if failure is not None or finish == "deadline":
+                continue
+            if finish is not None:
+                text = final if final.startswith(self.sent[i]) else self.sent[i]
+                self.closed[i] = True
+            else:
+                text = self.engine.text_of(tokens).rstrip("\ufffd")  # never half a character
+                text = text[: len(text) - self.hold] if self.hold else text
+            delta = text[len(self.sent[i]):] if text.startswith(self.sent[i]) else ""
+            if delta or finish is not None:
+                self.sent[i] += delta
+                out.append((i, delta, finish))
+        return out
+
+    def failure(self) -> FtsError | None:
+        for ticket in self.tickets:
+            _, finish, _, failure = ticket.snapshot()
+            if failure is not None:
+                return failure
+            if finish == "deadline":
+                return DeadlineExceeded("generation ran past the request's deadline; ask for fewer max_tokens, or "
+                                        "raise --request-timeout", param="max_tokens")
+        return None
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(t.prompt_tokens for t in self.tickets[:: self.n])  # each prompt once, whatever n
+        completion = sum(len(t.snapshot()[0]) for t in self.tickets)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def failure_response(exc: FtsError, available) -> JSONResponse:
+    if isinstance(exc, DeadlineExceeded):
+        return error(504, exc.message, param=exc.param, kind=exc.code)
+    if isinstance(exc, CorruptAdapter):
+        return error(502, exc.message, param="model", kind="corrupt_adapter")
+    if isinstance(exc, UnknownAdapter):
+        return error(404, f"{exc.message}. Available models: {', '.join(available())}", param="model",
+                     kind="model_not_found")
+    if isinstance(exc, InvalidArgument):
+        return error(400, exc.message, param=exc.param)
+    return error(502, exc.message, param=exc.param, kind=exc.code)
+
+
 def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 300.0) -> Starlette:
     admission = Admission(max_queue)
 
@@ -96,7 +226,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             names += [name] + [f"{name}@{v}" for v in entry["versions"]] + [f"{name}:{a}" for a in entry["aliases"]]
         return names + list(engine.named)
 
-    async def parse(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+    async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", kind="request_too_large")
@@ -107,86 +237,144 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
                 return error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", kind="request_too_large")
             chunks.append(chunk)
         try:
-            return model.model_validate_json(b"".join(chunks))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or None
-            return error(400, f"{where or 'body'}: {first['msg']}" if where else first["msg"], param=where)
+            return json.loads(b"".join(chunks))
         except (ValueError, RecursionError):
             return error(400, "the body must be JSON")
 
-    async def generate(body: CompletionRequest, chat: bool, request: Request) -> dict:
-        """Run one generation in a worker thread, ending it if the client disconnects or the deadline passes."""
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        cancel = threading.Event()
+    async def parse(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+        raw = await read_json(request)
+        if isinstance(raw, JSONResponse):
+            return raw
+        if not isinstance(raw, dict):
+            return error(400, "the body must be a JSON object")
+        if issubclass(model, Generation):
+            refused = sorted(k for k, v in raw.items() if k in UNSUPPORTED and v not in UNSUPPORTED[k])
+            if refused:
+                return error(400, f"{', '.join(refused)}: not supported by this runtime; it takes "
+                                  f"{', '.join(sorted(model.model_fields))}", param=refused[0])
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or None
+            message = first["msg"] if first["type"] != "extra_forbidden" else \
+                f"not a field this runtime takes; it takes {', '.join(sorted(model.model_fields))}"
+            return error(400, f"{where}: {message}" if where else message, param=where)
+
+    def start(body: Generation, chat: bool) -> Choices:
+        """Resolve, encode and queue every choice (raising what the client must hear before anything runs)."""
+        target = engine.resolve(body.model)
+        limit = body.limit if chat else body.max_tokens
+        if chat:
+            prompts = [engine.prompt_ids(None, [m.model_dump(exclude_none=True) for m in body.messages], limit)]
+        else:
+            prompts = [engine.prompt_ids(p, None, limit) for p in body.prompt]
         deadline = time.monotonic() + request_timeout
-        outcome: dict[str, Any] = {}
+        tickets = [engine.submit(body.model, ids, max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
+                                 stop=body.stop, seed=None if body.seed is None else body.seed + j, deadline=deadline,
+                                 target=target)
+                   for ids in prompts for j in range(body.n)]
+        return Choices(tickets, engine, body.stop, body.n)
 
-        async def watch_client() -> None:
-            while not await request.is_disconnected():
-                await anyio.sleep(DISCONNECT_POLL_SECONDS)
-            cancel.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch_client)
+    async def wait(choices: Choices, request: Request | None) -> None:
+        """Until a choice changes (or a poll interval passes, to notice a disconnect)."""
+        event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for ticket in choices.tickets:
+            ticket.listen(loop, event)
+        while not choices.done:
+            if request is not None and await request.is_disconnected():
+                choices.cancel()
+                return
             try:
-                outcome["result"] = await anyio.to_thread.run_sync(lambda: engine.generate(
-                    body.model, prompt=None if chat else (body.prompt or ""),
-                    messages=[m.model_dump() for m in body.messages] if chat else None, max_tokens=body.max_tokens,
-                    temperature=body.temperature, top_p=body.top_p, stop=stop, cancel=cancel, deadline=deadline))
-            except FtsError as exc:  # raised out here, not from inside the task group (no exception group)
-                outcome["error"] = exc
-            finally:
-                tg.cancel_scope.cancel()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
+                await asyncio.wait_for(event.wait(), DISCONNECT_POLL_SECONDS)
+            except TimeoutError:
+                pass
+            event.clear()
 
-    async def run(body: CompletionRequest, chat: bool, request: Request) -> Response:
+    def answer(body: Generation, chat: bool, choices: Choices, ident: str, created: int) -> JSONResponse:
+        items = []
+        for i, ticket in enumerate(choices.tickets):
+            _, finish, text, _ = ticket.snapshot()
+            item: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": None}
+            if chat:
+                item["message"] = {"role": "assistant", "content": text}
+            else:
+                item["text"] = text
+            items.append(item)
+        return JSONResponse({
+            "id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": body.model, "choices": items, "usage": choices.usage(),
+            "fts": {"adapter": choices.tickets[0].key}})
+
+    async def stream(body: Generation, chat: bool, choices: Choices, ident: str, created: int,
+                     request: Request) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(items: list[dict], **extra: Any) -> bytes:
+            payload = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": items,
+                       **({"usage": None} if include_usage else {}), **extra}
+            return f"data: {json.dumps(payload)}\n\n".encode()
+
+        try:
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None} for i in range(len(choices.tickets))])
+            while True:
+                for i, delta, finish in choices.deltas():
+                    item = {"index": i, "finish_reason": finish, "logprobs": None}
+                    item.update({"delta": {"content": delta} if delta else {}} if chat else {"text": delta})
+                    yield chunk([item])
+                failure = choices.failure()
+                if failure is not None:  # as OpenAI streams an error: one event with the error object
+                    problem = json.loads(failure_response(failure, available).body)
+                    yield f"data: {json.dumps(problem)}\n\n".encode()
+                    break
+                if choices.done and all(choices.closed):
+                    if include_usage:
+                        yield chunk([], usage=choices.usage())
+                    break
+                await wait(choices, None)
+            yield b"data: [DONE]\n\n"
+        finally:
+            choices.cancel()  # the client went away, or the stream ended: nothing left runs for it
+            admission.leave()
+
+    async def run(body: Generation, chat: bool, request: Request) -> Response:
         if not admission.enter():
             return error(429, f"{max_queue} requests are already waiting or running; retry shortly",
                          kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+        streaming = False
         try:
-            result = await generate(body, chat, request)
-        except DeadlineExceeded as exc:
-            return error(504, exc.message, param=exc.param, kind=exc.code)
-        except CorruptAdapter as exc:
-            return error(502, exc.message, param="model", kind="corrupt_adapter")
-        except UnknownAdapter as exc:
-            return error(404, f"{exc.message}. Available models: {', '.join(available())}", param="model",
-                         kind="model_not_found")
-        except InvalidArgument as exc:
-            return error(400, exc.message, param=exc.param)
-        except FtsError as exc:
-            return error(502, exc.message, param=exc.param, kind=exc.code)
+            try:
+                choices = start(body, chat)
+            except FtsError as exc:
+                return failure_response(exc, available)
+            ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+            if body.stream:
+                streaming = True
+                return StreamingResponse(stream(body, chat, choices, ident, created, request),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            try:
+                await wait(choices, request)
+            finally:
+                choices.cancel()
+            failure = choices.failure()
+            if failure is not None:
+                return failure_response(failure, available)
+            return answer(body, chat, choices, ident, created)
         finally:
-            admission.leave()
-        choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"]}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": result["text"]}
-        else:
-            choice["text"] = result["text"]
-        return JSONResponse({
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": body.model, "choices": [choice], "usage": result["usage"],
-            "fts": {"adapter": result["adapter"], "swap_ms": result["swap_ms"]}})
+            if not streaming:
+                admission.leave()
 
     async def completions(request: Request) -> Response:
         body = await parse(request, CompletionRequest)
-        if isinstance(body, JSONResponse):
-            return body
-        if body.prompt is None:
-            return error(400, "prompt is required", param="prompt")
-        return await run(body, chat=False, request=request)
+        return body if isinstance(body, JSONResponse) else await run(body, chat=False, request=request)
 
     async def chat(request: Request) -> Response:
-        body = await parse(request, CompletionRequest)
-        if isinstance(body, JSONResponse):
-            return body
-        if not body.messages:
-            return error(400, "messages is required: a list of {role, content}", param="messages")
-        return await run(body, chat=True, request=request)
+        body = await parse(request, ChatRequest)
+        return body if isinstance(body, JSONResponse) else await run(body, chat=True, request=request)
 
     async def models(_: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fts-mcp"}

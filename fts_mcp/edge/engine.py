@@ -1,33 +1,42 @@
-"""One base model, many adapters: the edge runtime's engine.
+"""One base model, many adapters, one batch: the edge runtime's engine.
 
-The base is wrapped once by PEFT with a single adapter *slot* of the largest rank served (all linear layers).
-Serving an adapter copies its factors into the slot — zero-padded to the slot's rank, which leaves
-B @ A unchanged — and sets each layer's scaling: an in-place copy of a few MB instead of PEFT's
-`load_adapter` (which builds new modules). Adapters wait in a host-memory LRU cache bounded in bytes (pinned
-on CUDA so the copy runs at full bandwidth). One request runs at a time under a lock, so a request is never
-answered with another request's adapter. Figures are kept with `prometheus_client`, one registry per engine.
+The base model is loaded once. Adapters live in three tiers: the store (local or HTTP), a host-memory LRU cache
+bounded in bytes (pinned on CUDA), and `max_loras` device slots (`fts_mcp.edge.bank`). A scheduler thread runs
+continuous batching: requests for any mix of adapters (and the base) share each forward pass, every row with its
+own slot; new requests are prefilled and join between decode steps, finished ones leave, and a slot is reused
+only once no running request holds it — so an answer never uses another request's adapter, and a request that
+started on an adapter version finishes on it even if an alias moves meanwhile.
+
+`model` may also stack adapters: `support+tone` serves the sum of both adapters' deltas, `0.7*support+0.3*tone`
+weighs them — exactly, as one slot holding both adapters' factors side by side (ranks add up).
+
+`max_batch=1` serves one request at a time (the runtime's earlier behaviour; the benchmark's baseline).
+Figures are kept with `prometheus_client`, one registry per engine.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
+import queue
+import re
 import threading
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from jinja2 import TemplateError
-from peft import LoraConfig, get_peft_model
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache
 
 from fts_mcp.adapters.inspect import CONFIG, LORA_KEY, WEIGHTS, read_adapter
+from fts_mcp.edge.bank import BASE_SLOT, LoraBank
 from fts_mcp.edge.sources import StoreSource
 from fts_mcp.edge.store import CorruptAdapter
 from fts_mcp.errors import FtsError, InvalidArgument, about
@@ -35,15 +44,18 @@ from fts_mcp.models import loading
 from fts_mcp.paths import resolve_inside
 from fts_mcp.training.data import encode_chat_prompt, encode_prompt
 
-SLOT = "slot"
 SWAP_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MAX_STACKED = 8
+TERM = re.compile(r"^\s*(?:(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<ref>[^*+\s]+)\s*$")
 
 
 @dataclass
 class Cached:
     key: str
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A padded, B padded), host memory
-    scaling: float
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r) x scaling), host
+    rank: int
     bytes: int
 
 
@@ -53,75 +65,134 @@ class DeadlineExceeded(FtsError):
     code = "deadline_exceeded"
 
 
-class Interrupt(StoppingCriteria):
-    """Ends generation between tokens when the client has gone or the request's deadline has passed."""
-
-    def __init__(self, cancel: threading.Event | None, deadline: float | None) -> None:
-        self.cancel, self.deadline, self.reason = cancel, deadline, None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.cancel is not None and self.cancel.is_set():
-            self.reason = "cancelled"
-        elif self.deadline is not None and time.monotonic() > self.deadline:
-            self.reason = "deadline"
-        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
-
-
 class Metrics:
     """The runtime's Prometheus figures (served at /metrics)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.swap = Histogram("fts_edge_swap_seconds", "Time to move an adapter into the device slot",
-                              buckets=SWAP_BUCKETS_SECONDS, registry=self.registry)
-        self.hits = Counter("fts_edge_cache_hits", "Adapter requests served from the host cache",
-                            registry=self.registry)
-        self.misses = Counter("fts_edge_cache_misses", "Adapter requests read from the store",
-                              registry=self.registry)
-        self.evictions = Counter("fts_edge_cache_evictions", "Adapters evicted from the host cache",
-                                 registry=self.registry)
-        self.requests = Counter("fts_edge_requests", "Completion requests by adapter", ["adapter"],
-                                registry=self.registry)
-        self.tokens = Counter("fts_edge_completion_tokens", "Generated tokens by adapter", ["adapter"],
-                              registry=self.registry)
-        self.cached = Gauge("fts_edge_cached_adapters", "Adapters in the host cache", registry=self.registry)
-        self.cached_bytes = Gauge("fts_edge_cached_bytes", "Bytes of adapters in the host cache",
-                                  registry=self.registry)
+        r = self.registry = CollectorRegistry()
+        self.swap = Histogram("fts_edge_swap_seconds", "Time to copy an adapter into a device slot",
+                              buckets=SWAP_BUCKETS_SECONDS, registry=r)
+        self.queue_time = Histogram("fts_edge_queue_seconds", "Time from arrival to joining the batch",
+                                    buckets=LATENCY_BUCKETS_SECONDS, registry=r)
+        self.first_token = Histogram("fts_edge_time_to_first_token_seconds", "Time from arrival to the first token",
+                                     buckets=LATENCY_BUCKETS_SECONDS, registry=r)
+        self.latency = Histogram("fts_edge_request_seconds", "Time from arrival to the last token",
+                                 buckets=LATENCY_BUCKETS_SECONDS, registry=r)
+        self.batch = Histogram("fts_edge_batch_size", "Rows in each decode step", buckets=BATCH_BUCKETS, registry=r)
+        self.tokens_per_second = Gauge("fts_edge_tokens_per_second", "Generated tokens per second, last decode step",
+                                       registry=r)
+        self.slot_hits = Counter("fts_edge_slot_hits", "Requests whose adapter was already in a device slot",
+                                 registry=r)
+        self.slot_loads = Counter("fts_edge_slot_loads", "Adapters copied into a device slot", registry=r)
+        self.hits = Counter("fts_edge_cache_hits", "Adapters served from the host cache", registry=r)
+        self.misses = Counter("fts_edge_cache_misses", "Adapters read from the store", registry=r)
+        self.evictions = Counter("fts_edge_cache_evictions", "Adapters evicted from the host cache", registry=r)
+        self.requests = Counter("fts_edge_requests", "Completion requests by adapter", ["adapter"], registry=r)
+        self.tokens = Counter("fts_edge_completion_tokens", "Generated tokens by adapter", ["adapter"], registry=r)
+        self.cached = Gauge("fts_edge_cached_adapters", "Adapters in the host cache", registry=r)
+        self.cached_bytes = Gauge("fts_edge_cached_bytes", "Bytes of adapters in the host cache", registry=r)
+
+
+@dataclass
+class Ticket:
+    """One sequence being generated: what the scheduler produces and a consumer reads (thread-safe). The app
+    waits with `changed()` (asyncio), a thread with `wait()`."""
+
+    model: str
+    key: str  # the adapter (version) it runs with, "base", or a stack
+    prompt_tokens: int
+    arrived: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | deadline
+    error: FtsError | None = None
+    text: str | None = None  # the final text, once finished
+    cancel: threading.Event = field(default_factory=threading.Event)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _listeners: list = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def _notify(self) -> None:
+        self._cond.notify_all()
+        for loop, event in list(self._listeners):
+            loop.call_soon_threadsafe(event.set)
+
+    def listen(self, loop: Any, event: Any) -> None:
+        with self._cond:
+            self._listeners.append((loop, event))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done, timeout)
+
+    def snapshot(self) -> tuple[list[int], str | None, str | None, FtsError | None]:
+        with self._cond:
+            return list(self.tokens), self.finish_reason, self.text, self.error
+
+
+@dataclass
+class Request:
+    ticket: Ticket
+    ids: list[int]
+    target: tuple[str, Any] | None  # (key, loader) or None for the base
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    generator: torch.Generator | None
+    deadline: float | None
+
+
+@dataclass
+class Row:
+    request: Request
+    slot: int
+    length: int  # tokens in the cache for this row (prompt + generated so far, minus the pending one)
 
 
 class Engine:
     def __init__(self, base: str, source: StoreSource, *, quantize: str = "auto", max_rank: int = 64,
-                 max_cached_bytes: int = 2 << 30, roots: tuple[Path, ...] = (), trust_remote_code: bool = False
-                 ) -> None:
+                 max_cached_bytes: int = 2 << 30, roots: tuple[Path, ...] = (), trust_remote_code: bool = False,
+                 max_loras: int = 8, max_batch: int = 32) -> None:
+        if max_loras < 1 or max_batch < 1:
+            raise InvalidArgument("max_loras and max_batch must be at least 1", param="max_loras")
         self.base_name = base
         self.source = source
         self.roots = roots  # folders load_lora_adapter may read besides the store
         self.max_rank = max_rank
         self.max_cached_bytes = max_cached_bytes
+        self.max_batch = max_batch
         self.device = loading.device()
         self.dtype = loading.compute_dtype(self.device)
         self.tokenizer = loading.load_tokenizer(base, trust_remote_code=trust_remote_code, param="--base")
         nf4 = quantize == "nf4" or (quantize == "auto" and self.device.type == "cuda")
-        model = loading.load_model(base, trust_remote_code=trust_remote_code, quantization="nf4" if nf4 else "none",
-                                   dtype=self.dtype, on=self.device, param="--base")
-        self.model = get_peft_model(model, LoraConfig(r=max_rank, lora_alpha=max_rank, lora_dropout=0.0,
-                                                      target_modules="all-linear"), adapter_name=SLOT).eval()
-        prefix = "base_model.model."
-        self.context = getattr(model.config, "max_position_embeddings", None)
-        self.slots = {name[len(prefix):] if name.startswith(prefix) else name: module
-                      for name, module in self.model.named_modules() if SLOT in getattr(module, "lora_A", {})}
-        self.lock = threading.Lock()
+        self.model = loading.load_model(base, trust_remote_code=trust_remote_code,
+                                        quantization="nf4" if nf4 else "none", dtype=self.dtype, on=self.device,
+                                        param="--base").eval()
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
+        # transformers renamed forward's `past_key_values` to `cache` (the old name warns); take the model's own
+        self.cache_arg = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters \
+            else "past_key_values"
+        self.bank = LoraBank(self.model, slots=max_loras, rank=max_rank, dtype=self.dtype, device=self.device)
+        self.slots = self.bank.layers  # module path -> layer an adapter may adapt
         self.cache: OrderedDict[str, Cached] = OrderedDict()
         self.named: dict[str, Path] = {}  # admin-loaded adapters (vLLM's load_lora_adapter): name -> folder
-        self.active: Cached | None = None
+        self.slot_key: list[str | None] = [None] * self.bank.slots  # slot -> adapter key held
+        self.slot_refs = [0] * self.bank.slots  # running rows using each slot
+        self.slot_used = [0.0] * self.bank.slots  # last use, for LRU reuse of free slots
+        self.lock = threading.RLock()  # host cache and slot tables
         self.metrics = Metrics()
-        self._clear_slot()
+        self.waiting: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
 
     # ---- adapters in host memory ---------------------------------------------------------------------------
 
     def _read(self, key: str, folder: Path) -> Cached:
-        """An adapter's factors, padded to the slot's rank, in host memory. A config or weights file that is not
-        what a LoRA adapter holds is refused as corrupt (502), never a server error."""
+        """An adapter's factors, scaling folded into B, in host memory. A config or weights file that is not what a
+        LoRA adapter holds is refused as corrupt (502), never a server error."""
         try:
             config = json.loads((folder / CONFIG).read_text())
             r = int(config["r"])
@@ -138,7 +209,7 @@ class Engine:
             raise InvalidArgument(f"{key} has rank {r}, above this runtime's --max-rank {self.max_rank}",
                                   param="model")
         scaling = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
-        factors: dict[str, list[torch.Tensor | None]] = {}
+        pairs: dict[str, list[torch.Tensor | None]] = {}
         for name, tensor in tensors.items():
             match = LORA_KEY.search(name)
             if not match:
@@ -150,52 +221,103 @@ class Engine:
                                       "it was trained for another base", param="model")
             if tensor.dim() != 2 or not tensor.is_floating_point():
                 raise CorruptAdapter(f"{key}: {name} is not a floating-point matrix", param="model")
-            pair = factors.setdefault(path, [None, None])
+            pair = pairs.setdefault(path, [None, None])
             pair[0 if match.group(3) == "A" else 1] = tensor
-        padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         size = 0
-        for path, (a, b) in factors.items():
+        for path, (a, b) in pairs.items():
             if a is None or b is None or a.shape[0] != r or b.shape[1] != r:
                 raise CorruptAdapter(f"{key}: {path} does not hold a rank-{r} lora_A / lora_B pair", param="model")
-            slot = self.slots[path]
-            want_a, want_b = slot.lora_A[SLOT].weight.shape, slot.lora_B[SLOT].weight.shape
-            if a.shape[1] != want_a[1] or b.shape[0] != want_b[0]:
-                raise InvalidArgument(f"{key}: {path} has shape {tuple(b.shape[:1]) + tuple(a.shape[1:])}, the base "
-                                      f"has {(want_b[0], want_a[1])}: it was trained for another base", param="model")
-            pa = torch.zeros(want_a, dtype=self.dtype)
-            pb = torch.zeros(want_b, dtype=self.dtype)
-            pa[: a.shape[0]] = a.to(self.dtype)
-            pb[:, : b.shape[1]] = b.to(self.dtype)
+            layer = self.slots[path]
+            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise InvalidArgument(f"{key}: {path} has shape {(b.shape[0], a.shape[1])}, the base has "
+                                      f"{(layer.out_features, layer.in_features)}: it was trained for another base",
+                                      param="model")
+            a = a.to(self.dtype).contiguous()
+            b = (b.float() * scaling).to(self.dtype).contiguous()
             if self.device.type == "cuda":
-                pa, pb = pa.pin_memory(), pb.pin_memory()
-            padded[path] = (pa, pb)
-            size += pa.numel() * pa.element_size() + pb.numel() * pb.element_size()
-        return Cached(key=key, factors=padded, scaling=scaling, bytes=size)
+                a, b = a.pin_memory(), b.pin_memory()
+            factors[path] = (a, b)
+            size += a.numel() * a.element_size() + b.numel() * b.element_size()
+        return Cached(key=key, factors=factors, rank=r, bytes=size)
 
     def _cached(self, key: str, folder: Path) -> Cached:
-        if key in self.cache:
-            self.metrics.hits.inc()
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        with self.lock:
+            if key in self.cache:
+                self.metrics.hits.inc()
+                self.cache.move_to_end(key)
+                return self.cache[key]
         self.metrics.misses.inc()
         entry = self._read(key, folder)
-        self.cache[key] = entry
-        while sum(c.bytes for c in self.cache.values()) > self.max_cached_bytes and len(self.cache) > 1:
-            evicted, _ = self.cache.popitem(last=False)
-            self.metrics.evictions.inc()
-            if self.active is not None and self.active.key == evicted:
-                self.active = None
-        self._gauge_cache()
+        with self.lock:
+            self._remember(entry)
         return entry
 
-    def _gauge_cache(self) -> None:
+    def _remember(self, entry: Cached) -> None:
+        self.cache[entry.key] = entry
+        self.cache.move_to_end(entry.key)
+        while sum(c.bytes for c in self.cache.values()) > self.max_cached_bytes and len(self.cache) > 1:
+            self.cache.popitem(last=False)
+            self.metrics.evictions.inc()
         self.metrics.cached.set(len(self.cache))
         self.metrics.cached_bytes.set(sum(c.bytes for c in self.cache.values()))
 
-    def resolve(self, model: str) -> tuple[str, Path] | None:
-        """The adapter a request's `model` names: (key, folder); None for the base model itself."""
+    def _stacked(self, key: str, parts: list[tuple[float, str, Path]]) -> Cached:
+        """One entry holding several adapters side by side: A stacked along the rank, each B weighted, so the
+        slot's delta is the weighted sum of theirs."""
+        with self.lock:
+            if key in self.cache:
+                self.metrics.hits.inc()
+                self.cache.move_to_end(key)
+                return self.cache[key]
+        entries = [(weight, self._cached(part, folder)) for weight, part, folder in parts]
+        rank = sum(e.rank for _, e in entries)
+        if rank > self.max_rank:
+            raise InvalidArgument(f"the stacked adapters' ranks add up to {rank}, above this runtime's --max-rank "
+                                  f"{self.max_rank}", param="model")
+        factors, size = {}, 0
+        for path in {p for _, e in entries for p in e.factors}:
+            layer = self.slots[path]
+            a_parts, b_parts = [], []
+            for weight, e in entries:
+                a, b = e.factors.get(path) or (torch.zeros(e.rank, layer.in_features, dtype=self.dtype),
+                                               torch.zeros(layer.out_features, e.rank, dtype=self.dtype))
+                a_parts.append(a)
+                b_parts.append((b.float() * weight).to(self.dtype))
+            factors[path] = (torch.cat(a_parts), torch.cat(b_parts, dim=1))
+            size += sum(t.numel() * t.element_size() for t in factors[path])
+        entry = Cached(key=key, factors=factors, rank=rank, bytes=size)
+        with self.lock:
+            self._remember(entry)
+        return entry
+
+    def resolve(self, model: str) -> tuple[str, Any] | None:
+        """What a request's `model` names: (key, loader) — key an adapter version, a loaded name or a stack — or
+        None for the base model itself. Unknown names raise (404); a weight that is not a number, 400."""
         if model in (self.base_name, Path(self.base_name).name, "base"):
             return None
+        if "+" not in model and "*" not in model:
+            key, folder = self._one(model)
+            return key, lambda: self._cached(key, folder)
+        terms = model.split("+")
+        if len(terms) > MAX_STACKED:
+            raise InvalidArgument(f"at most {MAX_STACKED} adapters can be stacked", param="model")
+        parts = []
+        for term in terms:
+            match = TERM.match(term)
+            if not match:
+                raise InvalidArgument(f"{term.strip()!r} in {model!r} is not an adapter or weight*adapter; stack "
+                                      "adapters as 'a+b' or '0.7*a+0.3*b'", param="model")
+            weight = float(match["weight"]) if match["weight"] is not None else 1.0
+            if not math.isfinite(weight) or abs(weight) > 100:
+                raise InvalidArgument(f"the weight {match['weight']} in {model!r} must be a number between -100 and "
+                                      "100", param="model")
+            key, folder = self._one(match["ref"])
+            parts.append((weight, key, folder))
+        key = "+".join(f"{w:g}*{k}" for w, k, _ in parts)
+        return key, lambda: self._stacked(key, parts)
+
+    def _one(self, model: str) -> tuple[str, Path]:
         if model in self.named:
             return model, self.named[model]
         manifest = self.source.resolve(model)
@@ -208,9 +330,10 @@ class Engine:
         started = time.perf_counter()
         with about("lora_path"):
             folder = self._named_folder(path)
+        entry = self._read(name, folder)
         with self.lock:
-            self.cache.pop(name, None)
-            self._cached(name, folder)
+            self._forget(name)
+            self._remember(entry)
             self.named[name] = folder
         return (time.perf_counter() - started) * 1000
 
@@ -238,39 +361,59 @@ class Engine:
                                   param="lora_name")
         with self.lock:
             del self.named[name]
-            self.cache.pop(name, None)
-            self._gauge_cache()
-            if self.active is not None and self.active.key == name:
-                self.active = None
+            self._forget(name)
 
-    # ---- the slot ------------------------------------------------------------------------------------------
+    def _forget(self, key: str) -> None:
+        """Drop an adapter (and stacks using it) from the host cache and from any slot no running row holds."""
+        for cached in [k for k in self.cache if k == key or k.endswith(f"*{key}") or f"*{key}+" in k]:
+            del self.cache[cached]
+        for slot, held in enumerate(self.slot_key):
+            if held is not None and (held == key or f"*{key}" in held) and self.slot_refs[slot] == 0:
+                self.slot_key[slot] = None
+        self.metrics.cached.set(len(self.cache))
+        self.metrics.cached_bytes.set(sum(c.bytes for c in self.cache.values()))
 
-    @torch.no_grad()
-    def _clear_slot(self) -> None:
-        for module in self.slots.values():
-            module.lora_B[SLOT].weight.zero_()
+    # ---- device slots --------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _swap(self, entry: Cached) -> float:
-        if self.active is not None and self.active.key == entry.key:
-            return 0.0
+    def _claim_slot(self, target: tuple[str, Any] | None) -> int | None:
+        """A slot holding the target's adapter (loading it into the least recently used free slot), or None
+        when every slot is held by running rows."""
+        if target is None:
+            return BASE_SLOT
+        key, load = target
+        with self.lock:
+            for slot in range(1, self.bank.slots):
+                if self.slot_key[slot] == key:
+                    self.metrics.slot_hits.inc()
+                    return self._hold(slot)
+            free = [s for s in range(1, self.bank.slots) if self.slot_refs[s] == 0]
+            if not free:
+                return None
+            slot = min(free, key=lambda s: self.slot_used[s])
+            self.slot_key[slot] = None
+        entry = load()  # may read the store: outside the lock
         started = time.perf_counter()
-        previous = self.active.factors.keys() if self.active else self.slots.keys()
-        for path in previous - entry.factors.keys():
-            self.slots[path].lora_B[SLOT].weight.zero_()
-        for path, (a, b) in entry.factors.items():
-            module = self.slots[path]
-            module.lora_A[SLOT].weight.copy_(a, non_blocking=True)
-            module.lora_B[SLOT].weight.copy_(b, non_blocking=True)
-            module.scaling[SLOT] = entry.scaling
+        self.bank.load(slot, entry.factors)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.active = entry
-        seconds = time.perf_counter() - started
-        self.metrics.swap.observe(seconds)
-        return seconds * 1000
+        self.metrics.swap.observe(time.perf_counter() - started)
+        self.metrics.slot_loads.inc()
+        with self.lock:
+            self.slot_key[slot] = key
+            return self._hold(slot)
 
-    # ---- generation ----------------------------------------------------------------------------------------
+    def _hold(self, slot: int) -> int:
+        self.slot_refs[slot] += 1
+        self.slot_used[slot] = time.monotonic()
+        return slot
+
+    def _release(self, slot: int) -> None:
+        if slot != BASE_SLOT:
+            with self.lock:
+                self.slot_refs[slot] -= 1
+                self.slot_used[slot] = time.monotonic()
+
+    # ---- requests ------------------------------------------------------------------------------------------
 
     def prompt_ids(self, prompt: str | None, messages: list[dict] | None, max_tokens: int) -> list[int]:
         """The prompt's tokens, refused (naming the argument) when prompt + completion exceed the context."""
@@ -281,6 +424,8 @@ class Engine:
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise InvalidArgument(f"the model's chat template refuses these messages: {str(exc)[:300]}",
                                   param=param) from exc
+        if not ids:
+            raise InvalidArgument("the prompt is empty (no tokens) for this model", param=param)
         if self.context is not None and len(ids) + max_tokens > self.context:
             if len(ids) >= self.context:
                 raise InvalidArgument(f"the prompt is {len(ids):,} tokens; {self.base_name} reads at most "
@@ -290,47 +435,263 @@ class Engine:
                                   f"{self.context - len(ids):,} tokens", param="max_tokens")
         return ids
 
+    def submit(self, model: str, ids: list[int], *, max_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+               deadline: float | None = None, target: tuple[str, Any] | None | bool = False,
+               cancel: threading.Event | None = None) -> Ticket:
+        """Queue one sequence; the scheduler starts it as soon as a batch row (and a slot for its adapter) is
+        free. `target` is `resolve(model)` when the caller already has it; setting `cancel` ends it."""
+        target = self.resolve(model) if target is False else target
+        ticket = Ticket(model=model, key=target[0] if target else "base", prompt_tokens=len(ids),
+                        cancel=cancel or threading.Event())
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        self.waiting.put(Request(ticket=ticket, ids=ids, target=target, max_tokens=max_tokens,
+                                 temperature=temperature, top_p=top_p, stop=[s for s in stop or [] if s],
+                                 generator=generator, deadline=deadline))
+        self._start()
+        return ticket
+
     def generate(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: list[str] | None = None, cancel: threading.Event | None = None,
-                 deadline: float | None = None) -> dict[str, Any]:
-        """One completion. `cancel` (the client went away) and `deadline` (a monotonic time) end it between
-        tokens; waiting for the device counts towards the deadline."""
+                 deadline: float | None = None, seed: int | None = None) -> dict[str, Any]:
+        """One completion, waiting for it (for callers without an event loop). `cancel` (the client went away) and
+        `deadline` (a monotonic time) end it between tokens; waiting for a batch row counts towards the
+        deadline."""
         target = self.resolve(model)
         ids = self.prompt_ids(prompt, messages, max_tokens)
-        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self.lock.acquire(timeout=wait):
-            raise DeadlineExceeded("the request waited past its deadline for the device; retry, or raise "
-                                   "--request-timeout", param="model")
-        try:
-            if cancel is not None and cancel.is_set():  # the client left while waiting for the device
-                return {"text": "", "finish_reason": "cancelled", "adapter": target[0] if target else "base",
-                        "swap_ms": None, "usage": {"prompt_tokens": len(ids), "completion_tokens": 0,
-                                                   "total_tokens": len(ids)}}
-            swap_ms = None
-            if target is None:
-                context = self.model.disable_adapter()
-            else:
-                swap_ms = self._swap(self._cached(*target))
-                context = nullcontext()
-            key = target[0] if target else "base"
-            interrupt = Interrupt(cancel, deadline)
-            with context:
-                text, finish, new_tokens = loading.generate(
-                    self.model, self.tokenizer, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                    stopping_criteria=StoppingCriteriaList([interrupt]))
-        finally:
-            self.lock.release()
-        self.metrics.requests.labels(adapter=key).inc()
-        self.metrics.tokens.labels(adapter=key).inc(new_tokens)
-        if interrupt.reason == "deadline":
-            raise DeadlineExceeded(f"generation ran past the request's deadline after {new_tokens} tokens; ask for "
+        ticket = self.submit(model, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                             seed=seed, deadline=deadline, target=target, cancel=cancel)
+        ticket.wait()
+        return self.outcome(ticket)
+
+    def outcome(self, ticket: Ticket) -> dict[str, Any]:
+        """A finished ticket as an answer; its error (or a passed deadline) raised."""
+        tokens, finish, text, failure = ticket.snapshot()
+        if failure is not None:
+            raise failure
+        if finish == "deadline":
+            raise DeadlineExceeded(f"generation ran past the request's deadline after {len(tokens)} tokens; ask for "
                                    "fewer max_tokens, or raise --request-timeout", param="max_tokens")
-        if interrupt.reason == "cancelled":
-            finish = "cancelled"
-        for marker in stop or []:
-            if marker and marker in text:
-                text, finish = text[: text.index(marker)], "stop"
-        return {"text": text, "finish_reason": finish, "adapter": key, "swap_ms": swap_ms,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": new_tokens,
-                          "total_tokens": len(ids) + new_tokens}}
+        return {"text": text, "finish_reason": finish, "adapter": ticket.key,
+                "usage": {"prompt_tokens": ticket.prompt_tokens, "completion_tokens": len(tokens),
+                          "total_tokens": ticket.prompt_tokens + len(tokens)}}
+
+    def text_of(self, tokens: list[int]) -> str:
+        return loading.decode(self.tokenizer, tokens)[0]
+
+    # ---- the scheduler -------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self.lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="fts-edge-scheduler", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        rows: list[Row] = []
+        cache: DynamicCache | None = None
+        mask = pending = None  # (B, L) attention mask over the cache; (B, 1) next input tokens
+        held: list[Request] = []  # waiting for a free slot
+        while True:
+            if not rows and not held and self.waiting.empty():
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                rows, cache, mask, pending = self._retire(rows, cache, mask, pending)
+                joining, held = self._admit(rows, held)
+                if joining:
+                    rows, cache, mask, pending = self._prefill(joining, rows, cache, mask, pending)
+                    rows, cache, mask, pending = self._retire(rows, cache, mask, pending)
+                if rows:
+                    cache, mask, pending = self._decode(rows, cache, mask, pending)
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the runtime
+                failure = exc if isinstance(exc, FtsError) else FtsError(
+                    f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
+                for row in rows:
+                    self._finish(row, error=failure)
+                rows, cache, mask, pending = [], None, None, None
+
+    def _admit(self, rows: list[Row], held: list[Request]) -> tuple[list[Row], list[Request]]:
+        """Requests that join the batch now (each with a slot for its adapter), and those still waiting."""
+        incoming = list(held)
+        while True:
+            try:
+                incoming.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        joining, still = [], []
+        for request in incoming:
+            ticket = request.ticket
+            if ticket.cancel.is_set() or (request.deadline is not None and time.monotonic() > request.deadline):
+                self._close(ticket, "cancelled" if ticket.cancel.is_set() else "deadline", [])
+                continue
+            if len(rows) + len(joining) >= self.max_batch:
+                still.append(request)
+                continue
+            try:
+                slot = self._claim_slot(request.target)
+            except FtsError as exc:
+                self._fail(ticket, exc)
+                continue
+            if slot is None:
+                still.append(request)
+                continue
+            self.metrics.queue_time.observe(time.monotonic() - ticket.arrived)
+            joining.append(Row(request=request, slot=slot, length=len(request.ids)))
+        return joining, still
+
+    @torch.no_grad()
+    def _prefill(self, joining: list[Row], rows: list[Row], cache, mask, pending):
+        """Run the new prompts (left-padded, one batch), take their first tokens, and merge their cache into the
+        running batch's."""
+        longest = max(len(r.request.ids) for r in joining)
+        ids = torch.zeros(len(joining), longest, dtype=torch.long)
+        new_mask = torch.zeros(len(joining), longest, dtype=torch.long)
+        for i, row in enumerate(joining):
+            prompt = row.request.ids
+            ids[i, longest - len(prompt):] = torch.tensor(prompt)
+            new_mask[i, longest - len(prompt):] = 1
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
+        positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
+        new_cache = DynamicCache(config=self.model.config)
+        self.bank.use([r.slot for r in joining], self.device)
+        logits = self.model(input_ids=ids, attention_mask=new_mask, position_ids=positions,
+                            **{self.cache_arg: new_cache}, use_cache=True).logits[:, -1]
+        first = self._sample(logits, joining)
+        for row, token in zip(joining, first, strict=True):
+            self.metrics.first_token.observe(time.monotonic() - row.request.ticket.arrived)
+            self._push(row, token)
+        new_pending = torch.tensor(first, device=self.device)[:, None]
+        if not rows:
+            return joining, new_cache, new_mask, new_pending
+        # merge: left-pad the shorter cache so both end on the newest token
+        old_len, new_len = mask.shape[1], new_mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
+            old_layer.keys, old_layer.values = (torch.cat([_left_pad(o, width), _left_pad(n, width)])
+                                                for o, n in ((old_layer.keys, new_layer.keys),
+                                                             (old_layer.values, new_layer.values)))
+        mask = torch.cat([_left_pad(mask, width), _left_pad(new_mask, width)])
+        return rows + joining, cache, mask, torch.cat([pending, new_pending])
+
+    @torch.no_grad()
+    def _decode(self, rows: list[Row], cache, mask, pending):
+        """One token for every row."""
+        started = time.perf_counter()
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        self.bank.use([r.slot for r in rows], self.device)
+        logits = self.model(input_ids=pending, attention_mask=mask, position_ids=positions,
+                            **{self.cache_arg: cache}, use_cache=True).logits[:, -1]
+        tokens = self._sample(logits, rows)
+        for row, token in zip(rows, tokens, strict=True):
+            row.length += 1
+            self._push(row, token)
+        self.metrics.batch.observe(len(rows))
+        self.metrics.tokens_per_second.set(len(rows) / max(time.perf_counter() - started, 1e-9))
+        return cache, mask, torch.tensor(tokens, device=self.device)[:, None]
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+        """Greedy for temperature 0; otherwise temperature and nucleus sampling with the request's generator."""
+        logits = logits.float()
+        chosen = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            request = row.request
+            if request.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / request.temperature, -1).cpu()
+            if request.top_p < 1:
+                ordered, order = probs.sort(descending=True)
+                keep = ordered.cumsum(0) - ordered < request.top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+            chosen[i] = int(torch.multinomial(probs, 1, generator=request.generator))
+        return chosen
+
+    def _push(self, row: Row, token: int) -> None:
+        """Record a token; finish the sequence at end of text, max_tokens or a stop sequence."""
+        request, ticket = row.request, row.request.ticket
+        eos = self.tokenizer.eos_token_id
+        with ticket._cond:
+            if ticket.done:
+                return
+            if token == eos:
+                self._close(ticket, "stop", ticket.tokens)
+                return
+            ticket.tokens.append(token)
+            if request.stop:
+                text = self.text_of(ticket.tokens)
+                hits = [text.index(s) for s in request.stop if s in text]
+                if hits:
+                    self._close(ticket, "stop", ticket.tokens, text=text[: min(hits)])
+                    return
+            if len(ticket.tokens) >= request.max_tokens:
+                self._close(ticket, "length", ticket.tokens)
+                return
+            ticket._notify()
+
+    def _close(self, ticket: Ticket, reason: str, tokens: list[int], text: str | None = None) -> None:
+        with ticket._cond:
+            if ticket.done:
+                return
+            ticket.text = text if text is not None else self.text_of(tokens)
+            ticket.finish_reason = reason
+            self.metrics.requests.labels(adapter=ticket.key).inc()
+            self.metrics.tokens.labels(adapter=ticket.key).inc(len(ticket.tokens))
+            self.metrics.latency.observe(time.monotonic() - ticket.arrived)
+            ticket._notify()
+
+    def _fail(self, ticket: Ticket, failure: FtsError) -> None:
+        with ticket._cond:
+            if not ticket.done:
+                ticket.error = failure
+                ticket._notify()
+
+    def _finish(self, row: Row, *, error: FtsError | None = None) -> None:
+        if error is not None:
+            self._fail(row.request.ticket, error)
+        self._release(row.slot)
+
+    def _retire(self, rows: list[Row], cache, mask, pending):
+        """Drop finished, cancelled and overdue rows from the batch (and their slots' hold)."""
+        now = time.monotonic()
+        keep = []
+        for i, row in enumerate(rows):
+            ticket, request = row.request.ticket, row.request
+            if not ticket.done and ticket.cancel.is_set():
+                self._close(ticket, "cancelled", ticket.tokens)
+            elif not ticket.done and request.deadline is not None and now > request.deadline:
+                self._close(ticket, "deadline", ticket.tokens)
+            if ticket.done:
+                self._finish(row)
+            else:
+                keep.append(i)
+        if len(keep) == len(rows):
+            return rows, cache, mask, pending
+        if not keep:
+            return [], None, None, None
+        index = torch.tensor(keep, device=self.device)
+        cache.batch_select_indices(index)
+        mask, pending = mask[index], pending[index]
+        unused = int((mask.cumsum(-1) == 0).sum(-1).min())  # left padding every remaining row has
+        if unused:
+            mask = mask[:, unused:]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+        return [rows[i] for i in keep], cache, mask, pending
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad a (batch, ..., length[, dim]) cache or mask tensor on the left of its length axis to `width`."""
+    axis = -2 if t.dim() == 4 else -1
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=axis)

@@ -32,7 +32,7 @@ from fts_mcp.plots import loss_curve_png
 from fts_mcp.training.checkpoints import latest_checkpoint
 from fts_mcp.training.data import encode_rows
 from fts_mcp.training.spec import TrainJobSpec
-from fts_mcp.training.speed import SpeedPlan, plan
+from fts_mcp.training.speed import SpeedPlan, plan, read_plan, write_plan
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,16 @@ class Progress(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.ctx.checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class RecordPlan(TrainerCallback):
+    """Writes the speed plan into every checkpoint, so a resumed run keeps its micro-batch and accumulation."""
+
+    def __init__(self, speed: SpeedPlan) -> None:
+        self.speed = speed
+
+    def on_save(self, args, state, control, **kwargs):
+        write_plan(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.speed)
 
 
 # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns); take either.
@@ -215,14 +225,15 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     # 2. data
     ctx.phase("tokenizing")
     train_data, eval_data = build_datasets(spec, tokenizer)
-    speed = plan(spec, model)
+    # continuing from this job's own checkpoint, else from the one it was asked to resume: with its batch shape
+    resume = latest_checkpoint(checkpoints) or (Path(spec.resume_checkpoint) if spec.resume_checkpoint else None)
+    speed = plan(spec, model, resuming=read_plan(resume) if resume else None)
     log.info("speed plan: %s; %s", speed.summary(), "; ".join(speed.reasons))
     ctx.report({"plan": speed.summary()}, event=False)
     trainer = make_trainer(spec, speed, model, tokenizer, train_data, eval_data, checkpoints, dtype,
-                           callbacks=[Progress(ctx)])
+                           callbacks=[Progress(ctx), RecordPlan(speed)])
 
-    # 3. train (continuing from this job's own checkpoint, else from the one it was asked to resume)
-    resume = latest_checkpoint(checkpoints) or (Path(spec.resume_checkpoint) if spec.resume_checkpoint else None)
+    # 3. train
     if resume is not None:
         log.info("resuming from %s", resume)
     ctx.stop.in_loop = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -26,6 +27,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from fts_mcp.errors import InvalidArgument
+from fts_mcp.io import write_json_atomic
 from fts_mcp.planning.architecture import from_config
 from fts_mcp.planning.batch import plan_batch
 from fts_mcp.training import varlen
@@ -124,9 +126,32 @@ def liger_available(model: Any) -> bool:
     return getattr(model.config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
-def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None) -> SpeedPlan:
-    """Decide micro-batch, accumulation, checkpointing, padding-free and kernels for `spec` on the loaded model."""
+PLAN_FILE = "speed.json"
+
+
+def write_plan(checkpoint: Path, speed: SpeedPlan) -> None:
+    if checkpoint.is_dir():
+        write_json_atomic(checkpoint / PLAN_FILE, speed.model_dump())
+
+
+def read_plan(checkpoint: Path) -> SpeedPlan | None:
+    """The plan a checkpoint was trained with; None for a checkpoint without one or with an unreadable one."""
+    try:
+        return SpeedPlan.model_validate_json((checkpoint / PLAN_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None,
+         resuming: SpeedPlan | None = None) -> SpeedPlan:
+    """Decide micro-batch, accumulation, checkpointing, padding-free and kernels for `spec` on the loaded model.
+    `resuming`: the plan of the checkpoint this run continues; its micro-batch and accumulation are kept (the
+    same examples per step, whatever memory is free now)."""
     t = spec.training
+    if resuming is not None:
+        t = t.model_copy(update={"micro_batch_size": t.micro_batch_size or resuming.micro_batch_size,
+                                 "gradient_accumulation_steps": t.gradient_accumulation_steps
+                                 or resuming.gradient_accumulation_steps})
     device = next(model.parameters()).device
     budget = budget_gb if budget_gb is not None else memory_budget_gb(device)
     reasons: list[str] = []
@@ -148,12 +173,16 @@ def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None) -> S
                            "each to itself")
 
     arch = from_config(model.config.to_dict(), source="loaded model")
+    targets = spec.lora.target_modules
+    if targets != "all-linear" and not set(targets) <= {name for name, _, _ in arch.linear_shapes()}:
+        targets = "all-linear"  # names the estimator's shape does not know: count every linear layer (an upper
+        # bound); whether the model has them is the trainer's check, which names the model's own layers
     batch = plan_batch(arch, "qlora" if spec.quantization == "nf4" else "lora", budget_gb=budget,
                        seq_len=t.max_seq_len, micro_batch=t.micro_batch_size,
                        gradient_accumulation_steps=t.gradient_accumulation_steps,
                        gradient_checkpointing=t.gradient_checkpointing, effective_batch=EFFECTIVE_BATCH,
                        max_micro_batch=MAX_AUTO_MICRO_BATCH, lora_r=spec.lora.r,
-                       target_modules=spec.lora.target_modules, optimizer=_estimator_optimizer(t.optimizer))
+                       target_modules=targets, optimizer=_estimator_optimizer(t.optimizer))
     reasons.append(batch.reason)
 
     liger = t.liger_kernel is True or (t.liger_kernel == "auto" and liger_available(model))

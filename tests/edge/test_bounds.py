@@ -11,7 +11,7 @@ import pytest
 import uvicorn
 
 from fts_mcp.edge.app import MAX_BODY_BYTES, build_app
-from fts_mcp.edge.engine import DeadlineExceeded, Engine, Metrics
+from fts_mcp.edge.engine import DeadlineExceeded, Engine, Metrics, Ticket
 from fts_mcp.edge.sources import StoreSource
 from fts_mcp.errors import InvalidArgument
 from tests.conftest import wait_for
@@ -19,7 +19,8 @@ from tests.test_transports import free_port, port_open
 
 
 class SlowEngine:
-    """Generates one token per 10 ms and honours `cancel` and `deadline` the way the real engine does."""
+    """Generates one token per 10 ms on a thread per request and honours `cancel` and `deadline` the way the real
+    engine's scheduler does."""
 
     base_name = "slow-base"
     named: dict = {}
@@ -31,18 +32,37 @@ class SlowEngine:
         self.cancelled = threading.Event()
         self.source = type("NoStore", (), {"catalogue": staticmethod(lambda: {})})()
 
-    def generate(self, model, *, prompt=None, messages=None, max_tokens=64, temperature=0.0, top_p=1.0, stop=None,
-                 cancel=None, deadline=None):
-        for produced in range(max_tokens):
-            if cancel is not None and cancel.is_set():
-                self.cancelled.set()
-                return {"text": "x" * produced, "finish_reason": "cancelled", "adapter": "base", "swap_ms": None,
-                        "usage": {"prompt_tokens": 1, "completion_tokens": produced, "total_tokens": produced + 1}}
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded("past the deadline", param="max_tokens")
-            time.sleep(0.01)
-        return {"text": "x" * max_tokens, "finish_reason": "length", "adapter": "base", "swap_ms": None,
-                "usage": {"prompt_tokens": 1, "completion_tokens": max_tokens, "total_tokens": max_tokens + 1}}
+    def resolve(self, model):
+        return None
+
+    def prompt_ids(self, prompt, messages, max_tokens):
+        return [1]
+
+    def text_of(self, tokens):
+        return "x" * len(tokens)
+
+    def submit(self, model, ids, *, max_tokens=64, deadline=None, **_):
+        ticket = Ticket(model=model, key="base", prompt_tokens=len(ids))
+
+        def produce():
+            for _ in range(max_tokens):
+                with ticket._cond:
+                    if ticket.cancel.is_set():
+                        self.cancelled.set()
+                        ticket.finish_reason, ticket.text = "cancelled", self.text_of(ticket.tokens)
+                        return ticket._notify()
+                    if deadline is not None and time.monotonic() > deadline:
+                        ticket.finish_reason, ticket.text = "deadline", self.text_of(ticket.tokens)
+                        return ticket._notify()
+                    ticket.tokens.append(7)
+                    ticket._notify()
+                time.sleep(0.01)
+            with ticket._cond:
+                ticket.finish_reason, ticket.text = "length", self.text_of(ticket.tokens)
+                ticket._notify()
+
+        threading.Thread(target=produce, daemon=True).start()
+        return ticket
 
 
 @pytest.fixture

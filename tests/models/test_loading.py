@@ -110,7 +110,7 @@ def test_remote_code_trains_merges_generates_and_serves_with_the_setting(monkeyp
 
     engine = Engine(str(remote_model), StoreSource(core.settings.store, core.settings.edge_cache), max_rank=8,
                     trust_remote_code=core.settings.trust_remote_code)
-    assert type(engine.model.base_model.model).__name__ == "TinyRemoteForCausalLM"
+    assert type(engine.model).__name__ == "TinyRemoteForCausalLM"
     stats = core.training.validate_dataset(str(SAMPLE_COMPLETION), base_model=str(remote_model)).token_stats
     assert stats is not None and stats.total_tokens > 0
     core.close()

@@ -84,3 +84,17 @@ def test_every_topic_is_in_the_index():
     index = read_doc("index")
     assert all(f"`{topic}`" in index for topic in DOC_TOPICS)
     assert isinstance(REFERENCE_SHAPES["Llama-3.1-8B"], Architecture)
+
+
+def test_memory_doc_recipe_figures():
+    doc = read_doc("memory")
+    plain, _ = memory(REFERENCE_SHAPES["Llama-3.1-8B"], "qlora", **{**SETTINGS, "micro_batch": 4})
+    recipe, _ = memory(REFERENCE_SHAPES["Llama-3.1-8B"], "qlora", seq_len=2048, micro_batch=4,
+                       gradient_checkpointing=True)
+    assert f"from {plain.peak_allocated_gb:.1f} GB to\n{recipe.peak_allocated_gb:.1f} GB" in doc
+    llama_65b = Architecture(layers=80, hidden=8192, intermediate=22_016, heads=64, kv_heads=64, vocab=32_000)
+    paper, _ = memory(llama_65b, "qlora", seq_len=528, micro_batch=4, lora_r=64, gradient_checkpointing=True,
+                      optimizer="paged_adamw_32bit")
+    assert f"comes to {paper.total_gb:.1f} GB in\nall ({paper.peak_allocated_gb:.1f} GB allocated, plus " \
+           f"{paper.optimizer_paged_gb:.1f} GB of paged" in doc
+    assert paper.total_gb < 48

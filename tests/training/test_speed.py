@@ -18,7 +18,14 @@ from fts_mcp.planning.batch import plan_batch
 from fts_mcp.training import speed, varlen
 from fts_mcp.training.recipe import CHECKPOINTING, build_datasets, make_trainer
 from fts_mcp.training.spec import LoraSpec, TrainingSpec, TrainJobSpec
-from fts_mcp.training.speed import SpeedPlan, padding_free_attention, plan, supports_padding_free
+from fts_mcp.training.speed import (
+    SpeedPlan,
+    padding_free_attention,
+    plan,
+    read_plan,
+    supports_padding_free,
+    write_plan,
+)
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
@@ -229,3 +236,18 @@ def test_an_unset_micro_batch_fills_the_budget_and_keeps_the_effective_batch(bas
     # the largest that fits without recomputing (2 x 1,024 tokens fill a pass), accumulation keeping 16 a step
     assert (squeezed.micro_batch_size, squeezed.gradient_accumulation_steps) == (2, 8)
     assert squeezed.gradient_checkpointing is False
+
+
+def test_a_resumed_run_keeps_the_batch_shape_of_its_checkpoint(base, tiny_model, tmp_path):
+    """The free memory may differ when a job resumes; the examples per step must not."""
+    model, _ = base
+    spec = job_spec(tiny_model, write_dataset(tmp_path, "chat"), "chat")
+    spec.training.micro_batch_size = spec.training.gradient_accumulation_steps = None
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    write_plan(checkpoint, speed_plan(micro_batch_size=4, gradient_accumulation_steps=4))
+    resumed = plan(spec, model, budget_gb=1e6, resuming=read_plan(checkpoint))
+    assert (resumed.micro_batch_size, resumed.gradient_accumulation_steps) == (4, 4)
+    assert plan(spec, model, budget_gb=1e6).micro_batch_size == 16  # a fresh run fills the memory instead
+    (checkpoint / "speed.json").write_text("{not json")
+    assert read_plan(checkpoint) is None and read_plan(tmp_path / "absent") is None
