@@ -152,7 +152,8 @@ class Choices:
     def __init__(self, tickets: list[Ticket], engine: Engine, stops: list[str], n: int) -> None:
         self.tickets, self.engine, self.n = tickets, engine, n  # prompts x n tickets, prompt-major
         self.hold = max((len(s) for s in stops), default=1) - 1  # characters that might start a stop sequence
-        self.sent = [""] * len(tickets)
+        self.sent = [""] * len(tickets)  # text sent so far
+        self.seen = [0] * len(tickets)  # tokens turned into text so far
         self.closed = [False] * len(tickets)
 
     def cancel(self) -> None:
@@ -164,7 +165,8 @@ class Choices:
         return all(t.done for t in self.tickets)
 
     def deltas(self) -> list[tuple[int, str, str | None]]:
-        """(index, new text, finish reason when it just finished) for each choice with something to send."""
+        """(index, new text, finish reason when it just finished): a delta per new token of each choice (as
+        OpenAI streams), then its last piece of text with the finish reason."""
         out = []
         for i, ticket in enumerate(self.tickets):
             if self.closed[i]:
@@ -172,16 +174,21 @@ class Choices:
             tokens, finish, final, failure = ticket.snapshot()
             if failure is not None or finish == "deadline":
                 continue
-            if finish is not None:
-                text = final if final.startswith(self.sent[i]) else self.sent[i]
-                self.closed[i] = True
-            else:
-                text = self.engine.text_of(tokens).rstrip("\ufffd")  # never half a character
-                text = text[: len(text) - self.hold] if self.hold else text
-            delta = text[len(self.sent[i]):] if text.startswith(self.sent[i]) else ""
-            if delta or finish is not None:
-                self.sent[i] += delta
-                out.append((i, delta, finish))
+            for count in range(self.seen[i] + 1, len(tokens) + 1):
+                text = self.engine.text_of(tokens[:count]).rstrip("\ufffd")  # never half a character
+                text = text[: len(text) - self.hold] if self.hold and finish is None else text
+                if finish is not None and not final.startswith(text):
+                    break  # past a stop sequence: the final text below ends before it
+                if text.startswith(self.sent[i]) and len(text) > len(self.sent[i]):
+                    out.append((i, text[len(self.sent[i]):], None))
+                    self.sent[i] = text
+            self.seen[i] = len(tokens)
+            if finish is None:
+                continue
+            delta = final[len(self.sent[i]):] if final.startswith(self.sent[i]) else ""
+            self.sent[i] += delta
+            self.closed[i] = True
+            out.append((i, delta, finish))
         return out
 
     def failure(self) -> FtsError | None:
@@ -252,6 +259,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             if refused:
                 return error(400, f"{', '.join(refused)}: not supported by this runtime; it takes "
                                   f"{', '.join(sorted(model.model_fields))}", param=refused[0])
+            raw = {k: v for k, v in raw.items() if k not in UNSUPPORTED}  # sent at a value that changes nothing
         try:
             return model.model_validate(raw)
         except ValidationError as exc:
