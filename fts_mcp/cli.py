@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fts_mcp.errors import FtsError
 
@@ -74,15 +75,17 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     from fts_mcp.config import Settings
     from fts_mcp.http import check_bind
 
-    check_bind(args.host, args.token or os.environ.get("FTS_AUTH_TOKEN"))  # before loading torch and the model
+    if args.keys is None:  # before loading torch and the model (a keys file is checked as it is read)
+        check_bind(args.host, args.token or os.environ.get("FTS_AUTH_TOKEN"))
     settings = Settings.from_env()
     announce_roots(settings)  # load_lora_adapter reads folders inside them
     from fts_mcp.edge.app import serve
 
     serve(settings, args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
-          max_rank=args.max_rank, host=args.host, port=args.port, token=args.token or os.environ.get("FTS_AUTH_TOKEN"),
+          max_rank=args.max_rank, host=args.host, port=args.port,
+          token=args.token or (None if args.keys else os.environ.get("FTS_AUTH_TOKEN")),
           extra_hosts=args.allowed_host, extra_origins=args.allowed_origin, max_queue=args.max_queue,
-          request_timeout=args.request_timeout)
+          request_timeout=args.request_timeout, keys=args.keys, max_loras=args.max_loras, max_batch=args.max_batch)
     return 0
 
 
@@ -229,10 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="load the base in 4-bit NF4 or in 16 bits; auto: NF4 when a GPU is visible")
     run.add_argument("--max-cached", type=parse_size, default=2 * 10**9,
                      help="bytes of adapters kept in host memory, e.g. 512MB (LRU beyond it)")
-    run.add_argument("--max-rank", type=int, default=64, help="largest adapter rank served")
+    run.add_argument("--max-rank", type=int, default=64, help="largest adapter rank served (a stack: the sum)")
+    run.add_argument("--max-loras", type=positive(int, "a whole number"), default=8,
+                     help="adapters held on the device at once (each running request holds its adapter's slot)")
+    run.add_argument("--max-batch", type=positive(int, "a whole number"), default=32,
+                     help="sequences decoded together; 1 serves one request at a time")
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8001)
     run.add_argument("--token", help="bearer token clients must send (default: FTS_AUTH_TOKEN)")
+    run.add_argument("--keys", type=Path, help="JSON file of API keys and the adapters each may use (tenants); "
+                     "instead of --token")
     run.add_argument("--max-queue", type=positive(int, "a whole number"), default=64,
                      help="requests waiting or running at once; more get 429 with Retry-After")
     run.add_argument("--request-timeout", type=positive(float, "a number of seconds"), default=300.0,

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -38,6 +39,7 @@ from starlette.routing import Route
 
 from fts_mcp.edge.engine import DeadlineExceeded, Engine, Ticket
 from fts_mcp.edge.store import CorruptAdapter, UnknownAdapter
+from fts_mcp.edge.tenants import Key, Tenants, adapter_names
 from fts_mcp.errors import FtsError, InvalidArgument
 
 DEFAULT_MAX_TOKENS = 64
@@ -220,8 +222,29 @@ def failure_response(exc: FtsError, available) -> JSONResponse:
     return error(502, exc.message, param=exc.param, kind=exc.code)
 
 
-def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 300.0) -> Starlette:
+def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 300.0,
+              tenants: Tenants | None = None) -> Starlette:
+    """The runtime's routes. With `tenants`, every call but /health needs a known key, each key reaches only its
+    adapters, and the admin calls (and /metrics) need an admin key."""
     admission = Admission(max_queue)
+    base_names = {engine.base_name, Path(engine.base_name).name, "base"}
+
+    def caller(request: Request, *, admin: bool = False) -> Key | JSONResponse | None:
+        if tenants is None:
+            return None
+        key = tenants.holder(request.headers.get("authorization"))
+        if key is None:
+            return error(401, "send Authorization: Bearer <your API key>", kind="authentication_error")
+        if admin and not key.admin:
+            return error(403, "this call needs an admin key", kind="permission_denied")
+        return key
+
+    def permits(key: Key | None, model: str) -> bool:
+        if key is None:
+            return True
+        if model in base_names:
+            return key.may_use("base") or key.may_use(engine.base_name)
+        return all(key.may_use(name) for name in adapter_names(model))
 
     def available() -> list[str]:
         names = [engine.base_name]
@@ -376,19 +399,34 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             if not streaming:
                 admission.leave()
 
+    async def generation(request: Request, chat: bool) -> Response:
+        key = caller(request)
+        if isinstance(key, JSONResponse):
+            return key
+        body = await parse(request, ChatRequest if chat else CompletionRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        if not permits(key, body.model):
+            return error(403, f"this key may not use {body.model!r}; GET /v1/models lists what it may use",
+                         param="model", kind="permission_denied")
+        return await run(body, chat=chat, request=request)
+
     async def completions(request: Request) -> Response:
-        body = await parse(request, CompletionRequest)
-        return body if isinstance(body, JSONResponse) else await run(body, chat=False, request=request)
+        return await generation(request, chat=False)
 
     async def chat(request: Request) -> Response:
-        body = await parse(request, ChatRequest)
-        return body if isinstance(body, JSONResponse) else await run(body, chat=True, request=request)
+        return await generation(request, chat=True)
 
-    async def models(_: Request) -> Response:
+    async def models(request: Request) -> Response:
+        key = caller(request)
+        if isinstance(key, JSONResponse):
+            return key
         return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fts-mcp"}
-                                                        for m in available()]})
+                                                        for m in available() if permits(key, m)]})
 
     async def load(request: Request) -> Response:
+        if isinstance(refused := caller(request, admin=True), JSONResponse):
+            return refused
         body = await parse(request, LoadRequest)
         if isinstance(body, JSONResponse):
             return body
@@ -404,6 +442,8 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
                                  headers={"x-fts-load-ms": f"{ms:.3f}"})
 
     async def unload(request: Request) -> Response:
+        if isinstance(refused := caller(request, admin=True), JSONResponse):
+            return refused
         body = await parse(request, LoadRequest)
         if isinstance(body, JSONResponse):
             return body
@@ -417,7 +457,9 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
         return JSONResponse({"status": "ok", "base": engine.base_name, "device": str(engine.device),
                              "cached": list(engine.cache), "loaded": list(engine.named)})
 
-    async def metrics(_: Request) -> Response:
+    async def metrics(request: Request) -> Response:
+        if isinstance(refused := caller(request, admin=True), JSONResponse):
+            return refused
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[
@@ -431,19 +473,25 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
 
 def serve(settings, base: str, store: str | None, *, quantize: str, max_cached_bytes: int, max_rank: int, host: str,
           port: int, token: str | None, extra_hosts: list[str] = (), extra_origins: list[str] = (),
-          max_queue: int = 64, request_timeout: float = 300.0) -> None:
+          max_queue: int = 64, request_timeout: float = 300.0, keys: Path | None = None, max_loras: int = 8,
+          max_batch: int = 32) -> None:
     """Load the base once and serve. `store` defaults to the one every command uses (FTS_STORE, else
-    FTS_HOME/store); a URL serves an HTTP store through a local cache."""
+    FTS_HOME/store); a URL serves an HTTP store through a local cache. `keys`: a tenants file
+    (`fts_mcp.edge.tenants`) instead of the one `token`."""
     import uvicorn
 
     from fts_mcp.edge.sources import StoreSource
     from fts_mcp.http import BearerAuth, HostOriginGuard, check_bind, clean_token, security_settings
 
-    check_bind(host, token)
+    if keys is not None and token:
+        raise InvalidArgument("give --keys (a key per tenant) or --token (one key for everything), not both",
+                              param="--keys")
+    tenants = Tenants.load(keys) if keys is not None else None
+    check_bind(host, token or (tenants.keys[0].key if tenants else None))
     token = clean_token(token)
     engine = Engine(base, StoreSource(store or settings.store, settings.edge_cache), quantize=quantize,
                     max_rank=max_rank, max_cached_bytes=max_cached_bytes, roots=settings.roots,
-                    trust_remote_code=settings.trust_remote_code)
-    app = HostOriginGuard(build_app(engine, max_queue=max_queue, request_timeout=request_timeout),
+                    trust_remote_code=settings.trust_remote_code, max_loras=max_loras, max_batch=max_batch)
+    app = HostOriginGuard(build_app(engine, max_queue=max_queue, request_timeout=request_timeout, tenants=tenants),
                           security_settings(host, port, list(extra_hosts), list(extra_origins)))
     uvicorn.run(BearerAuth(app, token) if token else app, host=host, port=port, log_level="warning")

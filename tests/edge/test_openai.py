@@ -3,8 +3,10 @@ stop sequences, usage, and the errors the client raises by type."""
 
 from __future__ import annotations
 
+import json
 import threading
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -13,6 +15,8 @@ from fts_mcp.edge.app import build_app
 from fts_mcp.edge.engine import Engine
 from fts_mcp.edge.sources import StoreSource
 from fts_mcp.edge.store import AdapterStore
+from fts_mcp.edge.tenants import Tenants
+from fts_mcp.errors import InvalidArgument
 from tests.conftest import make_adapter, wait_for
 from tests.test_transports import free_port, port_open
 
@@ -93,3 +97,65 @@ def test_errors_arrive_as_the_clients_own_exceptions(runtime):
         client.completions.create(model="fa", prompt="hi", max_tokens=2, extra_body={"nonsense": 1})
     neutral = client.completions.create(model="fa", prompt="hi", max_tokens=2, presence_penalty=0, echo=False)
     assert neutral.choices[0].finish_reason == "length"  # a neutral value changes nothing, so it is accepted
+
+
+ACME, GLOBEX, OPS = "sk-acme-0123456789abcdef", "sk-globex-0123456789abcdef", "sk-ops-0123456789abcdef0"
+
+
+@pytest.fixture(scope="module")
+def tenants_runtime(runtime, tmp_path_factory):
+    engine, _ = runtime
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": ACME, "adapters": ["fa"]},
+                                         {"key": GLOBEX, "adapters": ["fb", "base"]},
+                                         {"key": OPS, "adapters": ["*"], "admin": True}]}))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, tenants=Tenants.load(keys)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    wait_for(lambda: port_open(port), 10, what="the runtime to listen")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+
+
+def test_a_tenant_sees_and_uses_only_its_adapters(tenants_runtime):
+    def client(key):
+        return openai.OpenAI(base_url=f"{tenants_runtime}/v1", api_key=key, max_retries=0)
+
+    acme, globex = client(ACME), client(GLOBEX)
+    assert {m.id for m in acme.models.list()} == {"fa", "fa@v1", "fa:latest"}
+    assert "fb" in {m.id for m in globex.models.list()} and "fa" not in {m.id for m in globex.models.list()}
+    assert acme.completions.create(model="fa", prompt="hi", max_tokens=2).choices[0].finish_reason == "length"
+    with pytest.raises(openai.PermissionDeniedError, match="may not use 'fb'"):
+        acme.completions.create(model="fb", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.PermissionDeniedError):
+        acme.chat.completions.create(model="fa+fb", messages=CHAT, max_tokens=2)  # a stack: every part
+    with pytest.raises(openai.PermissionDeniedError):
+        acme.completions.create(model="base", prompt="hi", max_tokens=2)
+    globex.completions.create(model="base", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        client("sk-unknown-0123456789abcdef").models.list()
+
+
+def test_admin_calls_need_an_admin_key(tenants_runtime):
+    load = {"lora_name": "mine", "lora_path": "fa@v1"}
+    assert httpx.post(f"{tenants_runtime}/v1/load_lora_adapter", json=load,
+                      headers={"Authorization": f"Bearer {ACME}"}).status_code == 403
+    assert httpx.get(f"{tenants_runtime}/metrics", headers={"Authorization": f"Bearer {ACME}"}).status_code == 403
+    assert httpx.get(f"{tenants_runtime}/metrics", headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+    assert httpx.post(f"{tenants_runtime}/v1/load_lora_adapter", json=load,
+                      headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"keys": [{"key": "short", "adapters": ["*"]}]}', "keys.0.key"),
+    ('{"keys": []}', "keys"),
+    ('{"keys": [{"key": "sk-0123456789abcdefX", "adaptors": ["*"]}]}', "adaptors"),
+    ("not json", "not JSON"),
+])
+def test_a_bad_keys_file_is_refused_naming_the_entry(tmp_path, content, words):
+    path = tmp_path / "keys.json"
+    path.write_text(content)
+    with pytest.raises(InvalidArgument, match=words) as refused:
+        Tenants.load(path)
+    assert refused.value.param == "--keys"
