@@ -4,7 +4,9 @@ Every adapted linear layer of the base gets a bank of `slots` adapter factor pai
 rank (which leaves B @ A unchanged), with each adapter's scaling folded into its B. Slot 0 stays zero: the base
 model. Before a forward pass the scheduler says which slot each row of the batch uses (`use`); a forward hook on
 each layer adds, for every slot present, `x[rows] @ A[slot].T @ B[slot].T` to those rows' output — the segmented
-form of the punica / S-LoRA kernels (SGMV), in plain torch. A row only ever sees its own slot's factors.
+form of the punica / S-LoRA kernels (SGMV), in plain torch — or, when more than `GATHER_ABOVE` adapters share
+the pass, gathers each row's factors and runs two batched matmuls (their BGMV form). A row only ever sees its own
+slot's factors.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 BASE_SLOT = 0
+GATHER_ABOVE = 2  # adapters in one pass beyond which per-row gathering beats one matmul pair per adapter
 
 
 def adapted_layers(model: Any) -> dict[str, torch.nn.Module]:
@@ -34,12 +37,16 @@ class LoraBank:
         self.b = {path: torch.zeros(self.slots, m.out_features, rank, dtype=dtype, device=device)
                   for path, m in self.layers.items()}
         self.groups: list[tuple[int, torch.Tensor | None]] = []  # (slot, rows; None: every row) for this pass
+        self.index: torch.Tensor | None = None  # each row's slot, when gathering
         self.handles = [m.register_forward_hook(self._hook(path)) for path, m in self.layers.items()]
 
     def use(self, slots: list[int], device: torch.device) -> None:
         """Rows' slots for the next forward passes (row i uses slots[i])."""
         present = sorted(set(slots) - {BASE_SLOT})
-        if len(set(slots)) == 1:
+        self.index = None
+        if len(present) > GATHER_ABOVE:
+            self.index, self.groups = torch.tensor(slots, device=device), []
+        elif len(set(slots)) == 1:
             self.groups = [(present[0], None)] if present else []
         else:
             self.groups = [(s, torch.tensor([i for i, x in enumerate(slots) if x == s], device=device))
@@ -49,6 +56,10 @@ class LoraBank:
         a_bank, b_bank = self.a[path], self.b[path]
 
         def add_lora(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            if self.index is not None:  # (rows, tokens, in) @ (rows, in, rank) @ (rows, rank, out)
+                x = inputs[0].to(a_bank.dtype)
+                delta = torch.bmm(torch.bmm(x, a_bank[self.index].transpose(1, 2)), b_bank[self.index].transpose(1, 2))
+                return output + delta.to(output.dtype)
             if not self.groups:
                 return output
             x = inputs[0].to(a_bank.dtype)

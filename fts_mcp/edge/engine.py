@@ -102,6 +102,7 @@ class Ticket:
     key: str  # the adapter (version) it runs with, "base", or a stack
     prompt_tokens: int
     arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | cancelled | deadline
     error: FtsError | None = None
@@ -143,6 +144,7 @@ class Request:
     stop: list[str]
     generator: torch.Generator | None
     deadline: float | None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -438,9 +440,10 @@ class Engine:
     def submit(self, model: str, ids: list[int], *, max_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
                deadline: float | None = None, target: tuple[str, Any] | None | bool = False,
-               cancel: threading.Event | None = None) -> Ticket:
+               cancel: threading.Event | None = None, ignore_eos: bool = False) -> Ticket:
         """Queue one sequence; the scheduler starts it as soon as a batch row (and a slot for its adapter) is
-        free. `target` is `resolve(model)` when the caller already has it; setting `cancel` ends it."""
+        free. `target` is `resolve(model)` when the caller already has it; setting `cancel` ends it;
+        `ignore_eos` generates exactly max_tokens (benchmarks)."""
         target = self.resolve(model) if target is False else target
         ticket = Ticket(model=model, key=target[0] if target else "base", prompt_tokens=len(ids),
                         cancel=cancel or threading.Event())
@@ -450,7 +453,7 @@ class Engine:
             generator.manual_seed(seed if seed is not None else torch.seed())
         self.waiting.put(Request(ticket=ticket, ids=ids, target=target, max_tokens=max_tokens,
                                  temperature=temperature, top_p=top_p, stop=[s for s in stop or [] if s],
-                                 generator=generator, deadline=deadline))
+                                 generator=generator, deadline=deadline, ignore_eos=ignore_eos))
         self._start()
         return ticket
 
@@ -565,8 +568,9 @@ class Engine:
                             **{self.cache_arg: new_cache}, use_cache=True).logits[:, -1]
         first = self._sample(logits, joining)
         for row, token in zip(joining, first, strict=True):
-            self.metrics.first_token.observe(time.monotonic() - row.request.ticket.arrived)
             self._push(row, token)
+            if row.request.ticket.first_token_at is not None:
+                self.metrics.first_token.observe(row.request.ticket.first_token_at - row.request.ticket.arrived)
         new_pending = torch.tensor(first, device=self.device)[:, None]
         if not rows:
             return joining, new_cache, new_mask, new_pending
@@ -620,9 +624,11 @@ class Engine:
         with ticket._cond:
             if ticket.done:
                 return
-            if token == eos:
+            if token == eos and not request.ignore_eos:
                 self._close(ticket, "stop", ticket.tokens)
                 return
+            if ticket.first_token_at is None:
+                ticket.first_token_at = time.monotonic()
             ticket.tokens.append(token)
             if request.stop:
                 text = self.text_of(ticket.tokens)
