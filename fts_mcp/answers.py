@@ -125,6 +125,7 @@ SPEC_KEYS = {
     "merge": ("base_model", "output_name", "dtype", "combination", "output"),
     "generate": ("model", "base_model", "max_tokens"),
     "eval": ("base_model", "adapter_dir", "merged_dir", "dataset", "answer_format", "regex"),
+    "runtime": ("base_model", "url"),
 }
 
 
@@ -179,6 +180,7 @@ class DeploymentView(BaseModel):
     base_model: str | None
     loaded: bool
     swap_ms: float | None = None
+    runtime: str | None = None
     curl: str
     next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
 
@@ -186,7 +188,7 @@ class DeploymentView(BaseModel):
 def deployment_view(d: Deployment) -> DeploymentView:
     return DeploymentView(model=d.model, name=d.name, version=d.version, created=d.created, uri=d.uri,
                           sha256=d.sha256, bytes=d.bytes, base_model=d.manifest.base_model, loaded=d.loaded,
-                          swap_ms=d.swap_ms, curl=d.curl, next=deploy_next(d))
+                          swap_ms=d.swap_ms, runtime=d.runtime, curl=d.curl, next=deploy_next(d))
 
 
 class AdapterRow(BaseModel):

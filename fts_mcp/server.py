@@ -408,7 +408,7 @@ def evaluate_adapter(
     return answer(job_view(job))
 
 
-RuntimeUrl = Annotated[str | None, Field(description="a running edge runtime or vLLM server")]
+RuntimeUrl = Annotated[str | None, Field(description="runtime URL, or 'local' (managed)")]
 
 
 @mcp.tool(title="Deploy an adapter to the edge store", annotations=PUBLISHES)

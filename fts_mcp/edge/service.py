@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,13 +15,22 @@ from pydantic import BaseModel, Field
 from fts_mcp.adapters.resolve import resolve_adapter, store_source
 from fts_mcp.config import Settings
 from fts_mcp.edge.client import check_url, post_generate, post_load
-from fts_mcp.edge.spec import GenerateJobSpec
+from fts_mcp.edge.spec import GenerateJobSpec, RuntimeJobSpec
 from fts_mcp.edge.store import AdapterStore, Manifest, StoreDtype, StoreEntry
 from fts_mcp.errors import FtsError, InvalidArgument, about
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.watch import watch
 from fts_mcp.models.refs import resolve_model_argument
+
+LOCAL = "local"  # runtime_url for this host's managed runtime
+RUNTIME_START_SECONDS = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class Deployment(BaseModel):
@@ -32,6 +43,7 @@ class Deployment(BaseModel):
     model: str = Field(description="the string to put in a request's `model`")
     loaded: bool = Field(description="loaded into runtime_url")
     swap_ms: float | None = Field(None, description="time the runtime took to load it (ms)")
+    runtime: str | None = Field(None, description="the runtime it was loaded into (a managed one: its job too)")
     curl: str
     manifest: Manifest
 
@@ -53,7 +65,9 @@ class Edge:
 
     def deploy(self, adapter: str, name: str, *, version: str | None = None, alias: str | None = None,
                runtime_url: str | None = None, dtype: StoreDtype = "bfloat16") -> Deployment:
-        runtime = check_url(runtime_url) if runtime_url else None
+        """Publish; with `runtime_url`, load it there — `"local"`: into this host's managed runtime for the
+        adapter's base, started as a `runtime` job when none runs."""
+        runtime = check_url(runtime_url) if runtime_url and runtime_url != LOCAL else None
         source = resolve_adapter(adapter, self.settings, self.jobs, store=False)
         job = source.job
         metrics, base_config = None, None
@@ -69,7 +83,9 @@ class Edge:
                                                    metrics=metrics)
         model = f"{manifest.name}@{manifest.version}"
         uri = self.store.path(manifest.name, manifest.version)
-        loaded, swap_ms = False, None
+        loaded, swap_ms, runtime_job = False, None, None
+        if runtime_url == LOCAL:
+            runtime, runtime_job = self.local_runtime(manifest.base_model)
         if runtime:
             swap_ms = post_load(runtime, model, str(uri))  # a folder: what vLLM takes too
             loaded = True
@@ -77,7 +93,34 @@ class Edge:
                 f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 32}}'")
         return Deployment(name=manifest.name, version=manifest.version, created=created, uri=str(uri),
                           sha256=manifest.files["adapter_model.safetensors"].sha256, bytes=manifest.bytes,
-                          model=model, loaded=loaded, swap_ms=swap_ms, curl=curl, manifest=manifest)
+                          model=model, loaded=loaded, swap_ms=swap_ms, curl=curl, manifest=manifest,
+                          runtime=f"{runtime_job} at {runtime}" if runtime_job else runtime)
+
+    def local_runtime(self, base_model: str | None, *, wait_seconds: float = RUNTIME_START_SECONDS
+                      ) -> tuple[str, str]:
+        """(url, job id) of the managed runtime serving `base_model`: a running `runtime` job's, or a new one's
+        once it listens."""
+        if not base_model:
+            raise InvalidArgument("the adapter's manifest names no base model to serve it with", param="runtime_url")
+        base = resolve_model_argument(base_model, self.settings)
+        job = next((j for j in self.jobs.list(limit=1000).jobs if j.kind == "runtime" and j.spec["base_model"] == base
+                    and j.state in (JobState.RUNNING, JobState.QUEUED, JobState.VALIDATING)), None)
+        if job is None:
+            spec = RuntimeJobSpec(base_model=base, store=str(self.settings.store), cache=str(self.settings.edge_cache),
+                                  port=(port := free_port()), url=f"http://127.0.0.1:{port}",
+                                  trust_remote_code=self.settings.trust_remote_code)
+            job = self.jobs.submit("runtime", spec, model=base)
+        deadline = time.monotonic() + wait_seconds
+        while (job := self.jobs.get(job.job_id, log_lines=0)).progress.url is None:
+            if job.state.terminal:
+                why = job.error.message if job.error else job.state
+                raise FtsError(f"the managed runtime {job.job_id} ended before it listened: {why}",
+                               param="runtime_url")
+            if time.monotonic() > deadline:
+                raise FtsError(f"the managed runtime {job.job_id} is still starting after {wait_seconds:g}s; "
+                               f"job_status {job.job_id} shows when it serves", param="runtime_url")
+            time.sleep(0.25)
+        return job.progress.url, job.job_id
 
     def list_adapters(self, name: str | None = None) -> list[StoreEntry]:
         with about("name"):
@@ -89,6 +132,10 @@ class Edge:
         """Through a runtime, or a one-shot job that is cancelled if it outlives `timeout` or its caller."""
         if (prompt is None) == (messages is None):
             raise InvalidArgument("give prompt (text) or messages (a chat), exactly one", param="prompt")
+        if runtime_url == LOCAL:
+            base = base_model if model == "base" else \
+                store_source(self.settings).resolve(model.split("+")[-1].split("*")[-1], param="model").base_model
+            runtime_url, _ = await anyio.to_thread.run_sync(lambda: self.local_runtime(base))
         if runtime_url:
             runtime = check_url(runtime_url)
             answer = await anyio.to_thread.run_sync(

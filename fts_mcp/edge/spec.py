@@ -1,4 +1,4 @@
-"""What a `generate` job is asked to do (pure pydantic, shared by the server and the worker)."""
+"""What `generate` and `runtime` jobs are asked to do (pure pydantic, shared by the server and the worker)."""
 
 from __future__ import annotations
 
@@ -15,4 +15,22 @@ class GenerateJobSpec(BaseModel):
     messages: list[dict[str, str]] | None = None
     max_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0, le=2)
+    trust_remote_code: bool = False
+
+
+class RuntimeJobSpec(BaseModel):
+    """A managed edge runtime: `fts-mcp edge serve` run as a long-lived job (started by deploy_adapter with
+    runtime_url='local', stopped by cancel_job)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    store: str
+    cache: str = Field(description="where adapters from an HTTP store are kept")
+    url: str = Field(description="where it listens (loopback)")
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    max_rank: int = Field(64, ge=1, le=1024)
+    max_loras: int = Field(8, ge=1, le=256)
+    max_batch: int = Field(32, ge=1, le=1024)
     trust_remote_code: bool = False

@@ -10,7 +10,7 @@ from typing import NamedTuple, get_args
 from pydantic import BaseModel
 
 from fts_mcp.adapters.spec import EvalJobSpec, MergeJobSpec
-from fts_mcp.edge.spec import GenerateJobSpec
+from fts_mcp.edge.spec import GenerateJobSpec, RuntimeJobSpec
 from fts_mcp.jobs.models import Artifacts, JobKind
 from fts_mcp.training.spec import TrainJobSpec
 
@@ -25,6 +25,7 @@ KINDS: dict[str, Kind] = {
     "merge": Kind(MergeJobSpec, "fts_mcp.adapters.merge"),
     "generate": Kind(GenerateJobSpec, "fts_mcp.edge.generate"),
     "eval": Kind(EvalJobSpec, "fts_mcp.adapters.evaluate"),
+    "runtime": Kind(RuntimeJobSpec, "fts_mcp.edge.runtime"),
 }
 assert set(KINDS) == set(get_args(JobKind)), "every job kind needs a spec and a recipe"
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from fts_mcp.jobs.states import JobState
 
-JobKind = Literal["train", "merge", "generate", "eval"]
+JobKind = Literal["train", "merge", "generate", "eval", "runtime"]
 
 
 class Progress(BaseModel):
@@ -21,6 +21,7 @@ class Progress(BaseModel):
     tokens_per_second: float | None = Field(None, description="trained tokens per second over recent steps")
     eta_seconds: float | None = Field(None, description="estimated seconds until the last step")
     phase: str | None = Field(None, description="what the worker is doing: loading_model, tokenizing, training, saving")
+    url: str | None = Field(None, description="where a runtime job listens")
     plan: str | None = Field(None, description="the run's speed choices (micro-batch, checkpointing, padding-free) and "
                                                "the memory estimate behind them")
 
