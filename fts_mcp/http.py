@@ -10,6 +10,7 @@ import json
 from mcp.server.transport_security import TransportSecuritySettings
 
 from fts_mcp.errors import InvalidArgument
+from fts_mcp.tokens import clean_token
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -33,16 +34,6 @@ def security_settings(host: str, port: int, extra_hosts: list[str],
         origins += [f"http://{host}:{port}", f"https://{host}:{port}"]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts + extra_hosts,
                                      allowed_origins=origins + extra_origins)
-
-
-def clean_token(token: str | None, param: str = "--token") -> str | None:
-    """A token as given, or None; a blank one is refused like a missing one, never accepted as a password."""
-    if token is None or token == "":
-        return None
-    if not token.strip() or token != token.strip():
-        raise InvalidArgument("the bearer token is blank or has leading/trailing whitespace; set a real secret "
-                              "(e.g. `openssl rand -hex 32`)", param=param)
-    return token
 
 
 def check_bind(host: str, token: str | None) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,7 @@ from fts_mcp.errors import FtsError, InvalidArgument
 from fts_mcp.io import sha256_file
 
 TIMEOUT = 30
+INDEX_TTL_SECONDS = 5.0  # an HTTP store's index (aliases, versions) is re-read after this
 MAX_INDEX_BYTES = 16 << 20
 
 
@@ -43,6 +45,8 @@ class StoreSource:
         self.cache_dir = Path(cache_dir).resolve()
         self.local = None if self.remote else AdapterStore(Path(location))
         self._verified: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime_ns) whose sha256 matched
+        self._index: tuple[float, object] | None = None  # (when fetched, index.json) of an HTTP store
+        self._manifests: dict[tuple[str, str], Manifest] = {}  # versions are immutable: fetched once
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
@@ -80,7 +84,9 @@ class StoreSource:
         if self.local is not None:
             return {e.name: {"versions": e.versions, "aliases": e.aliases} for e in self.local.entries()}
         try:
-            raw = self._get_json("index.json")
+            if self._index is None or time.monotonic() - self._index[0] > INDEX_TTL_SECONDS:
+                self._index = (time.monotonic(), self._get_json("index.json"))
+            raw = self._index[1]
         except InvalidArgument:
             return {}
         adapters = raw.get("adapters") if isinstance(raw, dict) else None
@@ -105,13 +111,16 @@ class StoreSource:
         entry = catalogue.get(name, {"versions": [], "aliases": {}})
         version = pick_version(name, version, alias, sorted(entry["versions"], key=lambda v: int(v[1:])),
                                entry["aliases"], param=param, known=sorted(catalogue))
-        raw = self._get_json(f"{name}/{version}/manifest.json")
-        try:
-            manifest = Manifest.model_validate(raw)
-        except ValidationError as exc:
-            raise CorruptAdapter(f"{self.location}/{name}/{version}/manifest.json is not a valid manifest",
-                                 param="model") from exc
-        return check_manifest(manifest, name, version, f"{self.location}/{name}/{version}/manifest.json")
+        if (name, version) not in self._manifests:
+            raw = self._get_json(f"{name}/{version}/manifest.json")
+            try:
+                manifest = Manifest.model_validate(raw)
+            except ValidationError as exc:
+                raise CorruptAdapter(f"{self.location}/{name}/{version}/manifest.json is not a valid manifest",
+                                     param="model") from exc
+            self._manifests[(name, version)] = check_manifest(manifest, name, version,
+                                                              f"{self.location}/{name}/{version}/manifest.json")
+        return self._manifests[(name, version)]
 
     # ---- files ---------------------------------------------------------------------------------------------
 

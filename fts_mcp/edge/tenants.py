@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.http import clean_token
+from fts_mcp.tokens import clean_token
 
 MIN_KEY_CHARS = 16
 
