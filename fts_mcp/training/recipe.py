@@ -179,13 +179,26 @@ def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype
 
 
 class Trainer(SFTTrainer):
-    """SFTTrainer that counts trained (non-padding) tokens itself: from the flattened row's length when batches
-    are padding-free (no device sync), else from the attention mask."""
+    """SFTTrainer without per-step device syncs: trained (non-padding) tokens are counted from the flattened row's
+    length when batches are padding-free (else from the attention mask), and a training step computes only its
+    loss — TRL's chunked LM-head cross-entropy — without the entropy and token-accuracy metrics SFTTrainer
+    gathers (three `.item()` syncs per micro-batch). Evaluation keeps them."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
         self.state.num_input_tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not model.training or self.aux_loss_enabled or self.compute_loss_func is not None \
+                or self.label_smoother is not None or self.args.loss_type != "nll":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+        tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        return loss
 
 
 def make_trainer(spec: TrainJobSpec, plan: SpeedPlan, model: Any, tokenizer: Any, train_data: Dataset,

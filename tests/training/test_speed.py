@@ -165,7 +165,7 @@ def test_the_chunked_loss_equals_the_full_cross_entropy_with_the_same_gradients(
     spec = job_spec(tiny_model, write_dataset(tmp_path, "chat"), "chat")
     trainer = trainer_for(tiny_model, tmp_path, spec, speed_plan(padding_free=True))
     batch = trainer.data_collator(examples_of(trainer))
-    model = trainer.model
+    model = trainer.model.train()  # the training step's own loss (no dropout here: LoRA dropout 0)
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
 
     chunked = trainer.compute_loss(model, dict(batch))
