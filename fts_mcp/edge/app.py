@@ -157,6 +157,7 @@ class Choices:
         self.sent = [""] * len(tickets)  # text sent so far
         self.seen = [0] * len(tickets)  # tokens turned into text so far
         self.closed = [False] * len(tickets)
+        self.event: asyncio.Event | None = None  # set by the scheduler whenever a ticket changes
 
     def cancel(self) -> None:
         for ticket in self.tickets:
@@ -307,21 +308,25 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
                    for ids in prompts for j in range(body.n)]
         return Choices(tickets, engine, body.stop, body.n)
 
-    async def wait(choices: Choices, request: Request | None) -> None:
-        """Until a choice changes (or a poll interval passes, to notice a disconnect)."""
-        event = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for ticket in choices.tickets:
-            ticket.listen(loop, event)
+    async def changed(choices: Choices) -> None:
+        """Until a choice changes, or a poll interval passes."""
+        if choices.event is None:  # one listener per ticket for the request's whole life
+            choices.event = asyncio.Event()
+            for ticket in choices.tickets:
+                ticket.listen(asyncio.get_running_loop(), choices.event)
+        try:
+            await asyncio.wait_for(choices.event.wait(), DISCONNECT_POLL_SECONDS)
+        except TimeoutError:
+            pass
+        choices.event.clear()
+
+    async def wait(choices: Choices, request: Request) -> None:
+        """Until every choice is done; a client that disconnects cancels them."""
         while not choices.done:
-            if request is not None and await request.is_disconnected():
+            if await request.is_disconnected():
                 choices.cancel()
                 return
-            try:
-                await asyncio.wait_for(event.wait(), DISCONNECT_POLL_SECONDS)
-            except TimeoutError:
-                pass
-            event.clear()
+            await changed(choices)
 
     def answer(body: Generation, chat: bool, choices: Choices, ident: str, created: int) -> JSONResponse:
         items = []
@@ -366,7 +371,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
                     if include_usage:
                         yield chunk([], usage=choices.usage())
                     break
-                await wait(choices, None)
+                await changed(choices)
             yield b"data: [DONE]\n\n"
         finally:
             choices.cancel()  # the client went away, or the stream ended: nothing left runs for it

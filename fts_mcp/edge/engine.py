@@ -505,6 +505,7 @@ class Engine:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
+            joining: list[Row] = []
             try:
                 rows, cache, mask, pending = self._retire(rows, cache, mask, pending)
                 joining, held = self._admit(rows, held)
@@ -516,7 +517,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the runtime
                 failure = exc if isinstance(exc, FtsError) else FtsError(
                     f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
-                for row in rows:
+                for row in rows + [r for r in joining if r not in rows]:
                     self._finish(row, error=failure)
                 rows, cache, mask, pending = [], None, None, None
 

@@ -180,3 +180,16 @@ def test_a_chat_the_template_refuses_is_a_400_naming_messages(engine):
         assert info.value.param == "messages"
     finally:
         engine.tokenizer.chat_template = template
+
+
+def test_a_stream_sends_tokens_as_they_are_generated(serve):
+    """50 tokens at 10 ms each: the first arrives long before the last is generated, then one event per token."""
+    url = serve(SlowEngine())
+    started, arrivals = time.monotonic(), []
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                      json={"model": "base", "prompt": "hi", "max_tokens": 50, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic() - started)
+    assert len(arrivals) >= 40  # a delta per token (give or take those that share a wake-up)
+    assert arrivals[0] < 0.25 and arrivals[-1] > 0.45  # the first came before the 50 x 10 ms were up
