@@ -5,7 +5,8 @@
 | `FTS_HOME` | where jobs, the job store and outputs live | the per-user data folder (`platformdirs`) |
 | `FTS_ROOTS` | folders (`os.pathsep`) path arguments must be in, besides `FTS_HOME` | start folder (not `/`, `~`) |
 | `FTS_STORE` | the adapter store folder, the same for every command and tool | `FTS_HOME/store` |
-| `FTS_GPUS` | CUDA device indices to run jobs on (`0,1`), or `none` for the CPU slot | every visible CUDA device |
+| `FTS_GPUS` | CUDA device indices to run jobs on (`0,1`), or `none` for the CPU slots | every visible CUDA device |
+| `FTS_CPU_SLOTS` | slots when there is no GPU (a training job with `workers: N` takes N) | 1 |
 | `FTS_TRUST_REMOTE_CODE` | `1` lets models run code shipped in their repository | off |
 | `FTS_CANCEL_GRACE_SECONDS` | how long a cancelled worker may take to checkpoint before SIGKILL | 60 |
 """
@@ -23,6 +24,14 @@ import platformdirs
 from fts_mcp.errors import InvalidArgument
 
 CPU_SLOT = "cpu"
+
+
+def _cpu_slots(env: dict[str, str]) -> tuple[str, ...]:
+    """`cpu`, then `cpu:1`, `cpu:2`... as many as FTS_CPU_SLOTS (jobs and data-parallel ranks on the CPU)."""
+    raw = env.get("FTS_CPU_SLOTS", "1").strip() or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= 256:
+        raise InvalidArgument(f"FTS_CPU_SLOTS must be a whole number from 1 to 256, got {raw!r}", param="FTS_CPU_SLOTS")
+    return (CPU_SLOT, *(f"{CPU_SLOT}:{i}" for i in range(1, int(raw))))
 
 
 def _gpu_slots(env: dict[str, str]) -> tuple[str, ...]:
@@ -98,7 +107,7 @@ class Settings:
         return cls(
             home=home,
             roots=roots,
-            slots=_gpu_slots(env) or (CPU_SLOT,),
+            slots=_gpu_slots(env) or _cpu_slots(env),
             trust_remote_code=env.get("FTS_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes"),
             cancel_grace_seconds=_float_env(env, "FTS_CANCEL_GRACE_SECONDS", 60.0),
             env=env,

@@ -173,10 +173,8 @@ class Runner:
         folder = self.store.job_dir(job_id)
         env = {**os.environ, "FTS_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1",
                "TOKENIZERS_PARALLELISM": "false"}
-        if slot.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = self._physical_gpu(slot)
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        gpus = [self._physical_gpu(s) for s in slot.split(",") if s.startswith("cuda:")]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # several: one per data-parallel rank; none: the CPU
         # Double fork through sh: the worker is not our child, so it outlives this process and leaves no zombie
         # for us to reap; `echo $!` hands back its pid.
         command = [sys.executable, "-m", "fts_mcp.jobs.worker", job_id]

@@ -98,6 +98,13 @@ def tail_lines(path: Path, count: int) -> list[str]:
     return list(deque((line for line in lines if line.strip()), maxlen=count))
 
 
+def slots_needed(spec: dict[str, Any]) -> int:
+    """Slots a job runs on: a training job's `workers` (data-parallel ranks), else one."""
+    training = spec.get("training") if isinstance(spec, dict) else None
+    workers = training.get("workers", 1) if isinstance(training, dict) else 1
+    return workers if isinstance(workers, int) and workers >= 1 else 1
+
+
 class JobStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -267,21 +274,28 @@ class JobStore:
         return job
 
     def claim_next(self, slots: tuple[str, ...]) -> tuple[str, str] | None:
-        """Atomically give the oldest queued job a free slot: (job_id, slot), or None."""
+        """Atomically give the oldest queued job the slots it needs, all or none: (job_id, slots joined by ','),
+        or None. A job waits its turn (first in, first out) until enough slots are free."""
         now = time.time()
         with self._write() as db:
-            busy = {r["slot"] for r in db.execute("SELECT slot FROM jobs WHERE state = 'running'")}
+            busy = {s for r in db.execute("SELECT slot FROM jobs WHERE state = 'running'") if r["slot"]
+                    for s in r["slot"].split(",")}
             free = [s for s in slots if s not in busy]
             if not free:
                 return None
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1").fetchone()
+            row = db.execute("SELECT id, spec FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
+                             ).fetchone()
             if row is None:
                 return None
-            self._update(db, row["id"], {"state": JobState.RUNNING.value, "slot": free[0], "claimed_at": now,
+            need = slots_needed(json.loads(row["spec"]))
+            if len(free) < need:
+                return None
+            claimed = ",".join(free[:need])
+            self._update(db, row["id"], {"state": JobState.RUNNING.value, "slot": claimed, "claimed_at": now,
                                          "started_at": now, "updated_at": now, "heartbeat_at": None})
             db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (row["id"],))
-            self._event(db, row["id"], "state", {"state": JobState.RUNNING.value, "slot": free[0]})
-        return row["id"], free[0]
+            self._event(db, row["id"], "state", {"state": JobState.RUNNING.value, "slot": claimed})
+        return row["id"], claimed
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Bookkeeping fields that are not state: pids, heartbeat, cancel request."""

@@ -27,6 +27,7 @@ from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.kinds import KINDS, recipe
 from fts_mcp.jobs.models import Artifacts, Job, JobError
+from fts_mcp.jobs.ranks import RankLost, run_ranks
 from fts_mcp.jobs.runner import Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
 from fts_mcp.jobs.store import RESULT_NAME, JobStore
@@ -92,6 +93,10 @@ def work(job_id: str) -> int:
         outcome = run_job(job, store, stop)
     except Stop:
         outcome = None
+    except RankLost as exc:  # a data-parallel rank died: like a killed worker, it resumes from the checkpoint
+        log.error("job %s: %s", job_id, exc.message)
+        _finish(store, job_id, JobState.INTERRUPTED, JobError(code=exc.code, message=exc.message))
+        return 1
     except FtsError as exc:
         log.error("job %s failed: %s", job_id, exc)
         _finish(store, job_id, JobState.FAILED, JobError(code=exc.code, message=exc.message, param=exc.param))
@@ -124,6 +129,9 @@ def run_job(job: Job, store: JobStore, stop: StopSignal) -> Artifacts | None:
         artifacts.checkpoint_dir = str(folder)
         store.set_artifacts(job.job_id, artifacts)
 
+    workers = getattr(getattr(spec, "training", None), "workers", 1)
+    if workers > 1:  # data parallel: the ranks run the recipe, rank 0 reports
+        return run_ranks(job, store, stop, workers)
     ctx = JobContext(job_id=job.job_id, workdir=store.job_dir(job.job_id), report=report, checkpoint=checkpoint,
                      stop=stop, rewind=lambda step: store.rewind_progress(job.job_id, step))
     return recipe(job.kind)(spec, ctx)

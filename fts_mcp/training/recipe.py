@@ -63,6 +63,21 @@ def truncate(row: dict[str, list[int]], max_len: int) -> dict[str, list[int]]:
 REPORT_EVERY_SECONDS = 1.0
 
 
+def world_size() -> int:
+    """Ranks training this job together (torch.distributed's environment; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def stop_agreed(local: bool, args: Any) -> bool:
+    """Whether to stop after this step. Under DDP every rank must stop at the same step (a rank that stops alone
+    leaves the others waiting in the next all-reduce): any rank's request stops them all."""
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=args.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 class Progress(TrainerCallback):
     """Reports step, loss, learning rate, tokens/s and ETA through the job context; turns a stop request into a
     checkpoint.
@@ -97,7 +112,7 @@ class Progress(TrainerCallback):
             self.ctx.report({"step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
                              "eta_seconds": eta}, event=False)
             self.reported_at = now
-        if self.ctx.stop:
+        if stop_agreed(bool(self.ctx.stop), args):
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -157,6 +172,8 @@ def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend=None if world_size() == 1 else ("nccl" if torch.cuda.is_available() else "gloo"),
+        ddp_find_unused_parameters=False,  # every adapter weight gets a gradient
         seed=t.seed,
         logging_steps=t.logging_steps,
         save_strategy="steps",
@@ -261,6 +278,8 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
 
     # 4. save: adapter (PEFT format, with the tokenizer and chat template it was trained with), metrics, loss
     # curve; each written to a temp name, then renamed
+    if not trainer.is_world_process_zero():
+        return None  # under DDP rank 0 saves; the others are done
     ctx.phase("saving")
     adapter_dir = folder / "adapter"
     staging = folder / ".adapter.tmp"

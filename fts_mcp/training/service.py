@@ -73,6 +73,11 @@ class Training:
         model = resolve_model_argument(base_model, self.settings)
         lora = lora or LoraSpec()
         training = training or TrainingSpec()
+        if training.workers > len(self.settings.slots):
+            raise InvalidArgument(f"training.workers is {training.workers}, but this host has "
+                                  f"{len(self.settings.slots)} slot(s) ({', '.join(self.settings.slots)}); ask for at "
+                                  "most that many (FTS_GPUS picks the GPUs, FTS_CPU_SLOTS sets the CPU's)",
+                                  param="training.workers")
         name = check_output_name(output_name) if output_name is not None else \
             f"{Path(model).name}-{file.stem}-lora"[:64]
         resume_checkpoint = None

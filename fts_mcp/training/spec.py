@@ -63,6 +63,10 @@ class TrainingSpec(BaseModel):
     eval_fraction: float = Field(0.0, ge=0.0, le=0.5, description="share of examples held out for eval loss")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
         "adamw_torch", description="8-bit and paged AdamW save optimizer memory on CUDA")
+    workers: int = Field(1, ge=1, le=64, description="processes training this job together, data parallel (DDP): "
+                                                    "one per GPU slot (NCCL), or CPU slots (gloo); each holds "
+                                                    "micro_batch_size examples, so a step sees workers x "
+                                                    "micro_batch_size x gradient_accumulation_steps")
     seed: int = Field(42, ge=0, le=2**31 - 1)
     logging_steps: int = Field(1, ge=1, le=10_000, description="report progress every N optimizer steps")
     checkpoint_every_steps: int = Field(50, ge=1, le=1_000_000,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ def memory_budget_gb(device: torch.device) -> float:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return (free + torch.cuda.memory_reserved(device)) / 1e9
-    return (psutil.virtual_memory().available + psutil.Process().memory_info().rss) / 1e9
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # data-parallel ranks on the CPU share the host's memory
+    return (psutil.virtual_memory().available / ranks + psutil.Process().memory_info().rss) / 1e9
 
 
 @torch.no_grad()
@@ -180,7 +182,8 @@ def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None,
     batch = plan_batch(arch, "qlora" if spec.quantization == "nf4" else "lora", budget_gb=budget,
                        seq_len=t.max_seq_len, micro_batch=t.micro_batch_size,
                        gradient_accumulation_steps=t.gradient_accumulation_steps,
-                       gradient_checkpointing=t.gradient_checkpointing, effective_batch=EFFECTIVE_BATCH,
+                       gradient_checkpointing=t.gradient_checkpointing,
+                       effective_batch=max(1, EFFECTIVE_BATCH // int(os.environ.get("WORLD_SIZE", "1"))),
                        max_micro_batch=MAX_AUTO_MICRO_BATCH, lora_r=spec.lora.r,
                        target_modules=targets, optimizer=_estimator_optimizer(t.optimizer))
     reasons.append(batch.reason)

@@ -1,0 +1,149 @@
+"""Data-parallel training on one host: the work horse of a `workers: N` job launches N ranks, as torchrun does.
+
+Each rank is `python -m fts_mcp.jobs.ranks JOB_ID RANK WORLD PORT`, with torch.distributed's environment
+(`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) and its own GPU (`CUDA_VISIBLE_DEVICES`, NCCL),
+or the CPU (gloo). Every rank runs the same recipe, `fts_mcp.training.recipe.run`; the Trainer sees the
+environment and trains with DDP. Rank 0 reports progress and checkpoints to the job store and writes the adapter;
+the others report nothing.
+
+The work horse watches them: a cancel is forwarded to every rank (they agree on the step to stop at, checkpoint
+and exit), and when any rank dies the others are killed at once and the job ends `interrupted` — a rank alone
+would wait for its peers in the next collective until a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from fts_mcp.config import Settings
+from fts_mcp.errors import FtsError
+from fts_mcp.io import write_json_atomic
+from fts_mcp.jobs.context import JobContext, Stop, StopSignal
+from fts_mcp.jobs.kinds import KINDS, recipe
+from fts_mcp.jobs.models import Artifacts, Job
+from fts_mcp.jobs.runner import signal_name
+from fts_mcp.jobs.states import check_job_id
+from fts_mcp.jobs.store import JobStore
+
+RANK_RESULT = "rank0-result.json"
+RANK_ERROR = "rank{rank}-error.json"
+POLL_SECONDS = 0.2
+
+
+class RankLost(FtsError):
+    """A rank of a data-parallel job died; the others were stopped."""
+
+    code = "worker_killed"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(job: Job, store: JobStore, stop: StopSignal, workers: int) -> Artifacts | None:
+    """Launch `workers` ranks and wait for them; rank 0's artifacts, or None when stopped with a checkpoint."""
+    folder = store.job_dir(job.job_id)
+    (folder / RANK_RESULT).unlink(missing_ok=True)
+    port = free_port()
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    ranks = []
+    stop.in_loop = True  # a cancel is forwarded to the ranks below, not raised here
+    for rank in range(workers):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0" if gpus else str(rank),
+               "WORLD_SIZE": str(workers), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "CUDA_VISIBLE_DEVICES": gpus[rank] if gpus else "", "OMP_NUM_THREADS": os.environ.get(
+                   "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "fts_mcp.jobs.ranks", job.job_id, str(rank),
+                                       str(workers), str(port)], env=env, stdin=subprocess.DEVNULL))
+    forwarded = False
+    try:
+        while True:
+            codes = [r.poll() for r in ranks]
+            if stop and not forwarded:
+                for r in ranks:
+                    if r.poll() is None:
+                        r.send_signal(signal.SIGTERM)
+                forwarded = True
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                for r in ranks:
+                    if r.poll() is None:
+                        r.kill()
+                for r in ranks:
+                    r.wait()
+                rank, code = failed[0]
+                reported = folder / RANK_ERROR.format(rank=rank)
+                if reported.exists():  # the recipe's own error (a bad dataset, an unknown module...): as is
+                    error = json.loads(reported.read_text())
+                    failure = FtsError(error["message"], param=error.get("param"))
+                    failure.code = error["code"]
+                    raise failure
+                how = f"was killed by {signal_name(code)}" if code < 0 else f"exited with status {code}"
+                raise RankLost(f"rank {rank} of {workers} {how}; the other ranks were stopped. resume_job continues "
+                               "from the last checkpoint")
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(POLL_SECONDS)
+    finally:
+        stop.in_loop = False
+    result = json.loads((folder / RANK_RESULT).read_text())
+    return Artifacts(**result["artifacts"]) if result.get("artifacts") else None
+
+
+def _die_with_parent() -> None:
+    """A rank whose work horse is gone (killed) has no one to answer to: it ends at once."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rank_main(job_id: str, rank: int, world: int) -> int:
+    """One rank: the job's recipe with a context over the store (rank 0) or a silent one (the others)."""
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    stop = StopSignal()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set("cancel"))
+    threading.Thread(target=_die_with_parent, daemon=True, name="parent-watch").start()
+    job = store.get(job_id, log_lines=0)
+    spec = KINDS[job.kind].spec.model_validate(job.spec)
+    folder = store.job_dir(job_id)
+    if rank == 0:
+        def checkpoint(path) -> None:
+            artifacts = store.get(job_id, log_lines=0).artifacts
+            artifacts.checkpoint_dir = str(path)
+            store.set_artifacts(job_id, artifacts)
+
+        ctx = JobContext(job_id=job_id, workdir=folder, stop=stop, checkpoint=checkpoint,
+                         report=lambda figures, event=True: store.update_progress(
+                             job_id, figures, event="progress" if event else None),
+                         rewind=lambda step: store.rewind_progress(job_id, step))
+    else:
+        ctx = JobContext(job_id=job_id, workdir=folder, stop=stop, checkpoint=lambda path: None,
+                         report=lambda figures, event=True: None)
+    (folder / RANK_ERROR.format(rank=rank)).unlink(missing_ok=True)
+    try:
+        artifacts = recipe(job.kind)(spec, ctx)
+    except Stop:
+        artifacts = None
+    except FtsError as exc:
+        write_json_atomic(folder / RANK_ERROR.format(rank=rank), {"code": exc.code, "message": exc.message,
+                                                                  "param": exc.param})
+        return 3
+    if rank == 0:
+        write_json_atomic(folder / RANK_RESULT, {"artifacts": artifacts.model_dump() if artifacts else None})
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(rank_main(check_job_id(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
