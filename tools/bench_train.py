@@ -2,6 +2,7 @@
 
     python tools/bench_train.py                                           # tiny shape, CPU: both length mixes
     python tools/bench_train.py --shape llama-3.1-8b --lengths realistic  # on a GPU: random weights, real shape
+    python tools/bench_train.py --workers 2                               # data parallel: scaling vs 1 worker
 
 Both variants train the same random-weight model (QLoRA: NF4, double quant, r=16, alpha 32, all linear layers,
 AdamW) on the same random tokens, each in its own process so peak memory is not shared, for two length mixes:
@@ -13,7 +14,9 @@ The plain loop is the common recipe: examples shuffled, each micro-batch padded 
 checkpointing on, the model's own cross-entropy. fts-mcp runs its training path with its defaults (padding-free
 batches, checkpointing from the memory estimate, chunked loss), at the same micro-batch. Prints *useful* tokens/s
 (non-padding tokens trained per second), the share of computed tokens that are padding, peak memory, and the
-ratios. Figures, not assertions.
+ratios. With `--workers N` it instead runs fts-mcp's path with 1 and with N data-parallel ranks (gloo on the CPU,
+one GPU each otherwise; each rank holds `--batch` examples) and prints tokens/s and the scaling efficiency
+(tokens/s with N / (N x tokens/s with 1)). Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -135,8 +138,10 @@ class StepTimer:
         self.warmup, self.steps, self.start, self.tokens = warmup, 0, None, 0
 
     def on_step_end(self, args=None, state=None, control=None, *, tokens: int | None = None, **kwargs) -> None:
+        from fts_mcp.training.recipe import all_ranks
+
         self.steps += 1
-        seen = state.num_input_tokens_seen if state is not None else self.tokens + (tokens or 0)
+        seen = all_ranks(state.num_input_tokens_seen, args) if state is not None else self.tokens + (tokens or 0)
         if self.steps == self.warmup:
             self.start, self.at_start = time.perf_counter(), seen
         self.tokens = seen
@@ -205,6 +210,35 @@ def measure(folder: Path, args: argparse.Namespace, lengths_kind: str) -> dict[s
     return results
 
 
+def measure_workers(folder: Path, args: argparse.Namespace, workers: int) -> dict:
+    """fts-mcp's path on `workers` ranks (as a `workers: N` job runs them); rank 0's figures."""
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    import shutil
+
+    gpus = shutil.which("nvidia-smi") is not None
+    procs = []
+    for rank in range(workers):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0" if gpus else str(rank),
+               "WORLD_SIZE": str(workers), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(rank)  # one GPU per rank, as a `workers: N` job runs them
+        cmd = [sys.executable, __file__, "--variant", "project", "--model-dir", str(folder), "--shape", args.shape,
+               "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--lengths", args.lengths if args.lengths != "both" else "realistic",
+               "--median", str(args.median), "--checkpointing", args.checkpointing]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+    outputs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"a rank failed: exit codes {[p.returncode for p in procs]}")
+    return json.loads(outputs[0].strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -216,6 +250,7 @@ def main() -> None:
                         help="fts-mcp's gradient checkpointing (the plain loop always checkpoints)")
     parser.add_argument("--budget-gb", type=float, help="memory fts-mcp's automatic choices may use (default: the "
                         "device's free memory), e.g. the plain loop's peak")
+    parser.add_argument("--workers", type=int, default=1, help="N > 1: data-parallel scaling vs 1 worker")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--model-dir", type=Path, help="reuse a folder built by an earlier run")
@@ -228,6 +263,19 @@ def main() -> None:
         print(json.dumps(runner(args.model_dir, args)))
         return
     kinds = LENGTHS if args.lengths == "both" else (args.lengths,)
+    if args.workers > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = args.model_dir or Path(tmp) / args.shape
+            if not (folder / "config.json").exists():
+                build_model(folder, args.shape)
+            one, many = measure_workers(folder, args, 1), measure_workers(folder, args, args.workers)
+        efficiency = many["useful_tokens_per_second"] / (args.workers * one["useful_tokens_per_second"])
+        print(f"shape {args.shape}, {args.batch} examples per rank per step, max length {args.seq} "
+              f"({'realistic' if args.lengths == 'both' else args.lengths} lengths), {args.steps} steps")
+        print(f"1 worker : {one['useful_tokens_per_second']:>10,.0f} useful tokens/s")
+        print(f"{args.workers} workers: {many['useful_tokens_per_second']:>10,.0f} useful tokens/s   "
+              f"scaling efficiency {efficiency:.2f} (1.00 = linear)")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or Path(tmp) / args.shape
         if not (folder / "config.json").exists():

@@ -68,6 +68,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def all_ranks(local: int | None, args: Any) -> int:
+    """A count summed over the data-parallel ranks (each counts only its own tokens, without a sync per step);
+    every rank must call it at the same point."""
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return local or 0
+    total = torch.tensor([float(local or 0)], device=args.device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
 def stop_agreed(local: bool, args: Any) -> bool:
     """Whether to stop after this step. Under DDP every rank must stop at the same step (a rank that stops alone
     leaves the others waiting in the next all-reduce): any rank's request stops them all."""
@@ -98,7 +108,7 @@ class Progress(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.start is None:  # the first step of this run: a restored checkpoint's state is in place now
             now = time.monotonic()
-            self.start, self.last = (now, state.global_step), (now, state.num_input_tokens_seen or 0)
+            self.start, self.last = (now, state.global_step), (now, all_ranks(state.num_input_tokens_seen, args))
             self.ctx.rewind(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -119,7 +129,7 @@ class Progress(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        now, seen = time.monotonic(), state.num_input_tokens_seen or 0
+        now, seen = time.monotonic(), all_ranks(state.num_input_tokens_seen, args)
         figures: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
         if "loss" in logs:
             figures.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), logged=True)
@@ -278,6 +288,7 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
 
     # 4. save: adapter (PEFT format, with the tokenizer and chat template it was trained with), metrics, loss
     # curve; each written to a temp name, then renamed
+    tokens_seen = all_ranks(trainer.state.num_input_tokens_seen, trainer.args)
     if not trainer.is_world_process_zero():
         return None  # under DDP rank 0 saves; the others are done
     ctx.phase("saving")
@@ -302,7 +313,7 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         "eval_loss": final_eval.get("eval_loss"),
         "train_runtime_seconds": result.metrics.get("train_runtime"),
-        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_seen": tokens_seen,
         "speed": speed.model_dump(),
         "trainable_parameters": trainable,
         "total_parameters": total,

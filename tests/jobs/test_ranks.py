@@ -60,7 +60,9 @@ def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(core, tiny_model)
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, rel=2e-3, abs=1e-4)
     assert one[-1] < one[0] * 0.8  # and it learned
-    assert json.loads(Path(double.artifacts.metrics).read_text())["speed"]["micro_batch_size"] == 8
+    one_metrics, two_metrics = (json.loads(Path(j.artifacts.metrics).read_text()) for j in (single, double))
+    assert two_metrics["speed"]["micro_batch_size"] == 8
+    assert two_metrics["tokens_seen"] == one_metrics["tokens_seen"] > 0  # counted over both ranks
 
 
 def test_a_killed_rank_stops_the_job_and_every_rank_within_seconds(core, tiny_model):
