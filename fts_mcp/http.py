@@ -6,11 +6,13 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-
-from mcp.server.transport_security import TransportSecuritySettings
+from typing import TYPE_CHECKING, Any
 
 from fts_mcp.errors import InvalidArgument
 from fts_mcp.tokens import clean_token
+
+if TYPE_CHECKING:  # the MCP SDK is imported where its settings are built, not by the edge runtime's job
+    from mcp.server.transport_security import TransportSecuritySettings
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -27,6 +29,8 @@ def is_loopback(host: str) -> bool:
 def security_settings(host: str, port: int, extra_hosts: list[str],
                       extra_origins: list[str]) -> TransportSecuritySettings:
     """Host and Origin checks (DNS-rebinding protection) stay on for every bind address."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
     hosts = [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"]
     origins = [f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"http://[::1]:{port}"]
     if not is_loopback(host) and host not in ("0.0.0.0", "::"):
@@ -48,7 +52,7 @@ class HostOriginGuard:
     """ASGI middleware with the MCP transport's DNS-rebinding rules: a Host not allowed gets 421, a browser
     Origin not allowed gets 403; requests without an Origin (non-browser clients) pass."""
 
-    def __init__(self, app, security: TransportSecuritySettings) -> None:
+    def __init__(self, app, security: TransportSecuritySettings | Any) -> None:
         self.app = app
         self.hosts = set(security.allowed_hosts)
         self.origins = set(security.allowed_origins)

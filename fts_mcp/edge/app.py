@@ -210,13 +210,16 @@ class Choices:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def failure_response(exc: FtsError, available) -> JSONResponse:
+def failure_response(exc: FtsError, available, tenant: bool = False) -> JSONResponse:
+    """`available`: what the caller may use (a tenant's own adapters only; the store's own message, which names
+    every adapter, is not passed on to tenants)."""
     if isinstance(exc, DeadlineExceeded):
         return error(504, exc.message, param=exc.param, kind=exc.code)
     if isinstance(exc, CorruptAdapter):
         return error(502, exc.message, param="model", kind="corrupt_adapter")
     if isinstance(exc, UnknownAdapter):
-        return error(404, f"{exc.message}. Available models: {', '.join(available())}", param="model",
+        message = "no such model" if tenant else exc.message
+        return error(404, f"{message}. Available models: {', '.join(available())}", param="model",
                      kind="model_not_found")
     if isinstance(exc, InvalidArgument):
         return error(400, exc.message, param=exc.param)
@@ -303,7 +306,8 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             prompts = [engine.prompt_ids(p, None, limit) for p in body.prompt]
         deadline = time.monotonic() + request_timeout
         tickets = [engine.submit(body.model, ids, max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
-                                 stop=body.stop, seed=None if body.seed is None else body.seed + j, deadline=deadline,
+                                 stop=body.stop, seed=None if body.seed is None else (body.seed + j) % 2**63,
+                                 deadline=deadline,
                                  target=target)
                    for ids in prompts for j in range(body.n)]
         return Choices(tickets, engine, body.stop, body.n)
@@ -343,8 +347,8 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             "model": body.model, "choices": items, "usage": choices.usage(),
             "fts": {"adapter": choices.tickets[0].key}})
 
-    async def stream(body: Generation, chat: bool, choices: Choices, ident: str, created: int,
-                     request: Request) -> AsyncIterator[bytes]:
+    async def stream(body: Generation, chat: bool, choices: Choices, ident: str, created: int, mine,
+                     tenant: bool) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -364,7 +368,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
                     yield chunk([item])
                 failure = choices.failure()
                 if failure is not None:  # as OpenAI streams an error: one event with the error object
-                    problem = json.loads(failure_response(failure, available).body)
+                    problem = json.loads(failure_response(failure, mine, tenant).body)
                     yield f"data: {json.dumps(problem)}\n\n".encode()
                     break
                 if choices.done and all(choices.closed):
@@ -377,20 +381,23 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             choices.cancel()  # the client went away, or the stream ended: nothing left runs for it
             admission.leave()
 
-    async def run(body: Generation, chat: bool, request: Request) -> Response:
+    async def run(body: Generation, chat: bool, request: Request, key: Key | None) -> Response:
+        def mine() -> list[str]:
+            return [m for m in available() if permits(key, m)]
+
         if not admission.enter():
             return error(429, f"{max_queue} requests are already waiting or running; retry shortly",
                          kind="rate_limit_exceeded", headers={"Retry-After": "1"})
         streaming = False
         try:
-            try:
-                choices = start(body, chat)
+            try:  # resolving may read an HTTP store and hash files: off the event loop
+                choices = await anyio.to_thread.run_sync(start, body, chat)
             except FtsError as exc:
-                return failure_response(exc, available)
+                return failure_response(exc, mine, tenant=key is not None)
             ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
             if body.stream:
                 streaming = True
-                return StreamingResponse(stream(body, chat, choices, ident, created, request),
+                return StreamingResponse(stream(body, chat, choices, ident, created, mine, key is not None),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             try:
                 await wait(choices, request)
@@ -398,7 +405,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
                 choices.cancel()
             failure = choices.failure()
             if failure is not None:
-                return failure_response(failure, available)
+                return failure_response(failure, mine, tenant=key is not None)
             return answer(body, chat, choices, ident, created)
         finally:
             if not streaming:
@@ -414,7 +421,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
         if not permits(key, body.model):
             return error(403, f"this key may not use {body.model!r}; GET /v1/models lists what it may use",
                          param="model", kind="permission_denied")
-        return await run(body, chat=chat, request=request)
+        return await run(body, chat=chat, request=request, key=key)
 
     async def completions(request: Request) -> Response:
         return await generation(request, chat=False)
@@ -458,9 +465,11 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             return error(404, exc.message, param="lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    async def health(_: Request) -> Response:
-        return JSONResponse({"status": "ok", "base": engine.base_name, "device": str(engine.device),
-                             "cached": list(engine.cache), "loaded": list(engine.named)})
+    async def health(request: Request) -> Response:
+        status = {"status": "ok", "base": engine.base_name, "device": str(engine.device)}
+        if tenants is None or isinstance(caller(request, admin=True), Key):  # adapter names: not for everyone
+            status.update(cached=list(engine.cache), loaded=list(engine.named))
+        return JSONResponse(status)
 
     async def metrics(request: Request) -> Response:
         if isinstance(refused := caller(request, admin=True), JSONResponse):

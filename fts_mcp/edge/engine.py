@@ -152,6 +152,7 @@ class Row:
     request: Request
     slot: int
     length: int  # tokens in the cache for this row (prompt + generated so far, minus the pending one)
+    released: bool = False  # its slot hold has been given back
 
 
 class Engine:
@@ -181,6 +182,7 @@ class Engine:
         self.slots = self.bank.layers  # module path -> layer an adapter may adapt
         self.cache: OrderedDict[str, Cached] = OrderedDict()
         self.named: dict[str, Path] = {}  # admin-loaded adapters (vLLM's load_lora_adapter): name -> folder
+        self.loads: dict[str, int] = {}  # name -> how many times it was loaded (its key is name#count)
         self.slot_key: list[str | None] = [None] * self.bank.slots  # slot -> adapter key held
         self.slot_refs = [0] * self.bank.slots  # running rows using each slot
         self.slot_used = [0.0] * self.bank.slots  # last use, for LRU reuse of free slots
@@ -320,8 +322,8 @@ class Engine:
         return key, lambda: self._stacked(key, parts)
 
     def _one(self, model: str) -> tuple[str, Path]:
-        if model in self.named:
-            return model, self.named[model]
+        if model in self.named:  # keyed by its load: a reload is another adapter, never the old slot's weights
+            return f"{model}#{self.loads[model]}", self.named[model]
         manifest = self.source.resolve(model)
         return f"{manifest.name}@{manifest.version}", self.source.folder(manifest)
 
@@ -332,7 +334,9 @@ class Engine:
         started = time.perf_counter()
         with about("lora_path"):
             folder = self._named_folder(path)
-        entry = self._read(name, folder)
+        with self.lock:
+            generation = self.loads[name] = self.loads.get(name, 0) + 1
+        entry = self._read(f"{name}#{generation}", folder)
         with self.lock:
             self._forget(name)
             self._remember(entry)
@@ -366,11 +370,16 @@ class Engine:
             self._forget(name)
 
     def _forget(self, key: str) -> None:
-        """Drop an adapter (and stacks using it) from the host cache and from any slot no running row holds."""
-        for cached in [k for k in self.cache if k == key or k.endswith(f"*{key}") or f"*{key}+" in k]:
+        """Drop a loaded name's adapter (every load of it, and stacks using it) from the host cache and from any
+        slot no running row holds; a held slot keeps its key, which no new request resolves to any more."""
+
+        def uses(k: str) -> bool:
+            return any(part.split("*")[-1].split("#")[0] == key for part in k.split("+"))
+
+        for cached in [k for k in self.cache if uses(k)]:
             del self.cache[cached]
         for slot, held in enumerate(self.slot_key):
-            if held is not None and (held == key or f"*{key}" in held) and self.slot_refs[slot] == 0:
+            if held is not None and uses(held) and self.slot_refs[slot] == 0:
                 self.slot_key[slot] = None
         self.metrics.cached.set(len(self.cache))
         self.metrics.cached_bytes.set(sum(c.bytes for c in self.cache.values()))
@@ -450,7 +459,10 @@ class Engine:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device="cpu")
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            if seed is None:
+                generator.seed()  # its own random seed; the process's RNG is left alone
+            else:
+                generator.manual_seed(seed)
         self.waiting.put(Request(ticket=ticket, ids=ids, target=target, max_tokens=max_tokens,
                                  temperature=temperature, top_p=top_p, stop=[s for s in stop or [] if s],
                                  generator=generator, deadline=deadline, ignore_eos=ignore_eos))
@@ -509,17 +521,23 @@ class Engine:
             try:
                 rows, cache, mask, pending = self._retire(rows, cache, mask, pending)
                 joining, held = self._admit(rows, held)
-                if joining:
-                    rows, cache, mask, pending = self._prefill(joining, rows, cache, mask, pending)
-                    rows, cache, mask, pending = self._retire(rows, cache, mask, pending)
-                if rows:
-                    cache, mask, pending = self._decode(rows, cache, mask, pending)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the runtime
-                failure = exc if isinstance(exc, FtsError) else FtsError(
-                    f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
-                for row in rows + [r for r in joining if r not in rows]:
-                    self._finish(row, error=failure)
+                self._fail_rows(rows + joining, exc)
                 rows, cache, mask, pending = [], None, None, None
+                continue
+            if joining:
+                try:  # the running batch's cache is untouched until the merge: a bad prompt fails only its own
+                    merged = self._prefill(joining, rows, cache, mask, pending)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail_rows(joining, exc)
+                else:
+                    rows, cache, mask, pending = self._retire(*merged)
+            if rows:
+                try:
+                    cache, mask, pending = self._decode(rows, cache, mask, pending)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail_rows(rows, exc)
+                    rows, cache, mask, pending = [], None, None, None
 
     def _admit(self, rows: list[Row], held: list[Request]) -> tuple[list[Row], list[Request]]:
         """Requests that join the batch now (each with a slot for its adapter), and those still waiting."""
@@ -540,8 +558,9 @@ class Engine:
                 continue
             try:
                 slot = self._claim_slot(request.target)
-            except FtsError as exc:
-                self._fail(ticket, exc)
+            except Exception as exc:  # noqa: BLE001 - a store error, a corrupt adapter, device memory: this request's
+                self._fail(ticket, exc if isinstance(exc, FtsError) else FtsError(
+                    f"loading the adapter failed: {type(exc).__name__}: {str(exc)[:300]}", param="model"))
                 continue
             if slot is None:
                 still.append(request)
@@ -662,7 +681,15 @@ class Engine:
     def _finish(self, row: Row, *, error: FtsError | None = None) -> None:
         if error is not None:
             self._fail(row.request.ticket, error)
-        self._release(row.slot)
+        if not row.released:  # once: a row may be finished by a failure after it was retired
+            row.released = True
+            self._release(row.slot)
+
+    def _fail_rows(self, rows: list[Row], exc: Exception) -> None:
+        failure = exc if isinstance(exc, FtsError) else FtsError(
+            f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
+        for row in rows:
+            self._finish(row, error=failure)
 
     def _retire(self, rows: list[Row], cache, mask, pending):
         """Drop finished, cancelled and overdue rows from the batch (and their slots' hold)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import uvicorn
 
@@ -18,6 +19,7 @@ from fts_mcp.edge.engine import Engine
 from fts_mcp.edge.sources import StoreSource
 from fts_mcp.edge.spec import RuntimeJobSpec
 from fts_mcp.errors import FtsError
+from fts_mcp.http import HostOriginGuard
 from fts_mcp.jobs.context import JobContext
 from fts_mcp.jobs.models import Artifacts
 
@@ -29,7 +31,11 @@ def run(spec: RuntimeJobSpec, ctx: JobContext) -> Artifacts | None:
     engine = Engine(spec.base_model, StoreSource(spec.store, Path(spec.cache)),
                     max_rank=spec.max_rank, max_loras=spec.max_loras, max_batch=spec.max_batch,
                     trust_remote_code=spec.trust_remote_code)
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host=spec.host, port=spec.port, log_level="warning"))
+    # loopback only, with the Host / Origin checks `edge serve` has (a web page must not reach it by DNS rebinding)
+    loopback = [f"127.0.0.1:{spec.port}", f"localhost:{spec.port}"]
+    guarded = HostOriginGuard(build_app(engine), SimpleNamespace(
+        allowed_hosts=loopback, allowed_origins=[f"http://{host}" for host in loopback]))
+    server = uvicorn.Server(uvicorn.Config(guarded, host=spec.host, port=spec.port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="edge-runtime", daemon=True)
     ctx.stop.in_loop = True  # cancel: stop listening, then end
     thread.start()

@@ -186,3 +186,21 @@ def test_an_alias_moved_on_an_http_store_is_served_once_the_index_is_read_again(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_reloading_a_name_while_it_serves_never_mixes_the_two_adapters(world, tiny_model, references):
+    """vLLM's load_lora_adapter under a name already in use: running requests finish on the old weights, new
+    ones get the new weights, even though the old adapter still holds its device slot."""
+    engine = engine_for(world, tiny_model, max_loras=2)
+    engine.load_named("mine", "fa@v1")
+    ids = engine.prompt_ids(PROMPTS[0], None, 200)
+    running = engine.submit("mine", ids, max_tokens=200, ignore_eos=True)  # long enough to outlive the reload
+    wait_until_started = time.monotonic() + 10
+    while not running.tokens and time.monotonic() < wait_until_started:
+        time.sleep(0.01)
+    engine.load_named("mine", "fb@v1")
+    assert engine.generate("mine", prompt=PROMPTS[0], max_tokens=TOKENS)["text"] == references["fb"][PROMPTS[0]]
+    running.wait(60)
+    old = engine.text_of(running.tokens[:TOKENS])
+    assert not running.done or running.finish_reason == "length"
+    assert references["fa"][PROMPTS[0]].startswith(old) or old.startswith(references["fa"][PROMPTS[0]])

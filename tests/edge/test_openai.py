@@ -106,7 +106,7 @@ ACME, GLOBEX, OPS = "sk-acme-0123456789abcdef", "sk-globex-0123456789abcdef", "s
 def tenants_runtime(runtime, tmp_path_factory):
     engine, _ = runtime
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"key": ACME, "adapters": ["fa"]},
+    keys.write_text(json.dumps({"keys": [{"key": ACME, "adapters": ["fa", "fa-*"]},
                                          {"key": GLOBEX, "adapters": ["fb", "base"]},
                                          {"key": OPS, "adapters": ["*"], "admin": True}]}))
     port = free_port()
@@ -135,6 +135,16 @@ def test_a_tenant_sees_and_uses_only_its_adapters(tenants_runtime):
     globex.completions.create(model="base", prompt="hi", max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         client("sk-unknown-0123456789abcdef").models.list()
+
+
+def test_a_tenant_never_learns_another_tenants_adapter_names(tenants_runtime):
+    acme = openai.OpenAI(base_url=f"{tenants_runtime}/v1", api_key=ACME, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as missing:  # a name its pattern allows, which does not exist
+        acme.completions.create(model="fa-missing", prompt="hi", max_tokens=2)
+    assert "fa" in str(missing.value) and "fb" not in str(missing.value)
+    health = httpx.get(f"{tenants_runtime}/health", headers={"Authorization": f"Bearer {ACME}"}).json()
+    assert health["status"] == "ok" and "cached" not in health and "loaded" not in health
+    assert "cached" in httpx.get(f"{tenants_runtime}/health", headers={"Authorization": f"Bearer {OPS}"}).json()
 
 
 def test_admin_calls_need_an_admin_key(tenants_runtime):
