@@ -156,6 +156,8 @@ class Choices:
         self.hold = max((len(s) for s in stops), default=1) - 1  # characters that might start a stop sequence
         self.sent = [""] * len(tickets)  # text sent so far
         self.seen = [0] * len(tickets)  # tokens turned into text so far
+        self.text = [""] * len(tickets)  # their text, decoded incrementally (as transformers' streamers do)
+        self.offsets = [(0, 0)] * len(tickets)  # (prefix, read) token offsets of that decoding
         self.closed = [False] * len(tickets)
         self.event: asyncio.Event | None = None  # set by the scheduler whenever a ticket changes
 
@@ -178,7 +180,7 @@ class Choices:
             if failure is not None or finish == "deadline":
                 continue
             for count in range(self.seen[i] + 1, len(tokens) + 1):
-                text = self.engine.text_of(tokens[:count]).rstrip("\ufffd")  # never half a character
+                text = self._decoded(i, tokens[:count])
                 text = text[: len(text) - self.hold] if self.hold and finish is None else text
                 if finish is not None and not final.startswith(text):
                     break  # past a stop sequence: the final text below ends before it
@@ -193,6 +195,17 @@ class Choices:
             self.closed[i] = True
             out.append((i, delta, finish))
         return out
+
+    def _decoded(self, i: int, tokens: list[int]) -> str:
+        """The text of `tokens`, extending the last decoding by the new token's piece; a piece that ends in half a
+        character waits for the next token. O(window), not O(length), per token."""
+        prefix, read = self.offsets[i]
+        before = self.engine.text_of(tokens[prefix:read])
+        after = self.engine.text_of(tokens[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text[i] += after[len(before):]
+            self.offsets[i] = (read, len(tokens))
+        return self.text[i]
 
     def failure(self) -> FtsError | None:
         for ticket in self.tickets:

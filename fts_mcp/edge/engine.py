@@ -650,10 +650,11 @@ class Engine:
             if ticket.first_token_at is None:
                 ticket.first_token_at = time.monotonic()
             ticket.tokens.append(token)
-            if request.stop:
-                text = self.text_of(ticket.tokens)
-                hits = [text.index(s) for s in request.stop if s in text]
-                if hits:
+            if request.stop:  # only the tail can hold a stop sequence that this token completed
+                tail = self.text_of(ticket.tokens[-(4 * max(map(len, request.stop)) + 16):])
+                if any(s in tail for s in request.stop):
+                    text = self.text_of(ticket.tokens)
+                    hits = [text.index(s) for s in request.stop if s in text]
                     self._close(ticket, "stop", ticket.tokens, text=text[: min(hits)])
                     return
             if len(ticket.tokens) >= request.max_tokens:
