@@ -6,9 +6,11 @@ loop, in one run.
 
 Concurrent clients (default 8) each send `--requests` completions one after another, spread over several adapters
 (default 4) with every fifth request for the base model; fixed prompts, and exactly `--tokens` new tokens each
-(end of text ignored, so every variant does the same work). Variants, each on the same base and adapters:
+(end of text ignored, so every variant does the same work). Variants, each on the same base and adapters and
+each in its own process (two engines in one process share its CPU thread pools and slow each other down):
 
 * runtime: the engine as `fts-mcp edge serve` runs it (device slots, continuous batching);
+* base only: the same engine with every request for the base model (what adapters cost on top of it);
 * one at a time: the same engine with `max_batch=1` (the runtime before batching);
 * PEFT loop: a PeftModel with every adapter loaded; one worker takes requests in arrival order and runs
   `set_adapter` + `generate` for each.
@@ -20,8 +22,10 @@ not assertions.
 from __future__ import annotations
 
 import argparse
+import json
 import queue
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -58,14 +62,14 @@ def make_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
     return folders
 
 
-def plan(args: argparse.Namespace) -> list[list[tuple[str, str]]]:
-    """Per client, its requests: (model, prompt). Every fifth request goes to the base."""
+def plan(args: argparse.Namespace, base_only: bool = False) -> list[list[tuple[str, str]]]:
+    """Per client, its requests: (model, prompt). Every fifth request goes to the base (all of them: base_only)."""
     out = []
     for client in range(args.clients):
         asks = []
         for i in range(args.requests):
             n = client * args.requests + i
-            model = "base" if n % 5 == 4 else f"adapter{n % args.adapters}"
+            model = "base" if base_only or n % 5 == 4 else f"adapter{n % args.adapters}"
             asks.append((model, PROMPTS[n % len(PROMPTS)]))
         out.append(asks)
     return out
@@ -100,12 +104,20 @@ def quantile(values, q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_engine(base: Path, store_root: Path, args: argparse.Namespace, max_batch: int) -> dict:
+def run_engine(base: Path, store_root: Path, args: argparse.Namespace, max_batch: int,
+               base_only: bool = False) -> dict:
     from fts_mcp.edge.engine import Engine
     from fts_mcp.edge.sources import StoreSource
 
     engine = Engine(str(base), StoreSource(store_root / "store", store_root / "cache"), max_rank=args.rank,
                     max_loras=args.adapters, max_batch=max_batch)
+    try:
+        return drive_engine(engine, args, base_only)
+    finally:
+        engine.close()
+
+
+def drive_engine(engine, args: argparse.Namespace, base_only: bool) -> dict:
 
     def one(model: str, prompt: str) -> tuple[float, float, int]:
         ids = engine.prompt_ids(prompt, None, args.tokens)
@@ -116,7 +128,7 @@ def run_engine(base: Path, store_root: Path, args: argparse.Namespace, max_batch
 
     for i in range(args.adapters):  # warm: every adapter read once and the kernels run
         engine.generate(f"adapter{i}", prompt="hi", max_tokens=2)
-    return drive(plan(args), one)
+    return drive(plan(args, base_only), one)
 
 
 def run_peft(base: Path, adapters: list[Path], args: argparse.Namespace) -> dict:
@@ -172,15 +184,31 @@ def run_peft(base: Path, adapters: list[Path], args: argparse.Namespace) -> dict
     return drive(plan(args), one)
 
 
+VARIANTS = ("runtime", "base only", "one at a time", "PEFT loop")
+
+
+def run_variant(name: str, root: Path, args: argparse.Namespace) -> dict:
+    base = root / args.shape
+    if name == "PEFT loop":
+        return run_peft(base, [root / f"adapter{i}" for i in range(args.adapters)], args)
+    return run_engine(base, root, args, max_batch=1 if name == "one at a time" else args.clients * 2,
+                      base_only=name == "base only")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.variant:  # one variant in this process: engines and thread pools never share a process
+        print(json.dumps(run_variant(args.variant, args.root, args)))
+        return
 
     from fts_mcp.edge.store import AdapterStore
 
@@ -192,18 +220,23 @@ def main() -> None:
         store = AdapterStore(root / "store")
         for i, folder in enumerate(adapters):
             store.publish(folder, f"adapter{i}", dtype="float32")
-        results = {"runtime": run_engine(base, root, args, max_batch=args.clients * 2),
-                   "one at a time": run_engine(base, root, args, max_batch=1),
-                   "PEFT loop": run_peft(base, adapters, args)}
+        results = {}
+        for name in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", name, "--root", str(root), "--shape", args.shape,
+                   "--clients", str(args.clients), "--adapters", str(args.adapters), "--requests",
+                   str(args.requests), "--tokens", str(args.tokens), "--rank", str(args.rank)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results[name] = json.loads(out.strip().splitlines()[-1])
     print(f"shape {args.shape}: {args.clients} clients x {args.requests} requests over {args.adapters} adapters + "
-          f"base, {args.tokens} new tokens each, rank {args.rank}")
+          f"base, {args.tokens} new tokens each, rank {args.rank}; each variant in its own process")
     print(f"{'variant':<15}{'req/s':>8}{'tokens/s':>10}{'TTFT p50':>10}{'p99':>8}{'latency p50':>13}{'p99':>8}")
     for name, r in results.items():
         print(f"{name:<15}{r['requests_per_second']:>8.2f}{r['tokens_per_second']:>10.1f}{r['ttft_p50']:>9.3f}s"
               f"{r['ttft_p99']:>7.3f}s{r['latency_p50']:>12.3f}s{r['latency_p99']:>7.3f}s")
     batched = results["runtime"]["tokens_per_second"]
     print(f"runtime tokens/s vs one at a time: {batched / results['one at a time']['tokens_per_second']:.2f}x, "
-          f"vs PEFT loop: {batched / results['PEFT loop']['tokens_per_second']:.2f}x")
+          f"vs PEFT loop: {batched / results['PEFT loop']['tokens_per_second']:.2f}x, "
+          f"vs the base model alone: {batched / results['base only']['tokens_per_second']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ class LoraBank:
     def __init__(self, model: Any, *, slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         self.layers = adapted_layers(model)
         self.rank, self.slots = rank, slots + 1  # + the base's zero slot
-        self.a = {path: torch.zeros(self.slots, rank, m.in_features, dtype=dtype, device=device)
+        # kept transposed, (in, rank) and (rank, out), so a pass multiplies without transposing
+        self.a = {path: torch.zeros(self.slots, m.in_features, rank, dtype=dtype, device=device)
                   for path, m in self.layers.items()}
-        self.b = {path: torch.zeros(self.slots, m.out_features, rank, dtype=dtype, device=device)
+        self.b = {path: torch.zeros(self.slots, rank, m.out_features, dtype=dtype, device=device)
                   for path, m in self.layers.items()}
         self.groups: list[tuple[int, torch.Tensor | None]] = []  # (slot, rows; None: every row) for this pass
         self.index: torch.Tensor | None = None  # each row's slot, when gathering
@@ -56,19 +57,21 @@ class LoraBank:
         a_bank, b_bank = self.a[path], self.b[path]
 
         def add_lora(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            if self.index is not None:  # (rows, tokens, in) @ (rows, in, rank) @ (rows, rank, out)
+            if self.index is not None:  # output + (rows, tokens, in) @ (rows, in, rank) @ (rows, rank, out)
                 x = inputs[0].to(a_bank.dtype)
-                delta = torch.bmm(torch.bmm(x, a_bank[self.index].transpose(1, 2)), b_bank[self.index].transpose(1, 2))
-                return output + delta.to(output.dtype)
+                xa = torch.bmm(x, a_bank.index_select(0, self.index))
+                if output.dtype == b_bank.dtype:
+                    return torch.baddbmm(output, xa, b_bank.index_select(0, self.index))
+                return output + torch.bmm(xa, b_bank.index_select(0, self.index)).to(output.dtype)
             if not self.groups:
                 return output
             x = inputs[0].to(a_bank.dtype)
             for slot, rows in self.groups:
                 a, b = a_bank[slot], b_bank[slot]
                 if rows is None:
-                    output = output + ((x @ a.T) @ b.T).to(output.dtype)
+                    output = output + ((x @ a) @ b).to(output.dtype)
                 else:
-                    delta = (x.index_select(0, rows) @ a.T) @ b.T
+                    delta = (x.index_select(0, rows) @ a) @ b
                     output = output.index_add(0, rows, delta.to(output.dtype))
             return output
 
@@ -83,9 +86,9 @@ class LoraBank:
             self.a[path][slot].zero_()
             self.b[path][slot].zero_()
             if pair is not None:
-                a, b = pair
-                self.a[path][slot, : a.shape[0]].copy_(a, non_blocking=True)
-                self.b[path][slot, :, : b.shape[1]].copy_(b, non_blocking=True)
+                a, b = pair  # (r, in), (out, r)
+                self.a[path][slot, :, : a.shape[0]].copy_(a.T, non_blocking=True)
+                self.b[path][slot, : b.shape[1]].copy_(b.T, non_blocking=True)
 
     def remove(self) -> None:
         for handle in self.handles:

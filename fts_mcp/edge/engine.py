@@ -191,6 +191,7 @@ class Engine:
         self.waiting: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._closed = False
 
     # ---- adapters in host memory ---------------------------------------------------------------------------
 
@@ -500,7 +501,16 @@ class Engine:
 
     # ---- the scheduler -------------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stop the scheduler once the requests it holds are done (none are accepted after this)."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
     def _start(self) -> None:
+        if self._closed:
+            raise FtsError("the runtime is shutting down", param="model")
         with self.lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="fts-edge-scheduler", daemon=True)
@@ -514,6 +524,8 @@ class Engine:
         held: list[Request] = []  # waiting for a free slot
         while True:
             if not rows and not held and self.waiting.empty():
+                if self._closed:
+                    return
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue

@@ -48,6 +48,7 @@ def run(spec: RuntimeJobSpec, ctx: JobContext) -> Artifacts | None:
         time.sleep(POLL_SECONDS)
     server.should_exit = True
     thread.join(timeout=30)
+    engine.close()
     ctx.stop.in_loop = False
     if not ctx.stop:
         raise FtsError(f"the runtime at {spec.url} stopped serving on its own; see the job's log", param="runtime_url")
