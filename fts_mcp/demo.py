@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import anyio
 from mcp import Client, StdioServerParameters
 
 from fts_mcp.config import Settings
+from fts_mcp.http import free_port
 from fts_mcp.models.catalog import stage_demo_model
 
 DEMO_DATA = "datasets/codewords_chat.jsonl"
@@ -188,11 +188,6 @@ async def drive(home: Path, steps: int) -> int:
             runtime.communicate(timeout=30)
     return 0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_until_up(runtime: subprocess.Popen, url: str, timeout: float = 120) -> None:

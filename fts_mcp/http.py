@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import socket
 from typing import TYPE_CHECKING, Any
 
 from fts_mcp.errors import InvalidArgument
@@ -15,6 +16,13 @@ if TYPE_CHECKING:  # the MCP SDK is imported where its settings are built, not b
     from mcp.server.transport_security import TransportSecuritySettings
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a runtime, a demo or a rendezvous started next)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def is_loopback(host: str) -> bool:

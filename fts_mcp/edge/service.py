@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from fts_mcp.edge.client import check_url, post_generate, post_load
 from fts_mcp.edge.spec import GenerateJobSpec, RuntimeJobSpec
 from fts_mcp.edge.store import AdapterStore, Manifest, StoreDtype, StoreEntry
 from fts_mcp.errors import FtsError, InvalidArgument, about
+from fts_mcp.http import free_port
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.watch import watch
@@ -26,11 +26,6 @@ from fts_mcp.models.refs import resolve_model_argument
 LOCAL = "local"  # runtime_url for this host's managed runtime
 RUNTIME_START_SECONDS = 180.0
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Deployment(BaseModel):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import time
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
+from fts_mcp.http import free_port
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.kinds import KINDS, recipe
@@ -42,11 +42,6 @@ class RankLost(FtsError):
 
     code = "worker_killed"
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_ranks(job: Job, store: JobStore, stop: StopSignal, workers: int) -> Artifacts | None:
