@@ -9,6 +9,11 @@
 | `FTS_CPU_SLOTS` | slots when there is no GPU (a training job with `workers: N` takes N) | 1 |
 | `FTS_TRUST_REMOTE_CODE` | `1` lets models run code shipped in their repository | off |
 | `FTS_CANCEL_GRACE_SECONDS` | how long a cancelled worker may take to checkpoint before SIGKILL | 60 |
+| `FTS_RUNNER` | where jobs run: `local` (worker processes on this host) or `ray` (a Ray cluster's Jobs API) | `local` |
+| `FTS_RAY_ADDRESS` | the Ray cluster's job-submission address (`http://head:8265`); `RAY_ADDRESS` also works | |
+| `FTS_RAY_GPUS_PER_WORKER` | GPUs each Ray worker asks for (`0` on a CPU cluster) | 1 |
+| `FTS_RAY_MAX_JOBS` | jobs submitted to the cluster at once (more wait `queued` here) | 8 |
+| `RAY_AUTH_TOKEN` | sent as a bearer token to a cluster started with token authentication | |
 """
 
 from __future__ import annotations
@@ -72,6 +77,32 @@ def _float_env(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+RUNNERS = ("local", "ray")
+
+
+def _runner(env: dict[str, str]) -> str:
+    runner = (env.get("FTS_RUNNER") or "local").strip().lower()
+    if runner not in RUNNERS:
+        raise InvalidArgument(f"FTS_RUNNER must be one of {', '.join(RUNNERS)}, got {runner!r}", param="FTS_RUNNER")
+    if runner == "ray" and not (env.get("FTS_RAY_ADDRESS") or env.get("RAY_ADDRESS")):
+        raise InvalidArgument("FTS_RUNNER=ray needs the cluster's job-submission address in FTS_RAY_ADDRESS, e.g. "
+                              "http://127.0.0.1:8265 (the head node's dashboard port)", param="FTS_RAY_ADDRESS")
+    return runner
+
+
+def _bounded_env(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name} must be a number from {low:g} to {high:g}, got {raw!r}", param=name)
+    return value
+
+
 def default_roots(home: Path, cwd: Path, user_home: Path) -> tuple[Path, ...]:
     """FTS_HOME, and the folder the server started in unless that is `/`, the user's home or a folder above it:
     desktop clients often start servers there, and none may silently make the whole disk (or every dotfile)
@@ -93,6 +124,9 @@ class Settings:
     heartbeat_stale_seconds: float = 3.0
     # A job claimed by a server that died before it could start the worker is interrupted after this long.
     start_timeout_seconds: float = 60.0
+    runner: str = "local"
+    ray_gpus_per_worker: float = 1.0
+    ray_max_jobs: int = 8
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -110,6 +144,9 @@ class Settings:
             slots=_gpu_slots(env) or _cpu_slots(env),
             trust_remote_code=env.get("FTS_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes"),
             cancel_grace_seconds=_float_env(env, "FTS_CANCEL_GRACE_SECONDS", 60.0),
+            runner=_runner(env),
+            ray_gpus_per_worker=_bounded_env(env, "FTS_RAY_GPUS_PER_WORKER", 1.0, 0.0, 64.0),
+            ray_max_jobs=int(_bounded_env(env, "FTS_RAY_MAX_JOBS", 8, 1, 1024)),
             env=env,
         )
 
@@ -122,6 +159,16 @@ class Settings:
     def edge_cache(self) -> Path:
         """Where adapters fetched from an HTTP store are kept, by version."""
         return self.home / "edge-cache"
+
+    @property
+    def ray_address(self) -> str | None:
+        return self.env.get("FTS_RAY_ADDRESS") or self.env.get("RAY_ADDRESS")
+
+    @property
+    def ray_slots(self) -> tuple[str, ...]:
+        """With FTS_RUNNER=ray, how many jobs may be on the cluster at once: each takes one `ray:N` slot here,
+        whatever it asks of the cluster (the cluster schedules its workers)."""
+        return tuple(f"ray:{n}" for n in range(self.ray_max_jobs)) if self.runner == "ray" else ()
 
     @property
     def db_path(self) -> Path:

@@ -45,3 +45,16 @@ def test_every_torch_side_module_loads_models_through_one_function():
             offenders[str(path.relative_to(PACKAGE))] = calls
     assert not offenders, f"load models through fts_mcp.models.loading: {offenders}"
     assert _loads_models(ast.parse(LOADER.read_text()))  # the check sees the loader's own calls
+
+
+def test_ray_is_imported_only_when_jobs_run_on_a_cluster_and_the_cluster_side_never_reaches_the_store():
+    """FTS_RUNNER=local (the default) never imports Ray; the Ray job's entrypoint, which runs on the cluster with
+    no access to the server's FTS_HOME, never imports the store, the runner or SQLite."""
+    server = ("import sys, fts_mcp.server, fts_mcp.core, fts_mcp.jobs.runner, fts_mcp.jobs.worker; "
+              "print('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", server], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    entry = ("import sys, fts_mcp.jobs.ray_entry; print(sorted(m for m in ('fts_mcp.jobs.store', "
+             "'fts_mcp.jobs.runner', 'fts_mcp.jobs.service', 'fts_mcp.core', 'sqlite3', 'mcp') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

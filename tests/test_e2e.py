@@ -189,6 +189,7 @@ async def test_cancel_checkpoints_then_resumes_in_place_and_as_a_new_job(fts_hom
         assert done["progress"]["step"] == 45
 
 
+@pytest.mark.chaos  # kill -9 of a training worker (CI's second step; the README run keeps the quicker kill tests)
 async def test_killed_worker_is_interrupted_and_resumes_where_it_left_off(fts_home, tiny_model):
     """Is killed: SIGKILL mid-run -> interrupted with the signal; resume_job finishes it, steps continuing."""
     async with connect(fts_home) as client:
@@ -287,6 +288,7 @@ async def test_job_survives_its_server_and_a_new_server_sees_it_finish(fts_home,
     assert job["state"] == "succeeded" and job["progress"]["step"] == 150
 
 
+@pytest.mark.chaos  # a race between two server processes (CI's second step)
 async def test_two_servers_sharing_one_home_never_run_two_jobs_on_one_slot(fts_home, tiny_model):
     """Finish, one after another: two servers each queue jobs on the single CPU slot."""
     async with connect(fts_home) as a, connect(fts_home, mode="legacy") as b:

@@ -79,6 +79,7 @@ class Job(BaseModel):
     slot: str | None = Field(None, description="device slot the job runs on: cuda:N or cpu")
     pid: int | None = Field(None, description="process id of the worker doing the work")
     exit_code: int | None = Field(None, description="worker exit status; negative means killed by that signal")
+    ray_job_id: str | None = Field(None, description="the Ray job running it (FTS_RUNNER=ray)")
     attempts: int = Field(0, description="how many times a worker has started on this job (resume adds one)")
     cancel_requested: bool = False
     resumable: bool = Field(False, description="true when resume_job can continue it from a checkpoint")

@@ -1,5 +1,10 @@
-"""The local job runner: schedules queued jobs onto free slots, starts one detached worker per job, and
-notices workers that died without recording how their job ended.
+"""The job runner: schedules queued jobs onto free slots, starts one detached supervisor per job, and notices
+supervisors that died without recording how their job ended.
+
+A job's supervisor is either a local worker (`fts_mcp.jobs.worker`, on this host's GPU or CPU slots) or, with
+`FTS_RUNNER=ray`, a Ray job's supervisor (`fts_mcp.jobs.ray_runner`, on a `ray:N` slot) that submits the job to a
+Ray cluster and brings its progress, log and artifacts back. Either way the job looks the same to its callers.
+Runtime jobs (a managed edge runtime listening on this host's loopback) always run locally.
 
 Every server process runs `tick()` about once a second. All decisions go through the store's atomic
 transitions and claims, so any number of servers can share one FTS_HOME.
@@ -25,6 +30,9 @@ from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.store import LOG_NAME, RESULT_NAME, JobStore, StaleState
 
 log = logging.getLogger(__name__)
+
+LOCAL_ONLY_KINDS = frozenset({"runtime"})
+CLUSTER_KINDS = frozenset({"train", "merge", "generate", "eval"})
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -138,13 +146,22 @@ class Runner:
                     self._check_running(job_id)
                 except StaleState:
                     pass
-            while (claim := self.store.claim_next(self.settings.slots)) is not None:
+            if self.settings.runner == "ray":
+                while (claim := self.store.claim_next(self.settings.ray_slots, CLUSTER_KINDS, True)) is not None:
+                    self._spawn(*claim)
+                local_kinds: frozenset[str] | None = LOCAL_ONLY_KINDS
+            else:
+                local_kinds = None
+            while (claim := self.store.claim_next(self.settings.slots, local_kinds)) is not None:
                 self._spawn(*claim)
 
     def _check_running(self, job_id: str) -> None:
         raw = self.store.raw(job_id)
         now = time.time()
-        if raw["cancel_requested_at"] and now - raw["cancel_requested_at"] > self.settings.cancel_grace_seconds:
+        # A Ray job's supervisor is given longer: the cluster enforces the grace period, then the supervisor still
+        # brings the checkpoint back.
+        grace = self.settings.cancel_grace_seconds * (2 if raw["ray_job_id"] else 1) + (60 if raw["ray_job_id"] else 0)
+        if raw["cancel_requested_at"] and now - raw["cancel_requested_at"] > grace:
             log.warning("job %s did not stop within %.0fs of SIGTERM; sending SIGKILL", job_id,
                         self.settings.cancel_grace_seconds)
             self._signal(raw["pid"], signal.SIGKILL)
@@ -161,7 +178,11 @@ class Runner:
         if now - beat < self.settings.heartbeat_stale_seconds:
             return  # just exited: give it a moment to record its own terminal state
         # The supervisor normally records how its worker ended; it is gone without doing so.
-        if pid_alive(raw["pid"]):
+        if raw["ray_job_id"]:  # its supervisor is gone: nobody brings the cluster's work back, so stop it there
+            from fts_mcp.jobs.ray_runner import stop_abandoned  # lazy: Ray is imported only when it is used
+
+            stop_abandoned(self.settings, raw["ray_job_id"])
+        elif pid_alive(raw["pid"]):
             # An orphaned worker must not keep the slot's GPU: ask it to checkpoint and stop, as a cancel does,
             # and kill it once the grace period has passed too. It is settled on a later tick, once it has exited.
             late = now - beat > self.settings.heartbeat_stale_seconds + self.settings.cancel_grace_seconds
@@ -177,7 +198,8 @@ class Runner:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # several: one per data-parallel rank; none: the CPU
         # Double fork through sh: the worker is not our child, so it outlives this process and leaves no zombie
         # for us to reap; `echo $!` hands back its pid.
-        command = [sys.executable, "-m", "fts_mcp.jobs.worker", job_id]
+        module = "fts_mcp.jobs.ray_runner" if slot.startswith("ray:") else "fts_mcp.jobs.worker"
+        command = [sys.executable, "-m", module, job_id]
         try:
             with (folder / LOG_NAME).open("ab") as logfile:
                 done = subprocess.run(["/bin/sh", "-c", '"$@" </dev/null 2>&1 & echo $! >&2', "sh", *command],

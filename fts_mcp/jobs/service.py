@@ -24,6 +24,10 @@ LOG_BYTES = 256 * 1024
 class Jobs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if settings.runner == "ray":
+            from fts_mcp.jobs.ray_runner import require_ray
+
+            require_ray()
         self.store = JobStore(settings)
         self.runner = Runner(settings, self.store)
 

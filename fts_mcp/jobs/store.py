@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     heartbeat_at REAL,
     cancel_requested_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    ray_job_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 CREATE TABLE IF NOT EXISTS events (
@@ -120,6 +121,9 @@ class JobStore:
             if not fresh and (check := self._db.execute("PRAGMA quick_check(1)").fetchone()[0]) != "ok":
                 raise sqlite3.DatabaseError(f"integrity check: {check}")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "ray_job_id" not in columns:  # a database from before the Ray runner
+                self._db.execute("ALTER TABLE jobs ADD COLUMN ray_job_id TEXT")
         except sqlite3.Error as exc:
             raise unreadable(settings, exc) from None
         if fresh and reindex_jobs(self):  # an empty database beside job folders: they hold the record
@@ -218,6 +222,7 @@ class JobStore:
             pid=row["pid"],
             exit_code=row["exit_code"],
             attempts=row["attempts"],
+            ray_job_id=row["ray_job_id"],
             cancel_requested=row["cancel_requested_at"] is not None,
             resumable=resumable(state, artifacts.checkpoint_dir is not None),
             log_tail=tail_lines(self.log_path(row["id"]), log_lines),
@@ -254,7 +259,8 @@ class JobStore:
                 fields["progress"] = json.dumps({**progress, "phase": None, "eta_seconds": None})
             if target == JobState.QUEUED:  # a resume clears what the last attempt left
                 fields.update(finished_at=None, error=None, exit_code=None, pid=None, supervisor_pid=None,
-                              heartbeat_at=None, claimed_at=None, cancel_requested_at=None, slot=None)
+                              heartbeat_at=None, claimed_at=None, cancel_requested_at=None, slot=None,
+                              ray_job_id=None)
             if error is not None:
                 fields["error"] = error.model_dump_json()
             if exit_code is not None:
@@ -273,9 +279,11 @@ class JobStore:
                 "artifacts": job.artifacts.model_dump()})
         return job
 
-    def claim_next(self, slots: tuple[str, ...]) -> tuple[str, str] | None:
-        """Atomically give the oldest queued job the slots it needs, all or none: (job_id, slots joined by ','),
-        or None. A job waits its turn (first in, first out) until enough slots are free."""
+    def claim_next(self, slots: tuple[str, ...], kinds: frozenset[str] | None = None,
+                   one_slot_each: bool = False) -> tuple[str, str] | None:
+        """Atomically give the oldest queued job (of `kinds`, when given) the slots it needs, all or none:
+        (job_id, slots joined by ','), or None. A job waits its turn (first in, first out) until enough slots are
+        free. With `one_slot_each` every job takes one slot (a cluster schedules its workers, not this host)."""
         now = time.time()
         with self._write() as db:
             busy = {s for r in db.execute("SELECT slot FROM jobs WHERE state = 'running'") if r["slot"]
@@ -283,11 +291,12 @@ class JobStore:
             free = [s for s in slots if s not in busy]
             if not free:
                 return None
-            row = db.execute("SELECT id, spec FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
-                             ).fetchone()
+            of_kind = f"AND kind IN ({','.join('?' * len(kinds))})" if kinds else ""
+            row = db.execute(f"SELECT id, spec FROM jobs WHERE state = 'queued' {of_kind} ORDER BY created_at, id "
+                             "LIMIT 1", sorted(kinds or ())).fetchone()
             if row is None:
                 return None
-            need = slots_needed(json.loads(row["spec"]))
+            need = 1 if one_slot_each else slots_needed(json.loads(row["spec"]))
             if len(free) < need:
                 return None
             claimed = ",".join(free[:need])
@@ -299,7 +308,7 @@ class JobStore:
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Bookkeeping fields that are not state: pids, heartbeat, cancel request."""
-        allowed = {"supervisor_pid", "pid", "heartbeat_at", "cancel_requested_at", "exit_code"}
+        allowed = {"supervisor_pid", "pid", "heartbeat_at", "cancel_requested_at", "exit_code", "ray_job_id"}
         assert set(fields) <= allowed, set(fields) - allowed
         with self._write() as db:
             self._update(db, job_id, {**fields, "updated_at": time.time()})

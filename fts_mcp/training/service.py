@@ -73,7 +73,7 @@ class Training:
         model = resolve_model_argument(base_model, self.settings)
         lora = lora or LoraSpec()
         training = training or TrainingSpec()
-        if training.workers > len(self.settings.slots):
+        if self.settings.runner == "local" and training.workers > len(self.settings.slots):
             raise InvalidArgument(f"training.workers is {training.workers}, but this host has "
                                   f"{len(self.settings.slots)} slot(s) ({', '.join(self.settings.slots)}); ask for at "
                                   "most that many (FTS_GPUS picks the GPUs, FTS_CPU_SLOTS sets the CPU's)",

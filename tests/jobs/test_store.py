@@ -114,3 +114,52 @@ def test_rewinding_drops_only_later_progress(store):
     store.rewind_progress(job.job_id, 3)
     assert [e["step"] for e in store.events(job.job_id, kind="progress")] == [1, 2, 3]
     assert store.events(job.job_id, kind="state")  # other events stay
+
+
+def test_with_the_ray_runner_cluster_jobs_take_one_ray_slot_each_and_runtimes_stay_local(tmp_path):
+    settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_GPUS": "none", "FTS_RUNNER": "ray",
+                                  "FTS_RAY_ADDRESS": "http://127.0.0.1:8265", "FTS_RAY_MAX_JOBS": "2"})
+    store = JobStore(settings)
+    runtime = store.create("runtime", {})
+    big = store.create("train", {"training": {"workers": 8}})  # the cluster schedules its 8 workers, not this host
+    small = store.create("train", {"training": {"workers": 1}})
+    third = store.create("merge", {})
+    for job in (runtime, big, small, third):
+        store.transition(job.job_id, JobState.QUEUED)
+    cluster_kinds = frozenset({"train", "merge", "generate", "eval"})
+    assert settings.ray_slots == ("ray:0", "ray:1")
+    assert store.claim_next(settings.ray_slots, cluster_kinds, True) == (big.job_id, "ray:0")
+    assert store.claim_next(settings.ray_slots, cluster_kinds, True) == (small.job_id, "ray:1")
+    assert store.claim_next(settings.ray_slots, cluster_kinds, True) is None  # FTS_RAY_MAX_JOBS on the cluster
+    assert store.claim_next(settings.slots, frozenset({"runtime"})) == (runtime.job_id, "cpu")
+    store.close()
+
+
+def test_a_database_from_before_the_ray_runner_gains_its_column(tmp_path):
+    import sqlite3
+
+    settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_GPUS": "none"})
+    store = JobStore(settings)
+    job = store.create("train", {"output_name": "x"})
+    store.close()
+    with sqlite3.connect(settings.db_path) as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN ray_job_id")
+    reopened = JobStore(settings)
+    reopened.set_fields(job.job_id, ray_job_id="fts-x-1")
+    assert reopened.get(job.job_id).ray_job_id == "fts-x-1"
+    reopened.close()
+
+
+@pytest.mark.parametrize(("env", "param"), [
+    ({"FTS_RUNNER": "slurm"}, "FTS_RUNNER"),
+    ({"FTS_RUNNER": "ray"}, "FTS_RAY_ADDRESS"),
+    ({"FTS_RUNNER": "ray", "FTS_RAY_ADDRESS": "http://h:8265", "FTS_RAY_GPUS_PER_WORKER": "-1"},
+     "FTS_RAY_GPUS_PER_WORKER"),
+    ({"FTS_RUNNER": "ray", "FTS_RAY_ADDRESS": "http://h:8265", "FTS_RAY_MAX_JOBS": "0"}, "FTS_RAY_MAX_JOBS"),
+])
+def test_runner_settings_are_checked_and_named(tmp_path, env, param):
+    from fts_mcp.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as bad:
+        Settings.from_env({"FTS_HOME": str(tmp_path), **env})
+    assert bad.value.param == param

@@ -1,0 +1,386 @@
+"""`python -m fts_mcp.jobs.ray_runner JOB_ID`: the supervisor of a job that runs on a Ray cluster (FTS_RUNNER=ray).
+
+It is to a Ray job what `fts_mcp.jobs.worker` is to a local one, started the same way by the same runner on the
+server's host, with the same duties:
+
+1. build the job's package: its spec, with every input path (dataset, local base model, adapters) replaced by a
+   copy inside the package, and the last checkpoint of a resumed job. The cluster shares no filesystem with the
+   server; the package travels as the Ray job's `working_dir`, this version of fts-mcp as a `py_module`;
+2. submit it with Ray's Jobs API. The submission id is the job id and its attempt number, and it is recorded
+   before the submit: the store's claim already gives each attempt to one server, and Ray refuses a second
+   submit under the same id;
+3. follow the Ray job's log: ordinary lines go to the job's `worker.log`, frames (`fts_mcp.jobs.frames`) to the
+   store (progress, loss curve) and into the job's folder (checkpoints, the adapter, a merge's output);
+4. pass a cancel (SIGTERM from `cancel_job`) on as `stop_job`: Ray sends the job SIGTERM, gives it
+   FTS_CANCEL_GRACE_SECONDS to checkpoint, then kills it;
+5. record the outcome once the Ray job has ended: the job's own result frame, else `cancelled` (a cancel was
+   asked) or `interrupted` with what Ray says happened (a killed driver, a lost node).
+
+A job whose supervisor dies is stopped on the cluster (`stop_abandoned`) and ends `interrupted`; resume_job
+submits it again from the last checkpoint that came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import fts_mcp
+from fts_mcp.config import Settings
+from fts_mcp.errors import FtsError
+from fts_mcp.io import write_json_atomic
+from fts_mcp.jobs.frames import BadFrame, LineBuffer, Receiver, decode
+from fts_mcp.jobs.models import Job, JobError, Progress
+from fts_mcp.jobs.runner import Runner, settle
+from fts_mcp.jobs.states import JobState, check_job_id
+from fts_mcp.jobs.store import RESULT_NAME, JobStore
+from fts_mcp.training.checkpoints import latest_checkpoint
+
+log = logging.getLogger("fts_mcp.ray_runner")
+
+PACKAGE = "ray-package"
+MAX_PACKAGE_BYTES = 500 * 2**20  # Ray's working_dir limit is 512 MiB (its largest gRPC message)
+INPUT_KEYS = frozenset({"base_model", "dataset", "resume_checkpoint", "path", "adapter_dir", "merged_dir"})
+CHECKPOINTS_KEPT = 2  # as the trainer keeps them (save_total_limit)
+UNREACHABLE_SECONDS = 120.0  # how long the cluster may not answer before the job is given up as interrupted
+
+
+class RayUnavailable(FtsError):
+    code = "ray_unavailable"
+
+
+def require_ray() -> None:
+    """FTS_RUNNER=ray needs Ray's job-submission client in the server's environment."""
+    if importlib.util.find_spec("ray") is None:
+        raise RayUnavailable("FTS_RUNNER=ray needs Ray: pip install 'fts-mcp[ray]' (or unset FTS_RUNNER to run jobs "
+                             "on this host)", param="FTS_RUNNER")
+
+
+def connect(settings: Settings):
+    """A Jobs API client for the cluster at FTS_RAY_ADDRESS, with RAY_AUTH_TOKEN as its bearer token if set."""
+    require_ray()
+    from ray.job_submission import JobSubmissionClient
+
+    token = settings.env.get("RAY_AUTH_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(settings.ray_address, headers=headers)
+
+
+def stop_abandoned(settings: Settings, submission_id: str) -> None:
+    """Stop a Ray job nobody follows any more (its supervisor died): its work could not come back."""
+    try:
+        connect(settings).stop_job(submission_id)
+    except Exception as exc:  # noqa: BLE001 - best effort: the cluster may be gone too
+        log.warning("could not stop abandoned Ray job %s: %s", submission_id, exc)
+
+
+# ---- the package --------------------------------------------------------------------------------------------
+
+
+def _inputs(node: Any, where: list[Any]) -> list[tuple[list[Any], Path]]:
+    """Every (place in the spec, local path) the job reads: values of INPUT_KEYS that are existing absolute paths."""
+    found: list[tuple[list[Any], Path]] = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(value, dict | list):
+            found += _inputs(value, [*where, key])
+        elif key in INPUT_KEYS and isinstance(value, str) and Path(value).is_absolute() and Path(value).exists():
+            found.append(([*where, key], Path(value)))
+    return found
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    def one(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)  # no copy of a model's weights when the package is on the same filesystem
+        except OSError:
+            shutil.copy2(src, dst)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=one, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        one(str(source), str(target))
+
+
+def package(job: Job, folder: Path, settings: Settings) -> dict[str, Any]:
+    """Lay out the job's package in `folder`; return its `job.json`."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    spec = job.spec
+    inputs, copies = [], {}
+    for where, path in _inputs(spec, []):
+        if path not in copies:
+            copies[path] = f"inputs/{len(copies)}-{path.name}"
+            _link_or_copy(path, folder / copies[path])
+        inputs.append([where, copies[path]])
+    latest = latest_checkpoint(settings.job_dir(job.job_id) / "checkpoints") if job.kind == "train" else None
+    if latest is not None:  # a resumed job continues from the last checkpoint that came back
+        _link_or_copy(latest, folder / "work" / "checkpoints" / latest.name)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if size > MAX_PACKAGE_BYTES:
+        raise InputsTooLarge(
+            f"the job's inputs come to {size / 2**20:.0f} MiB; a Ray job carries at most {MAX_PACKAGE_BYTES // 2**20} "
+            "MiB to the cluster. Name the base model by its Hugging Face id (the cluster downloads it) rather than "
+            "a local folder, or use FTS_RUNNER=local", param="base_model")
+    workers = (spec.get("training") or {}).get("workers", 1) if job.kind == "train" else 1
+    description = {"job_id": job.job_id, "kind": job.kind, "spec": spec, "inputs": inputs,
+                   "output": [["output_dir"], Path(spec["output_dir"]).name] if spec.get("output_dir") else None,
+                   "workers": workers, "gpus_per_worker": settings.ray_gpus_per_worker,
+                   "server_dir": str(settings.job_dir(job.job_id))}
+    write_json_atomic(folder / "job.json", description)
+    return description
+
+
+class InputsTooLarge(FtsError):
+    code = "inputs_too_large"
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    return f"fts-{job_id}-{attempt}"
+
+
+def runtime_env(folder: Path, settings: Settings) -> dict[str, Any]:
+    return {
+        "working_dir": str(folder),
+        "py_modules": [str(Path(fts_mcp.__file__).parent)],  # this server's version of the recipes
+        "excludes": ["__pycache__/"],
+        "env_vars": {
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            # how long Ray waits after its SIGTERM before SIGKILL: the time a cancel has to checkpoint
+            "RAY_JOB_STOP_WAIT_TIME_S": str(int(settings.cancel_grace_seconds)),
+        },
+    }
+
+
+# ---- following the job --------------------------------------------------------------------------------------
+
+
+class Follower:
+    """Applies one Ray job's log to the store: lines to worker.log, frames to progress, files and the outcome."""
+
+    def __init__(self, store: JobStore, job: Job) -> None:
+        self.store, self.job_id = store, job.job_id
+        output = Path(job.spec["output_dir"]) if job.spec.get("output_dir") else None
+        self.receiver = Receiver(store.job_dir(job.job_id), output)
+        self.log = store.log_path(job.job_id).open("a", encoding="utf-8")
+        self.buffer = LineBuffer()
+        self.seen = 0  # characters of the log taken so far
+        self.result: dict[str, Any] | None = None
+        self.bad: BadFrame | None = None
+
+    def text(self, text: str, offset: int = 0) -> None:
+        """Take the log from character `offset` on (a reconnect re-sends what was seen: it is skipped)."""
+        skip = max(0, self.seen - offset)
+        if skip >= len(text):
+            return
+        self.seen = offset + len(text)
+        for line in self.buffer.feed(text[skip:]):
+            self.line(line)
+        self.log.flush()
+
+    def end(self) -> None:
+        for line in self.buffer.flush():
+            self.line(line)
+        self.log.close()
+        self.receiver.close()
+
+    def line(self, line: str) -> None:
+        if self.bad is not None:
+            return
+        try:
+            frame = decode(line)
+            if frame is None:
+                self.log.write(line + "\n")
+            elif (frame := self.receiver.feed(frame)) is not None:
+                self.apply(frame)
+        except BadFrame as exc:
+            log.error("job %s: %s", self.job_id, exc.message)
+            self.bad = exc
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.error("job %s: a frame could not be applied: %s", self.job_id, exc)
+            self.bad = BadFrame(f"a frame from the cluster could not be applied: {exc}")
+
+    def apply(self, frame: dict[str, Any]) -> None:
+        kind = frame["t"]
+        if kind == "report":
+            figures = frame.get("figures")
+            if not isinstance(figures, dict):
+                raise BadFrame("a report frame carries its figures as an object")
+            Progress.model_validate(figures)  # each known figure has the right type
+            self.store.update_progress(self.job_id, figures, event="progress" if frame.get("event", True) else None)
+        elif kind == "rewind":
+            if not isinstance(frame.get("step"), int):
+                raise BadFrame("a rewind frame carries a whole step")
+            self.store.rewind_progress(self.job_id, frame["step"])
+        elif kind == "checkpoint":
+            self.checkpoint(self.receiver.local(frame.get("path")))
+        elif kind == "result":
+            if self.result is None:  # the first outcome counts
+                self.result = frame
+        else:
+            raise BadFrame(f"unknown frame {kind!r}")
+
+    def checkpoint(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise BadFrame(f"checkpoint {folder.name} did not arrive")
+        artifacts = self.store.get(self.job_id, log_lines=0).artifacts
+        artifacts.checkpoint_dir = str(folder)
+        self.store.set_artifacts(self.job_id, artifacts)
+        older = sorted((p for p in folder.parent.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]))
+        for stale in older[:-CHECKPOINTS_KEPT]:
+            if stale != folder:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def outcome(self, status: str, message: str | None, cancelled: bool) -> dict[str, Any]:
+        """How the job ended, as a result.json: the job's own result, else what the cancel or Ray's status says."""
+        if self.bad is not None:
+            return _result(JobState.FAILED, JobError(code=self.bad.code, message=self.bad.message))
+        result = self.result or {}
+        state = result.get("state")
+        if state == "succeeded":
+            try:
+                return {"state": "succeeded", "error": None,
+                        "artifacts": self.receiver.artifacts(result.get("artifacts")).model_dump()}
+            except BadFrame as exc:
+                return _result(JobState.FAILED, JobError(code=exc.code, message=exc.message))
+        if state == "failed":
+            error = result.get("error") or {}
+            return _result(JobState.FAILED, JobError(code=str(error.get("code", "job_failed")),
+                                                     message=str(error.get("message", "the job failed")),
+                                                     param=error.get("param")))
+        if cancelled:
+            return _result(JobState.CANCELLED, None)
+        if state == "stopped":
+            return _result(JobState.INTERRUPTED, JobError(
+                code="worker_stopped", message="the job stopped on the cluster before finishing; resume_job "
+                                               "continues from the last checkpoint"))
+        detail = (result.get("error") or {}).get("message") or message or "no reason given"
+        return _result(JobState.INTERRUPTED, JobError(
+            code="worker_killed" if status in ("FAILED", "STOPPED") else "worker_lost",
+            message=f"the Ray job ended {status} without finishing: {detail}; resume_job continues from the last "
+                    "checkpoint"))
+
+
+def _result(state: JobState, error: JobError | None) -> dict[str, Any]:
+    return {"state": state.value, "error": error.model_dump() if error else None, "artifacts": None}
+
+
+async def _tail(client, sid: str, follower: Follower) -> None:
+    offset = 0
+    async for chunk in client.tail_job_logs(sid):
+        follower.text(chunk, offset)
+        offset += len(chunk)
+
+
+def follow(client, sid: str, follower: Follower) -> tuple[str, str | None]:
+    """Follow the Ray job's log until it has ended; its final status and Ray's message."""
+    unreachable_since: float | None = None
+    while True:
+        try:
+            asyncio.run(_tail(client, sid, follower))
+            info = client.get_job_info(sid)
+            if not info.status.is_terminal():
+                time.sleep(1.0)  # the log stream ended early: follow again, skipping what was seen
+                continue
+            follower.text(client.get_job_logs(sid), 0)  # anything the stream did not deliver
+            return str(info.status), info.message
+        except Exception as exc:  # noqa: BLE001 - the connection or the cluster: retried for a while
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > UNREACHABLE_SECONDS:
+                return "UNREACHABLE", f"the cluster stopped answering ({exc})"
+            log.warning("following Ray job %s: %s; retrying", sid, exc)
+            time.sleep(2.0)
+
+
+def supervise(job_id: str) -> int:
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    store.set_fields(job_id, supervisor_pid=os.getpid(), pid=os.getpid())  # cancel_job signals this process
+    store.heartbeat(job_id)
+    cancel = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    job = store.get(job_id, log_lines=0)
+    (store.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)
+    sid = submission_id(job_id, store.raw(job_id)["attempts"])
+    done = threading.Event()
+    try:
+        client = connect(settings)
+        with store.log_path(job_id).open("a") as logfile:
+            logfile.write(f"submitting to the Ray cluster at {settings.ray_address} as {sid}\n")
+        folder = store.job_dir(job_id) / PACKAGE
+        description = package(job, folder, settings)
+        if cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None:
+            write_json_atomic(store.job_dir(job_id) / RESULT_NAME, _result(JobState.CANCELLED, None))
+            return _settle(settings, store, job_id)
+        single = description["workers"] == 1
+        store.set_fields(job_id, ray_job_id=sid)
+        client.submit_job(entrypoint="python -m fts_mcp.jobs.ray_entry", submission_id=sid,
+                          runtime_env=runtime_env(folder, settings), metadata={"fts_job_id": job_id},
+                          entrypoint_num_cpus=1 if single else 0,
+                          entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0)
+        shutil.rmtree(folder, ignore_errors=True)  # uploaded
+    except FtsError as exc:
+        write_json_atomic(store.job_dir(job_id) / RESULT_NAME, _result(JobState.FAILED, JobError(
+            code=exc.code, message=exc.message, param=exc.param)))
+        return _settle(settings, store, job_id)
+    except Exception as exc:  # noqa: BLE001 - an unreachable cluster, a refused submit: nothing ran; try again later
+        write_json_atomic(store.job_dir(job_id) / RESULT_NAME, _result(JobState.INTERRUPTED, JobError(
+            code="ray_submit_failed", message=f"the Ray cluster at {settings.ray_address} did not take the job: "
+                                              f"{exc}; resume_job submits it again")))
+        return _settle(settings, store, job_id)
+
+    def beat() -> None:  # heartbeat, and a cancel passed on to the cluster once
+        stopped = False
+        while not done.wait(settings.heartbeat_seconds):
+            store.heartbeat(job_id)
+            if not stopped and (cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None):
+                stopped = True
+                try:
+                    client.stop_job(sid)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("could not stop Ray job %s: %s", sid, exc)
+
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+    follower = Follower(store, job)
+    try:
+        status, message = follow(client, sid, follower)
+        if follower.bad is not None and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            client.stop_job(sid)
+    finally:
+        done.set()
+        follower.end()
+    cancelled = store.raw(job_id)["cancel_requested_at"] is not None
+    write_json_atomic(store.job_dir(job_id) / RESULT_NAME, follower.outcome(status, message, cancelled))
+    return _settle(settings, store, job_id)
+
+
+def _settle(settings: Settings, store: JobStore, job_id: str) -> int:
+    settle(store, job_id, None)
+    log.info("job %s: %s", job_id, store.raw(job_id)["state"])
+    Runner(settings, store).tick()  # hand the freed slot to the next queued job
+    store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return supervise(check_job_id(args[0]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
