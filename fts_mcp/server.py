@@ -83,7 +83,7 @@ STOPS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_
 REACHES_OUT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                               open_world_hint=True)
 
-JobId = Annotated[str, Field(description="job id as returned by start_qlora_job or list_jobs, e.g. job-0123456789ab")]
+JobId = Annotated[str, Field(description="e.g. job-0123456789ab (list_jobs shows them)")]
 
 
 async def _monitor(core: Core) -> None:
@@ -545,7 +545,7 @@ Count = int | None  # bounds are the Architecture model's, checked (and named) b
 @agent_errors
 def estimate_resources(
     ctx: Context,
-    base_model: Annotated[str | None, Field(description="folder or hub id; reads config.json only")] = None,
+    base_model: Annotated[str | None, Field(description="folder or hub id (reads config.json)")] = None,
     params: Annotated[int | None, Field(ge=1_000_000, le=10**13, description="or a parameter count")] = None,
     layers: Count = None,
     hidden: Count = None,
@@ -572,13 +572,14 @@ def estimate_resources(
     gpu_memory_gb: Annotated[float | None, Field(gt=0, le=10_000)] = None,
     price_per_gpu_hour: Annotated[float | None, Field(ge=0, le=10_000)] = None,
     utilization: Annotated[float | None, Field(gt=0, le=1)] = None,
+    workers: Annotated[int, Field(ge=1, le=64)] = 1,  # data-parallel GPUs, as training.workers
 ) -> EstimateView:
     """Before training: memory by term for full, LoRA, QLoRA; fit; a setup that fits; time, cost. Give base_model,
-    params or the shape. Defaults are the recipe's; notes say what was assumed."""
+    params or the shape (workers: DDP GPUs). Defaults are the recipe's; notes say what was assumed."""
     settings = EstimateSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
                                 target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                                 optimizer=optimizer, cross_entropy=cross_entropy, padding_free=padding_free,
-                                precision=precision or "mixed",
+                                precision=precision or "mixed", workers=workers,
                                 adapter_dtype={None: None, "mixed": "fp32", "bf16": "bf16"}[precision])
     shape = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
              "vocab": vocab}

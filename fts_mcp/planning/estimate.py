@@ -13,6 +13,7 @@ from fts_mcp.planning.batch import BatchPlan, plan_batch
 from fts_mcp.planning.gpus import Gpu
 from fts_mcp.planning.memory import (
     CE_CHUNK_TOKENS,
+    EFFICIENCY_PER_DOUBLING,
     LOGIT_BYTES,
     AdapterDtype,
     CrossEntropy,
@@ -23,6 +24,7 @@ from fts_mcp.planning.memory import (
     gpus_needed,
     memory,
     padded_tokens,
+    scaling_efficiency,
     throughput,
 )
 
@@ -58,6 +60,8 @@ class Settings(BaseModel):
     padding_free: bool = Field(True, description="micro-batches hold only real tokens: time counts no padding")
     adapter_dtype: AdapterDtype | None = Field(None, description="null: the recipe's (bf16 for QLoRA, fp32 for LoRA)")
     precision: Precision = Field("mixed", description="full fine-tuning: fp32 master weights (mixed) or pure bf16")
+    workers: int = Field(1, ge=1, le=64, description="data-parallel GPUs (DDP, training.workers): each holds the "
+                                                     "whole run, so memory per GPU is unchanged")
 
     def memory_kwargs(self) -> dict[str, Any]:
         return {"lora_r": self.lora_r, "target_modules": self.target_modules, "optimizer": self.optimizer,
@@ -188,7 +192,7 @@ def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tupl
         if gpu is not None:
             price = price_per_gpu_hour if price_per_gpu_hour is not None else gpu.usd_per_hour
             result.throughput = throughput(arch, method, gpu, result.gpus_needed or 1, on, training_tokens, price,
-                                           utilization, computed_tokens=computed)
+                                           utilization, computed_tokens=computed, workers=settings.workers)
             if not gpu.bf16:
                 result.notes.append(f"{gpu.name} has no bf16: training runs in fp16 with loss scaling")
         if method == "qlora":
@@ -245,6 +249,12 @@ def assumptions(s: Settings, methods: tuple[Method, ...]) -> list[str]:
         "paged_adamw_32bit": "optimizer paged_adamw_32bit: two fp32 moments in CUDA unified memory, evicted to host "
                              "under pressure; reported as optimizer_paged_gb, not counted in total_gb or fits",
     }[s.optimizer])
+    if s.workers > 1:
+        lines.append(f"data parallel over {s.workers} GPUs: memory is per GPU and unchanged (each holds the model, "
+                     f"the adapters' optimizer states and micro_batch examples; a step sees {s.workers} x micro_batch "
+                     f"x accumulation); time divides by {s.workers} x a scaling efficiency of "
+                     f"{scaling_efficiency(s.workers)} ({EFFICIENCY_PER_DOUBLING} per doubling, assumed: not "
+                     "measured on GPUs; tools/bench_train.py --workers N measures your host); cost counts every GPU")
     if s.gradient_checkpointing == "auto":
         lines.append("gradient checkpointing 'auto': per method, off when it fits without, else on (each "
                      "estimate's gradient_checkpointing and first note)")

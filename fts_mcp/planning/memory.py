@@ -81,6 +81,8 @@ class Throughput(BaseModel):
     training_tokens: int | None = Field(None, description="real (non-padding) tokens trained on")
     computed_tokens: int | None = Field(None, description="tokens the GPU computes: training_tokens, plus padding "
                                                           "when batches are padded")
+    workers: int = Field(1, description="data-parallel GPUs training together (DDP)")
+    scaling_efficiency: float = Field(1.0, description="share of workers x one GPU's speed the run is assumed to get")
     hours: float | None = None
     cost_usd: float | None = None
 
@@ -212,16 +214,30 @@ def padded_tokens(tokens: int, *, micro_batch: int, seq_len: int, tokens_per_exa
     return round(tokens * factor)
 
 
+# Data parallelism: each doubling of workers is assumed to keep this share of the ideal speed-up. A LoRA step
+# all-reduces only the adapters' gradients (megabytes), so the loss is mostly the slowest rank's wait; not measured
+# on GPUs here (tools/bench_train.py --workers N measures a host).
+EFFICIENCY_PER_DOUBLING = 0.95
+
+
+def scaling_efficiency(workers: int) -> float:
+    return round(EFFICIENCY_PER_DOUBLING ** math.log2(workers), 3) if workers > 1 else 1.0
+
+
 def throughput(arch: Architecture, method: Method, gpu: Gpu, gpus: int, gradient_checkpointing: bool,
                training_tokens: int | None, price: float, utilization: float | None, *,
-               computed_tokens: int | None = None) -> Throughput:
-    """Time and cost; the GPU computes `computed_tokens` (padding included) to train on `training_tokens`."""
+               computed_tokens: int | None = None, workers: int = 1) -> Throughput:
+    """Time and cost; the GPU computes `computed_tokens` (padding included) to train on `training_tokens`. With
+    `workers` data-parallel replicas (each on `gpus` GPUs) the time divides by workers x scaling efficiency and
+    the cost counts every GPU."""
     per_token = (6 if method == "full" else 4) + (2 if gradient_checkpointing else 0)
     flops = per_token * arch.matmul_params
     util = utilization if utilization is not None else UTILIZATION[method]
-    tps = util * gpu.tflops_bf16 * 1e12 * gpus / flops
+    efficiency = scaling_efficiency(workers)
+    tps = util * gpu.tflops_bf16 * 1e12 * gpus * workers * efficiency / flops
     computed = computed_tokens if computed_tokens is not None else training_tokens
     hours = computed / tps / 3600 if computed else None
     return Throughput(flops_per_token=flops, utilization=util, tokens_per_second=round(tps, 1),
-                      training_tokens=training_tokens, computed_tokens=computed, hours=hours,
-                      cost_usd=round(hours * gpus * price, 2) if hours is not None else None)
+                      training_tokens=training_tokens, computed_tokens=computed, workers=workers,
+                      scaling_efficiency=efficiency, hours=hours,
+                      cost_usd=round(hours * gpus * workers * price, 2) if hours is not None else None)

@@ -316,3 +316,19 @@ def test_the_answer_states_every_assumption(planner):
     for words in ("cross_entropy 'chunked'", "padding-free", "bf16 on a 4-bit base",
                   "full fine-tuning in mixed precision", "optimizer_paged_gb, not counted", "checkpointing 'auto'"):
         assert words in notes
+
+
+@pytest.mark.parametrize("workers, efficiency", [(2, 0.95), (4, 0.9025), (8, 0.857)])
+def test_data_parallel_workers_divide_time_by_the_stated_efficiency_not_memory(planner, workers, efficiency):
+    one = planner.estimate_resources(params=8_000_000_000, settings=SETTINGS, gpu="H200", method="qlora",
+                                     dataset_tokens=10_000_000, price_per_gpu_hour=4.0)
+    many = planner.estimate_resources(params=8_000_000_000, gpu="H200", method="qlora", dataset_tokens=10_000_000,
+                                      price_per_gpu_hour=4.0,
+                                      settings=SETTINGS.model_copy(update={"workers": workers}))
+    single, parallel = one.estimates[0], many.estimates[0]
+    assert parallel.memory == single.memory and parallel.fits == single.fits  # per GPU, unchanged
+    t = parallel.throughput
+    assert (t.workers, t.scaling_efficiency) == (workers, pytest.approx(efficiency, abs=1e-3))
+    assert t.hours == pytest.approx(single.throughput.hours / (workers * t.scaling_efficiency), rel=1e-3)
+    assert t.cost_usd == pytest.approx(t.hours * workers * 4.0, abs=0.01)  # every GPU is paid for
+    assert any(f"data parallel over {workers} GPUs" in n and f"{t.scaling_efficiency}" in n for n in many.notes)
