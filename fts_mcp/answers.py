@@ -155,7 +155,8 @@ def job_view(job: Job, *, detail: bool = False) -> JobView:
                    error=job.error.model_dump() if job.error else None,
                    artifacts=_artifacts(job), resumable=job.resumable, spec=job.spec if detail else spec_summary(job),
                    process={"pid": job.pid, "slot": job.slot, "attempts": job.attempts, "exit_code": job.exit_code,
-                            "cancel_requested": job.cancel_requested},
+                            "cancel_requested": job.cancel_requested,
+                            **({"ray_job_id": job.ray_job_id} if job.ray_job_id else {})},
                    times={"created": job.created_at, "started": job.started_at, "updated": job.updated_at,
                           "finished": job.finished_at},
                    log_tail=job.log_tail, next=next_steps(job))

@@ -26,6 +26,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -46,6 +47,7 @@ from fts_mcp.jobs.store import RESULT_NAME, JobStore
 from fts_mcp.training.checkpoints import latest_checkpoint
 
 log = logging.getLogger("fts_mcp.ray_runner")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 PACKAGE = "ray-package"
 MAX_PACKAGE_BYTES = 500 * 2**20  # Ray's working_dir limit is 512 MiB (its largest gRPC message)
@@ -201,7 +203,7 @@ class Follower:
         try:
             frame = decode(line)
             if frame is None:
-                self.log.write(line + "\n")
+                self.log.write(ANSI.sub("", line) + "\n")  # Ray colours its workers' prefixes
             elif (frame := self.receiver.feed(frame)) is not None:
                 self.apply(frame)
         except BadFrame as exc:
@@ -332,6 +334,7 @@ def supervise(job_id: str) -> int:
                           entrypoint_num_cpus=1 if single else 0,
                           entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0)
         shutil.rmtree(folder, ignore_errors=True)  # uploaded
+        store.update_progress(job_id, {"phase": "waiting_for_cluster"}, event=None)  # until it reports its own
     except FtsError as exc:
         write_json_atomic(store.job_dir(job_id) / RESULT_NAME, _result(JobState.FAILED, JobError(
             code=exc.code, message=exc.message, param=exc.param)))

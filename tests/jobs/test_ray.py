@@ -189,3 +189,19 @@ async def test_killing_the_ray_jobs_process_ends_the_job_interrupted(ray_home, t
         assert time.monotonic() - killed_at < 30
         assert ended["state"] == "interrupted" and ended["resumable"], ended
         assert ended["error"]["code"] == "worker_killed" and "FAILED" in ended["error"]["message"], ended["error"]
+
+
+async def test_a_lost_supervisor_stops_its_ray_job_and_the_job_ends_interrupted(ray_home, tiny_model, cluster):
+    """Nobody would bring the cluster's work back: the server stops the Ray job rather than leave it running."""
+    async with connect(ray_home) as client:
+        job = await train(client, tiny_model, 100_000)
+        running = await until(client, job["job_id"], lambda j: j["progress"]["step"] >= 1, 180, "training")
+        sid = running["process"]["ray_job_id"]
+        os.kill(running["process"]["pid"], signal.SIGKILL)  # the job's supervisor on the server's host
+        ended = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 60, "the loss to be noticed")
+        assert ended["state"] == "interrupted" and ended["error"]["code"] == "worker_lost", ended["error"]
+        ray_jobs = client_for(cluster["address"])
+        deadline = time.monotonic() + 30
+        while ray_jobs.get_job_status(sid) not in ("STOPPED", "FAILED") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray_jobs.get_job_status(sid) in ("STOPPED", "FAILED")
