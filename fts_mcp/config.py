@@ -33,10 +33,8 @@ CPU_SLOT = "cpu"
 
 def _cpu_slots(env: dict[str, str]) -> tuple[str, ...]:
     """`cpu`, then `cpu:1`, `cpu:2`... as many as FTS_CPU_SLOTS (jobs and data-parallel ranks on the CPU)."""
-    raw = env.get("FTS_CPU_SLOTS", "1").strip() or "1"
-    if not raw.isdigit() or not 1 <= int(raw) <= 256:
-        raise InvalidArgument(f"FTS_CPU_SLOTS must be a whole number from 1 to 256, got {raw!r}", param="FTS_CPU_SLOTS")
-    return (CPU_SLOT, *(f"{CPU_SLOT}:{i}" for i in range(1, int(raw))))
+    count = int(_number_env(env, "FTS_CPU_SLOTS", 1, 1, 256, whole=True))
+    return (CPU_SLOT, *(f"{CPU_SLOT}:{i}" for i in range(1, count)))
 
 
 def _gpu_slots(env: dict[str, str]) -> tuple[str, ...]:
@@ -64,16 +62,20 @@ def _gpu_slots(env: dict[str, str]) -> tuple[str, ...]:
     return tuple(f"cuda:{n}" for n in range(count))
 
 
-def _float_env(env: dict[str, str], name: str, default: float) -> float:
+def _number_env(env: dict[str, str], name: str, default: float, low: float, high: float, *,
+                whole: bool = False, low_open: bool = False) -> float:
+    """A number from the environment within [low, high] (or (low, high] with `low_open`), else a named error."""
     raw = env.get(name)
-    if raw is None:
+    if raw is None or not raw.strip():
         return default
     try:
-        value = float(raw)
+        value = int(raw) if whole else float(raw)
     except ValueError:
-        raise InvalidArgument(f"expected a number of seconds, got {raw!r}", param=name) from None
-    if value <= 0:
-        raise InvalidArgument(f"expected a positive number of seconds, got {raw!r}", param=name)
+        value = float("nan")
+    if not (low < value if low_open else low <= value) or not value <= high:
+        kind = "a whole number" if whole else "a number"
+        bound = f"above {low:g}" if low_open else f"from {low:g}"
+        raise InvalidArgument(f"{name} must be {kind} {bound} to {high:g}, got {raw!r}", param=name)
     return value
 
 
@@ -88,19 +90,6 @@ def _runner(env: dict[str, str]) -> str:
         raise InvalidArgument("FTS_RUNNER=ray needs the cluster's job-submission address in FTS_RAY_ADDRESS, e.g. "
                               "http://127.0.0.1:8265 (the head node's dashboard port)", param="FTS_RAY_ADDRESS")
     return runner
-
-
-def _bounded_env(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not low <= value <= high:
-        raise InvalidArgument(f"{name} must be a number from {low:g} to {high:g}, got {raw!r}", param=name)
-    return value
 
 
 def default_roots(home: Path, cwd: Path, user_home: Path) -> tuple[Path, ...]:
@@ -143,10 +132,10 @@ class Settings:
             roots=roots,
             slots=_gpu_slots(env) or _cpu_slots(env),
             trust_remote_code=env.get("FTS_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes"),
-            cancel_grace_seconds=_float_env(env, "FTS_CANCEL_GRACE_SECONDS", 60.0),
+            cancel_grace_seconds=_number_env(env, "FTS_CANCEL_GRACE_SECONDS", 60.0, 0, 86_400, low_open=True),
             runner=_runner(env),
-            ray_gpus_per_worker=_bounded_env(env, "FTS_RAY_GPUS_PER_WORKER", 1.0, 0.0, 64.0),
-            ray_max_jobs=int(_bounded_env(env, "FTS_RAY_MAX_JOBS", 8, 1, 1024)),
+            ray_gpus_per_worker=_number_env(env, "FTS_RAY_GPUS_PER_WORKER", 1.0, 0.0, 64.0),
+            ray_max_jobs=int(_number_env(env, "FTS_RAY_MAX_JOBS", 8, 1, 1024, whole=True)),
             env=env,
         )
 

@@ -40,5 +40,9 @@ def sha256_file(path: Path) -> str:
 
 def artifact_files(folder: Path) -> list[ArtifactFile]:
     """Every file of a finished artifact folder with its size and sha256, for the job's `artifacts.files`."""
-    return [ArtifactFile(path=str(p), bytes=p.stat().st_size, sha256=sha256_file(p))
-            for p in sorted(folder.iterdir()) if p.is_file()]
+    return [artifact_file(p) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def artifact_file(path: Path) -> ArtifactFile:
+    """One file of an artifact, with its size and sha256 as it is now."""
+    return ArtifactFile(path=str(path), bytes=path.stat().st_size, sha256=sha256_file(path))

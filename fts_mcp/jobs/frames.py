@@ -25,6 +25,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -33,10 +34,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fts_mcp.errors import FtsError
+from fts_mcp.io import sha256_file
 from fts_mcp.jobs.models import Artifacts
 
 MARK = "@fts-frame "
 CHUNK_BYTES = 48 * 1024  # 64 KiB of base64 per log line
+LINE_LIMIT = 1024 * 1024  # a longer log line is cut there (a frame that long is refused)
+MAX_MEMBERS = 100_000  # entries in one folder
+TREE_ID = re.compile(r"^[0-9a-f]{12}$")
 ROOTS = ("work", "output")
 # What the server keeps in a job's folder itself; a job cannot send these.
 SERVER_OWNED = frozenset({"spec.json", "result.json", "worker.log", ".incoming", "ray-package"})
@@ -130,13 +135,17 @@ def relative_artifacts(artifacts: Artifacts, work: Path, output: Path | None) ->
 
 
 class Receiver:
-    """Turns the frames of one job's log into files in its folder, and hands the other frames back."""
+    """Turns the frames of one job's log into files in its folder, and hands the other frames back.
+
+    One folder arrives at a time (the sender is sequential), as an uncompressed tar of plain files and folders;
+    `max_bytes` bounds everything one job may send back, so a misbehaving cluster cannot fill the server's disk.
+    """
 
     def __init__(self, job_dir: Path, output_dir: Path | None, *, max_bytes: int = 64 * 2**30) -> None:
         self.job_dir = job_dir
         self.output_dir = output_dir
         self.incoming = job_dir / ".incoming"
-        self.max_bytes = max_bytes
+        self.budget = max_bytes  # bytes this job may still send
         self._open: dict[str, tuple[Any, Any, int, int]] = {}  # id -> (file, sha256, next chunk, bytes)
 
     def local(self, relative: str) -> Path:
@@ -160,7 +169,8 @@ class Receiver:
                 setattr(artifacts, name, str(self.local(value)))
         for file in artifacts.files:
             file.path = str(self.local(file.path))
-            if not Path(file.path).is_file() or Path(file.path).stat().st_size != file.bytes:
+            path = Path(file.path)
+            if not path.is_file() or path.stat().st_size != file.bytes or sha256_file(path) != file.sha256:
                 raise BadFrame(f"artifact file {file.path} did not arrive whole")
         return artifacts
 
@@ -175,12 +185,19 @@ class Receiver:
             return None
         return frame
 
+    def _tree_id(self, frame: dict[str, Any]) -> str:
+        tree_id = frame.get("id")
+        if not isinstance(tree_id, str) or not TREE_ID.match(tree_id):
+            raise BadFrame(f"a folder's id is 12 hex digits, got {str(tree_id)[:40]!r}")
+        return tree_id
+
     def _chunk(self, frame: dict[str, Any]) -> None:
-        tree_id, n = str(frame.get("id")), frame.get("n")
+        tree_id, n = self._tree_id(frame), frame.get("n")
         check_dest(frame.get("dest"))
         if n == 0:
+            if self._open:
+                raise BadFrame(f"folder {tree_id} began before folder {next(iter(self._open))} ended")
             self.incoming.mkdir(parents=True, exist_ok=True)
-            self._discard(tree_id)
             self._open[tree_id] = ((self.incoming / f"{tree_id}.tar").open("wb"), hashlib.sha256(), 0, 0)
         if tree_id not in self._open or self._open[tree_id][2] != n:
             raise BadFrame(f"folder {tree_id}: chunk {n} out of order")
@@ -190,14 +207,15 @@ class Receiver:
         except (KeyError, TypeError, binascii.Error):
             raise BadFrame(f"folder {tree_id}: chunk {n} is not base64") from None
         size += len(data)
-        if size > self.max_bytes:
-            raise BadFrame(f"folder {tree_id} is over {self.max_bytes} bytes")
+        self.budget -= len(data)
+        if self.budget < 0:
+            raise BadFrame("the job sent back more than the server accepts from one job")
         fh.write(data)
         digest.update(data)
         self._open[tree_id] = (fh, digest, expected + 1, size)
 
     def _finish(self, frame: dict[str, Any]) -> None:
-        tree_id = str(frame.get("id"))
+        tree_id = self._tree_id(frame)
         dest = check_dest(frame.get("dest"))
         if tree_id not in self._open:
             raise BadFrame(f"folder {tree_id} ended without its chunks")
@@ -220,8 +238,11 @@ class Receiver:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))  # same filesystem
         try:
             try:
-                with tarfile.open(packed) as tar:
-                    for member in tar.getmembers():
+                with tarfile.open(packed, mode="r:") as tar:  # uncompressed only: no decompression bombs
+                    members = tar.getmembers()
+                    if len(members) > MAX_MEMBERS:
+                        raise BadFrame(f"folder {dest} has more than {MAX_MEMBERS} entries")
+                    for member in members:
                         if not (member.isfile() or member.isdir()):
                             raise BadFrame(f"folder {dest}: {member.name!r} is neither a file nor a folder")
                     tar.extractall(staging, filter="data")  # refuses absolute paths, `..` and links out
@@ -267,6 +288,9 @@ class LineBuffer:
 
     def feed(self, text: str) -> list[str]:
         *complete, self.pending = (self.pending + text).split("\n")
+        if len(self.pending) > LINE_LIMIT:  # no newline for a megabyte: cut it there (a frame that long is refused)
+            complete.append(self.pending[:LINE_LIMIT])
+            self.pending = ""
         return complete
 
     def flush(self) -> list[str]:

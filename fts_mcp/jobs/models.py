@@ -32,6 +32,15 @@ class JobError(BaseModel):
     param: str | None = Field(None, description="the argument at fault, when there is one")
 
 
+def unexpected_error(exc: BaseException) -> JobError:
+    """A job's error for an exception its recipe did not expect (the traceback goes to the job's log)."""
+    name = type(exc).__name__
+    if "OutOfMemoryError" in name:
+        return JobError(code="out_of_memory", message=f"{exc}. Lower training.micro_batch_size or "
+                        "training.max_seq_len, keep gradient_checkpointing on, or use quantization='nf4'")
+    return JobError(code="internal_error", message=f"{name}: {exc}")
+
+
 class ArtifactFile(BaseModel):
     path: str
     bytes: int

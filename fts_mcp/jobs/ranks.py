@@ -113,12 +113,8 @@ def rank_main(job_id: str, rank: int, world: int) -> int:
     spec = KINDS[job.kind].spec.model_validate(job.spec)
     folder = store.job_dir(job_id)
     if rank == 0:
-        def checkpoint(path) -> None:
-            artifacts = store.get(job_id, log_lines=0).artifacts
-            artifacts.checkpoint_dir = str(path)
-            store.set_artifacts(job_id, artifacts)
-
-        ctx = JobContext(job_id=job_id, workdir=folder, stop=stop, checkpoint=checkpoint,
+        ctx = JobContext(job_id=job_id, workdir=folder, stop=stop,
+                         checkpoint=lambda path: store.set_checkpoint(job_id, path),
                          report=lambda figures, event=True: store.update_progress(
                              job_id, figures, event="progress" if event else None),
                          rewind=lambda step: store.rewind_progress(job_id, step))

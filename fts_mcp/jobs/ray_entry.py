@@ -34,11 +34,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fts_mcp.errors import FtsError
-from fts_mcp.io import sha256_file
+from fts_mcp.io import artifact_file
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.frames import Emit, encode, relative_artifacts, send_tree
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import ArtifactFile
+from fts_mcp.jobs.models import JobError, unexpected_error
 
 log = logging.getLogger("fts_mcp.ray_entry")
 STOP_POLL_SECONDS = 0.5
@@ -118,21 +118,18 @@ class Layout:
                                                                    "event": event}),
                           rewind=lambda step: emit({"t": "rewind", "step": step}))
 
-    def finish(self, emit: Emit, outcome: Any, error: FtsError | None = None) -> None:
+    def finish(self, emit: Emit, outcome: Any, error: JobError | None = None) -> None:
         """Send the job's folder (its checkpoints went as they were saved), its output folder, then the outcome."""
         self.restore_paths(self.work)
         if self.output is not None and self.output.is_dir():
             self.restore_paths(self.output)
         if outcome is not None and outcome.files:  # sizes and hashes of the files as they are sent
-            outcome = outcome.model_copy(update={"files": [
-                ArtifactFile(path=f.path, bytes=Path(f.path).stat().st_size, sha256=sha256_file(Path(f.path)))
-                for f in outcome.files]})
+            outcome = outcome.model_copy(update={"files": [artifact_file(Path(f.path)) for f in outcome.files]})
         send_tree(emit, self.work, "work", skip=lambda p: p == Path("checkpoints"))
         if self.output is not None and self.output.is_dir():
             send_tree(emit, self.output, "output")
         if error is not None:
-            emit({"t": "result", "state": "failed", "error": {"code": error.code, "message": error.message,
-                                                              "param": error.param}})
+            emit({"t": "result", "state": "failed", "error": error.model_dump()})
         elif outcome is None:
             emit({"t": "result", "state": "stopped"})
         else:
@@ -155,7 +152,10 @@ def run_here(layout: Layout, spec: dict[str, Any]) -> None:
     try:
         outcome, error = run_recipe(layout, spec, layout.context(print_frame, stop)), None
     except FtsError as exc:
-        outcome, error = None, exc
+        outcome, error = None, JobError(code=exc.code, message=exc.message, param=exc.param)
+    except Exception as exc:  # the process boundary, as a local worker's: recorded, traceback in the log
+        traceback.print_exc()
+        outcome, error = None, unexpected_error(exc)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what is left is sending the results: let it finish
     layout.finish(print_frame, outcome, error)
 
@@ -216,12 +216,14 @@ def rank_loop(config: dict[str, Any]) -> None:
         outcome = run_recipe(layout, spec, layout.context(emit, stop))
         if emit is not None:
             layout.finish(emit, outcome)
-    except FtsError as exc:  # the recipe's own error (a bad dataset...) is the job's outcome, from any rank
+    except Exception as exc:  # the recipe's own error (a bad dataset, out of memory) is the job's outcome, any rank's
+        traceback.print_exc()
+        error = JobError(code=exc.code, message=exc.message, param=exc.param) if isinstance(exc, FtsError) else \
+            unexpected_error(exc)
         if emit is not None:
-            layout.finish(emit, None, exc)
+            layout.finish(emit, None, error)
         else:
-            ray.get(channel.put.remote({"t": "result", "state": "failed", "error": {
-                "code": exc.code, "message": exc.message, "param": exc.param}}))
+            ray.get(channel.put.remote({"t": "result", "state": "failed", "error": error.model_dump()}))
         raise
     finally:
         done.set()

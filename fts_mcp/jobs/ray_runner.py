@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,11 +41,12 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.frames import BadFrame, LineBuffer, Receiver, decode
-from fts_mcp.jobs.models import Job, JobError, Progress
+from fts_mcp.jobs.models import Artifacts, Job, JobError, Progress
 from fts_mcp.jobs.runner import Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
 from fts_mcp.jobs.store import RESULT_NAME, JobStore
-from fts_mcp.training.checkpoints import latest_checkpoint
+from fts_mcp.jobs.worker import record_outcome
+from fts_mcp.training.checkpoints import checkpoints, is_checkpoint, latest_checkpoint
 
 log = logging.getLogger("fts_mcp.ray_runner")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -80,7 +82,7 @@ def connect(settings: Settings):
 def stop_abandoned(settings: Settings, submission_id: str) -> None:
     """Stop a Ray job nobody follows any more (its supervisor died): its work could not come back."""
     try:
-        connect(settings).stop_job(submission_id)
+        bounded(lambda: connect(settings).stop_job(submission_id))
     except Exception as exc:  # noqa: BLE001 - best effort: the cluster may be gone too
         log.warning("could not stop abandoned Ray job %s: %s", submission_id, exc)
 
@@ -114,28 +116,45 @@ def _link_or_copy(source: Path, target: Path) -> None:
         one(str(source), str(target))
 
 
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _dotted(where: list[Any]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in where).lstrip(".")
+
+
 def package(job: Job, folder: Path, settings: Settings) -> dict[str, Any]:
-    """Lay out the job's package in `folder`; return its `job.json`."""
+    """Lay out the job's package in `folder`; return its `job.json`. Refused before anything is copied when the
+    inputs are over what a Ray job carries, naming the largest."""
+    spec = job.spec
+    inputs = _inputs(spec, [])
+    latest = latest_checkpoint(settings.job_dir(job.job_id) / "checkpoints") if job.kind == "train" else None
+    sizes = {str(path): (_dotted(where), _size(path)) for where, path in inputs}
+    if latest is not None:
+        sizes[str(latest)] = ("the job's last checkpoint", _size(latest))
+    total = sum(size for _, size in sizes.values())
+    if total > MAX_PACKAGE_BYTES:
+        name, size = max(sizes.values(), key=lambda item: item[1])
+        raise InputsTooLarge(
+            f"the job's inputs come to {total / 2**20:,.0f} MiB, the largest {name} ({size / 2**20:,.0f} MiB); a Ray "
+            f"job carries at most {MAX_PACKAGE_BYTES // 2**20} MiB to the cluster. Name a base model by its Hugging "
+            "Face id (each node downloads it), or run this job with FTS_RUNNER=local",
+            param=name if not name.startswith("the job") else "job_id")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    spec = job.spec
-    inputs, copies = [], {}
-    for where, path in _inputs(spec, []):
+    placed, copies = [], {}
+    for where, path in inputs:
         if path not in copies:
             copies[path] = f"inputs/{len(copies)}-{path.name}"
             _link_or_copy(path, folder / copies[path])
-        inputs.append([where, copies[path]])
-    latest = latest_checkpoint(settings.job_dir(job.job_id) / "checkpoints") if job.kind == "train" else None
+        placed.append([where, copies[path]])
     if latest is not None:  # a resumed job continues from the last checkpoint that came back
         _link_or_copy(latest, folder / "work" / "checkpoints" / latest.name)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    if size > MAX_PACKAGE_BYTES:
-        raise InputsTooLarge(
-            f"the job's inputs come to {size / 2**20:.0f} MiB; a Ray job carries at most {MAX_PACKAGE_BYTES // 2**20} "
-            "MiB to the cluster. Name the base model by its Hugging Face id (the cluster downloads it) rather than "
-            "a local folder, or use FTS_RUNNER=local", param="base_model")
     workers = (spec.get("training") or {}).get("workers", 1) if job.kind == "train" else 1
-    description = {"job_id": job.job_id, "kind": job.kind, "spec": spec, "inputs": inputs,
+    description = {"job_id": job.job_id, "kind": job.kind, "spec": spec, "inputs": placed,
                    "output": [["output_dir"], Path(spec["output_dir"]).name] if spec.get("output_dir") else None,
                    "workers": workers, "gpus_per_worker": settings.ray_gpus_per_worker,
                    "server_dir": str(settings.job_dir(job.job_id))}
@@ -160,7 +179,7 @@ def runtime_env(folder: Path, settings: Settings) -> dict[str, Any]:
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
             # how long Ray waits after its SIGTERM before SIGKILL: the time a cancel has to checkpoint
-            "RAY_JOB_STOP_WAIT_TIME_S": str(int(settings.cancel_grace_seconds)),
+            "RAY_JOB_STOP_WAIT_TIME_S": str(max(1, math.ceil(settings.cancel_grace_seconds))),
         },
     }
 
@@ -226,82 +245,146 @@ class Follower:
                 raise BadFrame("a rewind frame carries a whole step")
             self.store.rewind_progress(self.job_id, frame["step"])
         elif kind == "checkpoint":
-            self.checkpoint(self.receiver.local(frame.get("path")))
+            self.checkpoint(frame.get("path"))
         elif kind == "result":
             if self.result is None:  # the first outcome counts
-                self.result = frame
+                self.result = check_result(frame)
         else:
             raise BadFrame(f"unknown frame {kind!r}")
 
-    def checkpoint(self, folder: Path) -> None:
-        if not folder.is_dir():
-            raise BadFrame(f"checkpoint {folder.name} did not arrive")
-        artifacts = self.store.get(self.job_id, log_lines=0).artifacts
-        artifacts.checkpoint_dir = str(folder)
-        self.store.set_artifacts(self.job_id, artifacts)
-        older = sorted((p for p in folder.parent.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                       key=lambda p: int(p.name.split("-")[-1]))
-        for stale in older[:-CHECKPOINTS_KEPT]:
+    def checkpoint(self, relative: Any) -> None:
+        """A checkpoint folder that came back is the job's latest; older ones go, as the trainer keeps them."""
+        folder = self.receiver.local(relative)
+        if folder.parent != self.receiver.job_dir / "checkpoints" or not is_checkpoint(folder):
+            raise BadFrame(f"{relative!r} is not a finished checkpoint under work/checkpoints/")
+        self.store.set_checkpoint(self.job_id, folder)
+        for stale in checkpoints(folder.parent)[:-CHECKPOINTS_KEPT]:
             if stale != folder:
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def outcome(self, status: str, message: str | None, cancelled: bool) -> dict[str, Any]:
-        """How the job ended, as a result.json: the job's own result, else what the cancel or Ray's status says."""
+    def outcome(self, status: str, message: str | None, cancelled: bool
+                ) -> tuple[JobState, JobError | None, Artifacts | None]:
+        """How the job ended: its own result, else what the cancel or Ray's status says."""
         if self.bad is not None:
-            return _result(JobState.FAILED, JobError(code=self.bad.code, message=self.bad.message))
+            return JobState.FAILED, JobError(code=self.bad.code, message=self.bad.message), None
         result = self.result or {}
-        state = result.get("state")
-        if state == "succeeded":
+        if result.get("state") == "succeeded":
             try:
-                return {"state": "succeeded", "error": None,
-                        "artifacts": self.receiver.artifacts(result.get("artifacts")).model_dump()}
+                return JobState.SUCCEEDED, None, self.receiver.artifacts(result.get("artifacts"))
             except BadFrame as exc:
-                return _result(JobState.FAILED, JobError(code=exc.code, message=exc.message))
-        if state == "failed":
-            error = result.get("error") or {}
-            return _result(JobState.FAILED, JobError(code=str(error.get("code", "job_failed")),
-                                                     message=str(error.get("message", "the job failed")),
-                                                     param=error.get("param")))
+                return JobState.FAILED, JobError(code=exc.code, message=exc.message), None
+        if result.get("state") == "failed":
+            return JobState.FAILED, result["error"], None
         if cancelled:
-            return _result(JobState.CANCELLED, None)
-        if state == "stopped":
-            return _result(JobState.INTERRUPTED, JobError(
+            return JobState.CANCELLED, None, None
+        if result.get("state") == "stopped":
+            return JobState.INTERRUPTED, JobError(
                 code="worker_stopped", message="the job stopped on the cluster before finishing; resume_job "
-                                               "continues from the last checkpoint"))
-        detail = (result.get("error") or {}).get("message") or message or "no reason given"
-        return _result(JobState.INTERRUPTED, JobError(
-            code="worker_killed" if status in ("FAILED", "STOPPED") else "worker_lost",
-            message=f"the Ray job ended {status} without finishing: {detail}; resume_job continues from the last "
-                    "checkpoint"))
+                                               "continues from the last checkpoint"), None
+        detail = result["error"].message if result.get("error") else message or "no reason given"
+        code = {"FAILED": "ray_job_failed", "STOPPED": "ray_job_stopped", UNREACHABLE: "cluster_unreachable"}
+        return JobState.INTERRUPTED, JobError(
+            code=code.get(status, "worker_lost"),
+            message=f"the Ray job ended {status} without finishing: {detail}; resume_job submits it again from the "
+                    "last checkpoint that came back"), None
 
 
-def _result(state: JobState, error: JobError | None) -> dict[str, Any]:
-    return {"state": state.value, "error": error.model_dump() if error else None, "artifacts": None}
+RESULT_STATES = frozenset({"succeeded", "failed", "stopped", "lost"})
 
 
-async def _tail(client, sid: str, follower: Follower) -> None:
-    offset = 0
-    async for chunk in client.tail_job_logs(sid):
-        follower.text(chunk, offset)
-        offset += len(chunk)
+def check_result(frame: dict[str, Any]) -> dict[str, Any]:
+    """A result frame as the cluster sends it, checked: a known state, a well-formed error."""
+    if frame.get("state") not in RESULT_STATES:
+        raise BadFrame(f"a result's state is one of {', '.join(sorted(RESULT_STATES))}, got {frame.get('state')!r}")
+    checked = {"state": frame["state"], "artifacts": frame.get("artifacts")}
+    if frame.get("error") is not None:
+        try:
+            checked["error"] = JobError.model_validate(frame["error"])
+        except ValueError:
+            raise BadFrame(f"a result's error is {{code, message, param}}, got {str(frame['error'])[:200]}") from None
+    elif frame["state"] == "failed":
+        raise BadFrame("a failed result carries its error")
+    return checked
 
 
-def follow(client, sid: str, follower: Follower) -> tuple[str, str | None]:
-    """Follow the Ray job's log until it has ended; its final status and Ray's message."""
+# ---- talking to the cluster ---------------------------------------------------------------------------------
+
+UNREACHABLE = "UNREACHABLE"
+CALL_SECONDS = 30.0  # Ray's client sets no timeout of its own
+
+
+def bounded(call, *args, timeout: float = CALL_SECONDS):
+    """`call(*args)` in a daemon thread, given up after `timeout` (TimeoutError): a cluster that stops answering
+    must not hang the supervisor, or a server's tick."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call(*args)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True, name="ray-call")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise TimeoutError(f"the Ray cluster did not answer within {timeout:.0f}s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def try_stop(client, sid: str) -> None:
+    try:
+        bounded(client.stop_job, sid)
+    except Exception as exc:  # noqa: BLE001 - best effort: it may have ended, or the cluster may be gone
+        log.warning("could not stop Ray job %s: %s", sid, exc)
+
+
+async def _tail(client, sid: str, follower: Follower, idle: float) -> None:
+    """Stream the job's log into the follower until it ends. After `idle` seconds without a line, ask Ray
+    whether the job is still running: a stream that went quiet because its connection died ends here once the
+    job has, and `follow` reads the rest."""
+    last = [time.monotonic()]
+
+    async def consume() -> None:
+        offset = 0
+        async for chunk in client.tail_job_logs(sid):
+            follower.text(chunk, offset)
+            offset += len(chunk)
+            last[0] = time.monotonic()
+
+    task = asyncio.create_task(consume())
+    while not task.done():
+        await asyncio.wait({task}, timeout=idle)
+        if not task.done() and time.monotonic() - last[0] >= idle:
+            status = await asyncio.to_thread(bounded, client.get_job_status, sid)
+            if status.is_terminal():
+                task.cancel()
+                return
+    task.result()
+
+
+def follow(client, sid: str, follower: Follower, *, idle: float = 30.0) -> tuple[str, str | None]:
+    """Follow the Ray job's log until it has ended; its final status and Ray's message. A cluster that does not
+    answer for UNREACHABLE_SECONDS in a row ends it with status UNREACHABLE."""
     unreachable_since: float | None = None
     while True:
         try:
-            asyncio.run(_tail(client, sid, follower))
-            info = client.get_job_info(sid)
+            asyncio.run(_tail(client, sid, follower, idle))
+            info = bounded(client.get_job_info, sid)
+            unreachable_since = None
             if not info.status.is_terminal():
-                time.sleep(1.0)  # the log stream ended early: follow again, skipping what was seen
+                time.sleep(1.0)  # the stream ended early: follow again (what was seen is skipped)
                 continue
-            follower.text(client.get_job_logs(sid), 0)  # anything the stream did not deliver
+            if follower.result is None:  # anything the stream did not deliver
+                follower.text(bounded(client.get_job_logs, sid, timeout=300.0), 0)
             return str(info.status), info.message
         except Exception as exc:  # noqa: BLE001 - the connection or the cluster: retried for a while
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > UNREACHABLE_SECONDS:
-                return "UNREACHABLE", f"the cluster stopped answering ({exc})"
+                return UNREACHABLE, f"the cluster stopped answering ({exc})"
             log.warning("following Ray job %s: %s; retrying", sid, exc)
             time.sleep(2.0)
 
@@ -317,56 +400,58 @@ def supervise(job_id: str) -> int:
     job = store.get(job_id, log_lines=0)
     (store.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)
     sid = submission_id(job_id, store.raw(job_id)["attempts"])
-    done = threading.Event()
+    folder = store.job_dir(job_id) / PACKAGE
+    client = None
     try:
         client = connect(settings)
         with store.log_path(job_id).open("a") as logfile:
             logfile.write(f"submitting to the Ray cluster at {settings.ray_address} as {sid}\n")
-        folder = store.job_dir(job_id) / PACKAGE
         description = package(job, folder, settings)
         if cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None:
-            write_json_atomic(store.job_dir(job_id) / RESULT_NAME, _result(JobState.CANCELLED, None))
+            record_outcome(store, job_id, JobState.CANCELLED, None)
             return _settle(settings, store, job_id)
         single = description["workers"] == 1
-        store.set_fields(job_id, ray_job_id=sid)
-        client.submit_job(entrypoint="python -m fts_mcp.jobs.ray_entry", submission_id=sid,
-                          runtime_env=runtime_env(folder, settings), metadata={"fts_job_id": job_id},
-                          entrypoint_num_cpus=1 if single else 0,
-                          entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0)
-        shutil.rmtree(folder, ignore_errors=True)  # uploaded
+        store.set_fields(job_id, ray_job_id=sid)  # before the submit: a lost supervisor's job is stopped by id
+        bounded(lambda: client.submit_job(
+            entrypoint="python -m fts_mcp.jobs.ray_entry", submission_id=sid, runtime_env=runtime_env(folder, settings),
+            metadata={"fts_job_id": job_id}, entrypoint_num_cpus=1 if single else 0,
+            entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0), timeout=600.0)
         store.update_progress(job_id, {"phase": "waiting_for_cluster"}, event=None)  # until it reports its own
     except FtsError as exc:
-        write_json_atomic(store.job_dir(job_id) / RESULT_NAME, _result(JobState.FAILED, JobError(
-            code=exc.code, message=exc.message, param=exc.param)))
+        record_outcome(store, job_id, JobState.FAILED, JobError(code=exc.code, message=exc.message, param=exc.param))
         return _settle(settings, store, job_id)
-    except Exception as exc:  # noqa: BLE001 - an unreachable cluster, a refused submit: nothing ran; try again later
-        write_json_atomic(store.job_dir(job_id) / RESULT_NAME, _result(JobState.INTERRUPTED, JobError(
+    except Exception as exc:  # noqa: BLE001 - an unreachable cluster, a refused submit: try again later
+        if client is not None and store.raw(job_id)["ray_job_id"]:
+            try_stop(client, sid)  # in case the submit went through and only its answer was lost
+        record_outcome(store, job_id, JobState.INTERRUPTED, JobError(
             code="ray_submit_failed", message=f"the Ray cluster at {settings.ray_address} did not take the job: "
-                                              f"{exc}; resume_job submits it again")))
+                                              f"{exc}; resume_job submits it again"))
         return _settle(settings, store, job_id)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # uploaded, or not needed
 
-    def beat() -> None:  # heartbeat, and a cancel passed on to the cluster once
+    follower = Follower(store, job)
+    done = threading.Event()
+
+    def beat() -> None:  # heartbeat; a cancel, or a bad frame, stops the Ray job (once)
         stopped = False
         while not done.wait(settings.heartbeat_seconds):
             store.heartbeat(job_id)
-            if not stopped and (cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None):
+            asked = cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None
+            if not stopped and (asked or follower.bad is not None):
                 stopped = True
-                try:
-                    client.stop_job(sid)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("could not stop Ray job %s: %s", sid, exc)
+                try_stop(client, sid)
 
     threading.Thread(target=beat, daemon=True, name="heartbeat").start()
-    follower = Follower(store, job)
     try:
         status, message = follow(client, sid, follower)
-        if follower.bad is not None and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            client.stop_job(sid)
+        if status == UNREACHABLE:
+            try_stop(client, sid)
     finally:
         done.set()
         follower.end()
     cancelled = store.raw(job_id)["cancel_requested_at"] is not None
-    write_json_atomic(store.job_dir(job_id) / RESULT_NAME, follower.outcome(status, message, cancelled))
+    record_outcome(store, job_id, *follower.outcome(status, message, cancelled))
     return _settle(settings, store, job_id)
 
 

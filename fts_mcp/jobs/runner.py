@@ -162,8 +162,7 @@ class Runner:
         # brings the checkpoint back.
         grace = self.settings.cancel_grace_seconds * (2 if raw["ray_job_id"] else 1) + (60 if raw["ray_job_id"] else 0)
         if raw["cancel_requested_at"] and now - raw["cancel_requested_at"] > grace:
-            log.warning("job %s did not stop within %.0fs of SIGTERM; sending SIGKILL", job_id,
-                        self.settings.cancel_grace_seconds)
+            log.warning("job %s did not stop within %.0fs of SIGTERM; sending SIGKILL", job_id, grace)
             self._signal(raw["pid"], signal.SIGKILL)
         supervisor = raw["supervisor_pid"]
         if supervisor is None:

@@ -331,6 +331,12 @@ class JobStore:
             db.execute("DELETE FROM events WHERE job_id = ? AND kind = 'progress' "
                        "AND CAST(json_extract(data, '$.step') AS INTEGER) > ?", (job_id, step))
 
+    def set_checkpoint(self, job_id: str, folder: Path) -> None:
+        """Record the job's latest resumable checkpoint folder."""
+        artifacts = self.get(job_id, log_lines=0).artifacts
+        artifacts.checkpoint_dir = str(folder)
+        self.set_artifacts(job_id, artifacts)
+
     def set_artifacts(self, job_id: str, artifacts: Artifacts) -> None:
         with self._write() as db:
             self._update(db, job_id, {"artifacts": artifacts.model_dump_json(), "updated_at": time.time()})

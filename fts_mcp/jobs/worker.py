@@ -26,7 +26,7 @@ from fts_mcp.errors import FtsError
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import Artifacts, Job, JobError
+from fts_mcp.jobs.models import Artifacts, Job, JobError, unexpected_error
 from fts_mcp.jobs.ranks import RankLost, run_ranks
 from fts_mcp.jobs.runner import Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
@@ -95,23 +95,23 @@ def work(job_id: str) -> int:
         outcome = None
     except RankLost as exc:  # a data-parallel rank died: like a killed worker, it resumes from the checkpoint
         log.error("job %s: %s", job_id, exc.message)
-        _finish(store, job_id, JobState.INTERRUPTED, JobError(code=exc.code, message=exc.message))
+        record_outcome(store, job_id, JobState.INTERRUPTED, JobError(code=exc.code, message=exc.message))
         return 1
     except FtsError as exc:
         log.error("job %s failed: %s", job_id, exc)
-        _finish(store, job_id, JobState.FAILED, JobError(code=exc.code, message=exc.message, param=exc.param))
+        record_outcome(store, job_id, JobState.FAILED, JobError(code=exc.code, message=exc.message, param=exc.param))
         return 1
     except Exception as exc:  # process boundary: anything else is recorded, with the traceback in the log
         traceback.print_exc()
-        _finish(store, job_id, JobState.FAILED, _unexpected(exc))
+        record_outcome(store, job_id, JobState.FAILED, unexpected_error(exc))
         return 1
     if outcome is not None:
-        _finish(store, job_id, JobState.SUCCEEDED, None, artifacts=outcome)
+        record_outcome(store, job_id, JobState.SUCCEEDED, None, artifacts=outcome)
         return 0
     if _cancel_asked(store, job_id):
-        _finish(store, job_id, JobState.CANCELLED, None)
+        record_outcome(store, job_id, JobState.CANCELLED, None)
     else:
-        _finish(store, job_id, JobState.INTERRUPTED, JobError(
+        record_outcome(store, job_id, JobState.INTERRUPTED, JobError(
             code="worker_stopped", message=f"the worker stopped before finishing ({stop.reason}); "
                                            "resume_job continues from the last checkpoint"))
     return 0
@@ -124,34 +124,22 @@ def run_job(job: Job, store: JobStore, stop: StopSignal) -> Artifacts | None:
     def report(figures: dict, event: bool = True) -> None:
         store.update_progress(job.job_id, figures, event="progress" if event else None)
 
-    def checkpoint(folder) -> None:
-        artifacts = store.get(job.job_id, log_lines=0).artifacts
-        artifacts.checkpoint_dir = str(folder)
-        store.set_artifacts(job.job_id, artifacts)
-
     workers = getattr(getattr(spec, "training", None), "workers", 1)
     if workers > 1:  # data parallel: the ranks run the recipe, rank 0 reports
         return run_ranks(job, store, stop, workers)
-    ctx = JobContext(job_id=job.job_id, workdir=store.job_dir(job.job_id), report=report, checkpoint=checkpoint,
+    ctx = JobContext(job_id=job.job_id, workdir=store.job_dir(job.job_id), report=report,
+                     checkpoint=lambda folder: store.set_checkpoint(job.job_id, folder),
                      stop=stop, rewind=lambda step: store.rewind_progress(job.job_id, step))
     return recipe(job.kind)(spec, ctx)
-
-
-def _unexpected(exc: Exception) -> JobError:
-    name = type(exc).__name__
-    if "OutOfMemoryError" in name:
-        return JobError(code="out_of_memory", message=f"{exc}. Lower training.micro_batch_size or "
-                        "training.max_seq_len, keep gradient_checkpointing on, or use quantization='nf4'")
-    return JobError(code="internal_error", message=f"{name}: {exc}")
 
 
 def _cancel_asked(store: JobStore, job_id: str) -> bool:
     return store.raw(job_id)["cancel_requested_at"] is not None
 
 
-def _finish(store: JobStore, job_id: str, state: JobState, error: JobError | None,
-            artifacts: Artifacts | None = None) -> None:
-    """Leave the outcome for the supervisor, which records it once this process has exited."""
+def record_outcome(store: JobStore, job_id: str, state: JobState, error: JobError | None,
+                   artifacts: Artifacts | None = None) -> None:
+    """Leave the job's outcome in its folder (result.json); `settle` records it once the work has stopped."""
     write_json_atomic(store.job_dir(job_id) / RESULT_NAME, {
         "state": state.value, "error": error.model_dump() if error else None,
         "artifacts": artifacts.model_dump() if artifacts else None})

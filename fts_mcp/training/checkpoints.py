@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d{1,12})$")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A `checkpoint-N` folder that the trainer finished writing."""
+    return CHECKPOINT.match(path.name) is not None and (path / "trainer_state.json").is_file()
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The finished `checkpoint-N` folders in `folder`, lowest step first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if is_checkpoint(p)), key=lambda p: int(p.name.split("-")[-1]))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The highest-step `checkpoint-N` folder that the trainer finished writing, if any."""
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    found = checkpoints(folder)
+    return found[-1] if found else None

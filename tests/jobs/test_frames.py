@@ -2,6 +2,7 @@
 that would damage or escape the job's folders is refused (the Ray runner's end-to-end tests are in test_ray.py)."""
 
 import base64
+import hashlib
 import io
 import json
 import tarfile
@@ -93,15 +94,13 @@ def test_destinations_outside_the_jobs_folders_are_refused(dest):
 
 
 def tar_frames(members: list[tarfile.TarInfo], dest: str = "work/adapter") -> list[dict]:
-    import hashlib
-
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for member in members:
             tar.addfile(member, io.BytesIO(b"x" * member.size) if member.isfile() else None)
     data = buffer.getvalue()
-    return [{"t": "tree", "id": "t1", "dest": dest, "n": 0, "data": base64.b64encode(data).decode()},
-            {"t": "tree_end", "id": "t1", "dest": dest, "chunks": 1, "bytes": len(data),
+    return [{"t": "tree", "id": "0123456789ab", "dest": dest, "n": 0, "data": base64.b64encode(data).decode()},
+            {"t": "tree_end", "id": "0123456789ab", "dest": dest, "chunks": 1, "bytes": len(data),
              "sha256": hashlib.sha256(data).hexdigest()}]
 
 
@@ -125,11 +124,14 @@ def test_artifacts_travel_relative_and_are_checked_on_arrival(tmp_path):
     make_folder(work / "adapter", {"a.bin": b"abc"})
     artifacts = Artifacts(adapter_dir=str(work / "adapter"), metrics=str(work / "metrics.json"),
                           output_dir=str(output), files=[ArtifactFile(path=str(work / "adapter/a.bin"), bytes=3,
-                                                                      sha256="0" * 64)])
+                                                                      sha256=hashlib.sha256(b"abc").hexdigest())])
     wire = json.loads(json.dumps(relative_artifacts(artifacts, work, output)))
     assert wire["adapter_dir"] == "work/adapter" and wire["output_dir"] == "output"
     job, merged = tmp_path / "job", tmp_path / "models" / "merged"
     receiver = Receiver(job, merged)
+    with pytest.raises(BadFrame, match="did not arrive whole"):
+        receiver.artifacts(wire)
+    make_folder(job / "adapter", {"a.bin": b"abd"})  # the right size, not the content the cluster hashed
     with pytest.raises(BadFrame, match="did not arrive whole"):
         receiver.artifacts(wire)
     make_folder(job / "adapter", {"a.bin": b"abc"})
@@ -148,3 +150,40 @@ def test_log_text_in_pieces_gives_whole_lines_and_frames_are_told_from_lines():
     assert decode("plain line") is None and decode(line.rstrip("\n")) == {"t": "report", "figures": {"step": 3}}
     with pytest.raises(BadFrame):
         decode("@fts-frame {not json")
+
+
+def test_compressed_streams_and_overlapping_folders_are_refused(tmp_path):
+    import gzip
+
+    plain = tar_frames([tarfile.TarInfo("a.bin")])
+    data = gzip.compress(base64.b64decode(plain[0]["data"]))  # a decompression bomb would come this way
+    bomb = [{**plain[0], "data": base64.b64encode(data).decode()},
+            {**plain[1], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    receiver = Receiver(tmp_path / "job", None)
+    with pytest.raises(BadFrame, match="not a readable tar"):
+        for frame in bomb:
+            receiver.feed(frame)
+    receiver.feed(plain[0])
+    with pytest.raises(BadFrame, match="began before"):
+        receiver.feed({**plain[0], "id": "ba9876543210"})
+    receiver.close()
+
+
+def test_a_job_cannot_send_back_more_than_its_budget(tmp_path):
+    source = make_folder(tmp_path / "cluster", {"w.bin": bytes(300_000)})
+    receiver = Receiver(tmp_path / "job", None, max_bytes=200_000)
+    with pytest.raises(BadFrame, match="more than the server accepts"):
+        for frame in sent(source, "work/adapter"):
+            receiver.feed(frame)
+    receiver.close()
+    assert not (tmp_path / "job" / "adapter").exists()
+
+
+def test_an_endless_line_is_cut_and_a_frame_that_long_is_refused():
+    from fts_mcp.jobs.frames import LINE_LIMIT
+
+    buffer = LineBuffer()
+    lines = buffer.feed("@fts-frame " + "x" * (LINE_LIMIT + 10))
+    assert len(lines) == 1 and len(lines[0]) == LINE_LIMIT
+    with pytest.raises(BadFrame):
+        decode(lines[0])

@@ -188,7 +188,7 @@ async def test_killing_the_ray_jobs_process_ends_the_job_interrupted(ray_home, t
         ended = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 60, "the kill to be noticed")
         assert time.monotonic() - killed_at < 30
         assert ended["state"] == "interrupted" and ended["resumable"], ended
-        assert ended["error"]["code"] == "worker_killed" and "FAILED" in ended["error"]["message"], ended["error"]
+        assert ended["error"]["code"] == "ray_job_failed" and "FAILED" in ended["error"]["message"], ended["error"]
 
 
 async def test_a_lost_supervisor_stops_its_ray_job_and_the_job_ends_interrupted(ray_home, tiny_model, cluster):
@@ -205,3 +205,38 @@ async def test_a_lost_supervisor_stops_its_ray_job_and_the_job_ends_interrupted(
         while ray_jobs.get_job_status(sid) not in ("STOPPED", "FAILED") and time.monotonic() < deadline:
             time.sleep(0.5)
         assert ray_jobs.get_job_status(sid) in ("STOPPED", "FAILED")
+
+
+def test_ray_auth_token_reaches_the_cluster_as_a_bearer_token(tmp_path):
+    """A cluster with token authentication sees RAY_AUTH_TOKEN on every Jobs API request."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from fts_mcp.config import Settings
+    from fts_mcp.jobs.ray_runner import connect
+
+    seen: list[str | None] = []
+
+    class Head(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            body = json.dumps({"version": "4", "ray_version": ray.__version__, "ray_commit": "x"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_RUNNER": "ray", "RAY_AUTH_TOKEN": "s3cret",
+                                      "FTS_RAY_ADDRESS": f"http://127.0.0.1:{server.server_address[1]}"})
+        connect(settings)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen and all(header == "Bearer s3cret" for header in seen)
