@@ -150,8 +150,10 @@ async def test_one_and_two_worker_jobs_learn_and_merge_and_generate_on_the_clust
 
 
 async def test_cancel_checkpoints_on_the_cluster_and_resume_continues_from_it(ray_home, tiny_model):
+    """With two Ray Train workers: the stop request reaches both ranks, rank 0's checkpoint comes back, and the
+    resumed attempt starts both ranks from it."""
     async with connect(ray_home) as client:
-        job = await train(client, tiny_model, 100_000, checkpoint_every_steps=1_000_000)
+        job = await train(client, tiny_model, 100_000, workers=2, checkpoint_every_steps=1_000_000)
         await until(client, job["job_id"], lambda j: j["progress"]["step"] >= 3, 180, "training on the cluster")
         await call(client, "cancel_job", job_id=job["job_id"])
         ended = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 90, "the cancel")
