@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from fts_mcp.errors import FtsError
 from fts_mcp.jobs.states import JobState
 
 JobKind = Literal["train", "merge", "generate", "eval", "runtime"]
@@ -30,6 +31,14 @@ class JobError(BaseModel):
     code: str = Field(description="machine-readable cause, e.g. invalid_dataset, model_unavailable, worker_killed")
     message: str
     param: str | None = Field(None, description="the argument at fault, when there is one")
+
+
+def error_of(exc: BaseException) -> JobError:
+    """The job's error for an exception: an FtsError as it says (code, message, the argument at fault), anything
+    else as `unexpected_error` does."""
+    if isinstance(exc, FtsError):
+        return JobError(code=exc.code, message=exc.message, param=exc.param)
+    return unexpected_error(exc)
 
 
 def unexpected_error(exc: BaseException) -> JobError:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
@@ -27,7 +28,7 @@ from fts_mcp.http import free_port
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import Artifacts, Job
+from fts_mcp.jobs.models import Artifacts, Job, error_of
 from fts_mcp.jobs.runner import signal_name
 from fts_mcp.jobs.states import check_job_id
 from fts_mcp.jobs.store import JobStore
@@ -126,9 +127,10 @@ def rank_main(job_id: str, rank: int, world: int) -> int:
         artifacts = recipe(job.kind)(spec, ctx)
     except Stop:
         artifacts = None
-    except FtsError as exc:
-        write_json_atomic(folder / RANK_ERROR.format(rank=rank), {"code": exc.code, "message": exc.message,
-                                                                  "param": exc.param})
+    except Exception as exc:  # the recipe's own error, or one it did not expect: the job fails with it
+        if not isinstance(exc, FtsError):
+            traceback.print_exc()
+        write_json_atomic(folder / RANK_ERROR.format(rank=rank), error_of(exc).model_dump())
         return 3
     if rank == 0:
         write_json_atomic(folder / RANK_RESULT, {"artifacts": artifacts.model_dump() if artifacts else None})

@@ -38,7 +38,7 @@ from fts_mcp.io import artifact_file
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.frames import Emit, encode, relative_artifacts, send_tree
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import JobError, unexpected_error
+from fts_mcp.jobs.models import JobError, error_of
 
 log = logging.getLogger("fts_mcp.ray_entry")
 STOP_POLL_SECONDS = 0.5
@@ -151,11 +151,10 @@ def run_here(layout: Layout, spec: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set("cancel"))
     try:
         outcome, error = run_recipe(layout, spec, layout.context(print_frame, stop)), None
-    except FtsError as exc:
-        outcome, error = None, JobError(code=exc.code, message=exc.message, param=exc.param)
     except Exception as exc:  # the process boundary, as a local worker's: recorded, traceback in the log
-        traceback.print_exc()
-        outcome, error = None, unexpected_error(exc)
+        if not isinstance(exc, FtsError):
+            traceback.print_exc()
+        outcome, error = None, error_of(exc)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what is left is sending the results: let it finish
     layout.finish(print_frame, outcome, error)
 
@@ -217,9 +216,9 @@ def rank_loop(config: dict[str, Any]) -> None:
         if emit is not None:
             layout.finish(emit, outcome)
     except Exception as exc:  # the recipe's own error (a bad dataset, out of memory) is the job's outcome, any rank's
-        traceback.print_exc()
-        error = JobError(code=exc.code, message=exc.message, param=exc.param) if isinstance(exc, FtsError) else \
-            unexpected_error(exc)
+        if not isinstance(exc, FtsError):
+            traceback.print_exc()
+        error = error_of(exc)
         if emit is not None:
             layout.finish(emit, None, error)
         else:

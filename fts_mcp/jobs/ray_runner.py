@@ -41,7 +41,7 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.frames import BadFrame, LineBuffer, Receiver, decode
-from fts_mcp.jobs.models import Artifacts, Job, JobError, Progress
+from fts_mcp.jobs.models import Artifacts, Job, JobError, Progress, error_of
 from fts_mcp.jobs.runner import Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
 from fts_mcp.jobs.store import RESULT_NAME, JobStore
@@ -418,7 +418,7 @@ def supervise(job_id: str) -> int:
             entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0), timeout=600.0)
         store.update_progress(job_id, {"phase": "waiting_for_cluster"}, event=None)  # until it reports its own
     except FtsError as exc:
-        record_outcome(store, job_id, JobState.FAILED, JobError(code=exc.code, message=exc.message, param=exc.param))
+        record_outcome(store, job_id, JobState.FAILED, error_of(exc))
         return _settle(settings, store, job_id)
     except Exception as exc:  # noqa: BLE001 - an unreachable cluster, a refused submit: try again later
         if client is not None and store.raw(job_id)["ray_job_id"]:

@@ -26,7 +26,7 @@ from fts_mcp.errors import FtsError
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import Artifacts, Job, JobError, unexpected_error
+from fts_mcp.jobs.models import Artifacts, Job, JobError, error_of
 from fts_mcp.jobs.ranks import RankLost, run_ranks
 from fts_mcp.jobs.runner import Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
@@ -99,11 +99,11 @@ def work(job_id: str) -> int:
         return 1
     except FtsError as exc:
         log.error("job %s failed: %s", job_id, exc)
-        record_outcome(store, job_id, JobState.FAILED, JobError(code=exc.code, message=exc.message, param=exc.param))
+        record_outcome(store, job_id, JobState.FAILED, error_of(exc))
         return 1
     except Exception as exc:  # process boundary: anything else is recorded, with the traceback in the log
         traceback.print_exc()
-        record_outcome(store, job_id, JobState.FAILED, unexpected_error(exc))
+        record_outcome(store, job_id, JobState.FAILED, error_of(exc))
         return 1
     if outcome is not None:
         record_outcome(store, job_id, JobState.SUCCEEDED, None, artifacts=outcome)
