@@ -38,3 +38,23 @@ async def test_the_managed_runtime_starts_serves_survives_a_restart_and_stops(ft
         await until(client, job_id, lambda j: j["state"] == "cancelled", 60, "the runtime to stop")
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_deploys_asking_at_once_share_one_runtime(fts_home, tiny_model):
+    """Two servers on one FTS_HOME asking for the runtime of the same base at the same moment start one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fts_mcp.config import Settings
+    from fts_mcp.core import Core
+
+    cores = [Core(Settings.from_env()) for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            found = list(pool.map(lambda core: core.edge.local_runtime(str(tiny_model)), cores))
+        assert found[0] == found[1]
+        runtimes = [j for j in cores[0].jobs.list(limit=100).jobs if j.kind == "runtime"]
+        assert [j.job_id for j in runtimes] == [found[0][1]]
+        cores[0].jobs.cancel(found[0][1])
+    finally:
+        for core in cores:
+            core.close()
