@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keys", type=Path, help="JSON file of API keys and the adapters each may use (tenants); "
                      "instead of --token")
     run.add_argument("--max-queue", type=positive(int, "a whole number"), default=64,
-                     help="requests waiting or running at once; more get 429 with Retry-After")
+                     help="sequences (prompts x n) waiting or running at once; more get 429 with Retry-After")
     run.add_argument("--request-timeout", type=positive(float, "a number of seconds"), default=300.0,
                      help="seconds a request may take, waiting included; past it: 504")
     run.add_argument("--allowed-host", action="append", default=[],

@@ -14,8 +14,8 @@ The request surface is what OpenAI's client libraries send: `prompt` as a string
 not implement gets a 400 that names it, never silent ignoring.
 
 Every request is bounded: a body over `MAX_BODY_BYTES` gets 413; prompt + completion must fit the model's
-context (400 naming the argument); at most `max_queue` requests wait or run at once (429 with Retry-After
-beyond); each has a deadline (504 past it); and generation stops when the client disconnects.
+context (400 naming the argument); at most `max_queue` sequences (prompts x n) wait or run at once (429 with
+Retry-After beyond); each has a deadline (504 past it); and generation stops when the client disconnects.
 """
 
 from __future__ import annotations
@@ -131,21 +131,22 @@ def error(status: int, message: str, *, param: str | None = None, kind: str = "i
 
 
 class Admission:
-    """At most `limit` requests waiting for or using the device; the next one is turned away (429)."""
+    """At most `limit` sequences (a request's prompts x n) waiting for or using the device; a request that would
+    pass it is turned away (429), one that never could is refused (400)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.inside, self._lock = limit, 0, threading.Lock()
 
-    def enter(self) -> bool:
+    def enter(self, count: int) -> bool:
         with self._lock:
-            if self.inside >= self.limit:
+            if self.inside + count > self.limit:
                 return False
-            self.inside += 1
+            self.inside += count
             return True
 
-    def leave(self) -> None:
+    def leave(self, count: int) -> None:
         with self._lock:
-            self.inside -= 1
+            self.inside -= count
 
 
 class Choices:
@@ -392,14 +393,18 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             yield b"data: [DONE]\n\n"
         finally:
             choices.cancel()  # the client went away, or the stream ended: nothing left runs for it
-            admission.leave()
+            admission.leave(len(choices.tickets))
 
     async def run(body: Generation, chat: bool, request: Request, key: Key | None) -> Response:
         def mine() -> list[str]:
             return [m for m in available() if permits(key, m)]
 
-        if not admission.enter():
-            return error(429, f"{max_queue} requests are already waiting or running; retry shortly",
+        count = (1 if chat else len(body.prompt)) * body.n
+        if count > max_queue:
+            return error(400, f"this request asks for {count} sequences (prompts x n); this runtime takes at most "
+                              f"{max_queue} at once", param="n")
+        if not admission.enter(count):
+            return error(429, f"{max_queue} sequences are already waiting or running; retry shortly",
                          kind="rate_limit_exceeded", headers={"Retry-After": "1"})
         streaming = False
         try:
@@ -422,7 +427,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             return answer(body, chat, choices, ident, created)
         finally:
             if not streaming:
-                admission.leave()
+                admission.leave(count)
 
     async def generation(request: Request, chat: bool) -> Response:
         key = caller(request)

@@ -193,3 +193,23 @@ def test_a_stream_sends_tokens_as_they_are_generated(serve):
                 arrivals.append(time.monotonic() - started)
     assert len(arrivals) >= 40  # a delta per token (give or take those that share a wake-up)
     assert arrivals[0] < 0.25 and arrivals[-1] > 0.45  # the first came before the 50 x 10 ms were up
+
+
+def test_the_queue_counts_sequences_not_requests(serve):
+    """A request with n=3 takes three places: with room for four, a second such request waits its turn (429),
+    and one asking for more than the runtime ever takes is refused, naming n."""
+    url = serve(SlowEngine(), max_queue=4)
+
+    def many(n: int, max_tokens: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "n": n,
+                                                         "max_tokens": max_tokens}, timeout=30)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(many, 3, 100)  # a second of tokens
+        time.sleep(0.3)
+        second = pool.submit(many, 3, 1)
+        assert second.result().status_code == 429 and first.result().status_code == 200
+    assert len(first.result().json()["choices"]) == 3
+    too_many = many(5, 1)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+    assert many(3, 1).status_code == 200  # the places were given back
