@@ -65,6 +65,12 @@ class DeadlineExceeded(FtsError):
     code = "deadline_exceeded"
 
 
+def metric_label(key: str) -> str:
+    """The adapter label of a request's metrics: a stack counts under its members, whatever their weights (each
+    distinct weight would otherwise be a new time series, without bound)."""
+    return "+".join(term.split("*", 1)[-1] for term in key.split("+"))
+
+
 class Metrics:
     """The runtime's Prometheus figures (served at /metrics)."""
 
@@ -680,8 +686,9 @@ class Engine:
                 return
             ticket.text = text if text is not None else self.text_of(tokens)
             ticket.finish_reason = reason
-            self.metrics.requests.labels(adapter=ticket.key).inc()
-            self.metrics.tokens.labels(adapter=ticket.key).inc(len(ticket.tokens))
+            label = metric_label(ticket.key)
+            self.metrics.requests.labels(adapter=label).inc()
+            self.metrics.tokens.labels(adapter=label).inc(len(ticket.tokens))
             self.metrics.latency.observe(time.monotonic() - ticket.arrived)
             ticket._notify()
 

@@ -204,3 +204,11 @@ def test_reloading_a_name_while_it_serves_never_mixes_the_two_adapters(world, ti
     old = engine.text_of(running.tokens[:TOKENS])
     assert not running.done or running.finish_reason == "length"
     assert references["fa"][PROMPTS[0]].startswith(old) or old.startswith(references["fa"][PROMPTS[0]])
+
+
+def test_stacks_count_in_metrics_under_their_members_whatever_the_weights():
+    from fts_mcp.edge.engine import metric_label
+
+    labels = {metric_label(f"{w:g}*fa@v1+{1 - w:g}*fb@v2") for w in (0.1, 0.25, 0.7, 0.123)}
+    assert labels == {"fa@v1+fb@v2"}  # a client varying weights cannot grow the series without bound
+    assert metric_label("fa@v1") == "fa@v1" and metric_label("named#3") == "named#3"
