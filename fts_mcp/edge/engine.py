@@ -24,6 +24,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,10 +123,15 @@ class Ticket:
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
-    def _notify(self) -> None:
-        self._cond.notify_all()
-        for loop, event in list(self._listeners):
-            loop.call_soon_threadsafe(event.set)
+    @contextmanager
+    def producing(self) -> Iterator[Ticket]:
+        """The producer's side: change tokens, finish_reason, text or error inside; readers see the change whole
+        and are woken once it is made."""
+        with self._cond:
+            yield self
+            self._cond.notify_all()
+            for loop, event in list(self._listeners):
+                loop.call_soon_threadsafe(event.set)
 
     def listen(self, loop: Any, event: Any) -> None:
         with self._cond:
@@ -659,7 +666,7 @@ class Engine:
         """Record a token; finish the sequence at end of text, max_tokens or a stop sequence."""
         request, ticket = row.request, row.request.ticket
         eos = self.tokenizer.eos_token_id
-        with ticket._cond:
+        with ticket.producing():
             if ticket.done:
                 return
             if token == eos and not request.ignore_eos:
@@ -677,11 +684,9 @@ class Engine:
                     return
             if len(ticket.tokens) >= request.max_tokens:
                 self._close(ticket, "length", ticket.tokens)
-                return
-            ticket._notify()
 
     def _close(self, ticket: Ticket, reason: str, tokens: list[int], text: str | None = None) -> None:
-        with ticket._cond:
+        with ticket.producing():
             if ticket.done:
                 return
             ticket.text = text if text is not None else self.text_of(tokens)
@@ -690,13 +695,11 @@ class Engine:
             self.metrics.requests.labels(adapter=label).inc()
             self.metrics.tokens.labels(adapter=label).inc(len(ticket.tokens))
             self.metrics.latency.observe(time.monotonic() - ticket.arrived)
-            ticket._notify()
 
     def _fail(self, ticket: Ticket, failure: FtsError) -> None:
-        with ticket._cond:
+        with ticket.producing():
             if not ticket.done:
                 ticket.error = failure
-                ticket._notify()
 
     def _finish(self, row: Row, *, error: FtsError | None = None) -> None:
         if error is not None:

@@ -46,20 +46,18 @@ class SlowEngine:
 
         def produce():
             for _ in range(max_tokens):
-                with ticket._cond:
+                with ticket.producing():
                     if ticket.cancel.is_set():
                         self.cancelled.set()
                         ticket.finish_reason, ticket.text = "cancelled", self.text_of(ticket.tokens)
-                        return ticket._notify()
+                        return
                     if deadline is not None and time.monotonic() > deadline:
                         ticket.finish_reason, ticket.text = "deadline", self.text_of(ticket.tokens)
-                        return ticket._notify()
+                        return
                     ticket.tokens.append(7)
-                    ticket._notify()
                 time.sleep(0.01)
-            with ticket._cond:
+            with ticket.producing():
                 ticket.finish_reason, ticket.text = "length", self.text_of(ticket.tokens)
-                ticket._notify()
 
         threading.Thread(target=produce, daemon=True).start()
         return ticket
