@@ -67,21 +67,26 @@ def test_resume_clears_the_last_attempt(store):
     assert job.error is None and job.exit_code is None and job.attempts == 1
 
 
-def _claim_all(home: str, out) -> None:
-    s = JobStore(Settings.from_env({"FTS_HOME": home, "FTS_GPUS": "none"}))
+def _claim_all(home: str, runner: str, out) -> None:
+    s = JobStore(Settings.from_env({"FTS_HOME": home, "FTS_GPUS": "none", "FTS_RUNNER": runner,
+                                    "FTS_RAY_ADDRESS": "http://127.0.0.1:8265"}))
     got = []
     for _ in range(50):
-        if (claim := s.claim_next(("cpu",))) is not None:
+        claim = s.claim_next(s.settings.ray_slots, frozenset({"train"}), True) if runner == "ray" else \
+            s.claim_next(("cpu",))
+        if claim is not None:
             got.append(claim[0])
             s.transition(claim[0], JobState.SUCCEEDED)
     out.put(got)
 
 
-def test_concurrent_claims_from_several_processes_never_share_a_slot(store, tmp_path):
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_concurrent_claims_from_several_processes_never_share_a_slot(store, tmp_path, runner):
+    """Several servers on one FTS_HOME: each job is claimed (and so started, or submitted to a Ray cluster) once."""
     ids = queued(store, 20)
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), out)) for _ in range(4)]
+    procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), runner, out)) for _ in range(4)]
     for p in procs:
         p.start()
     claimed = [job for _ in procs for job in out.get(timeout=60)]
