@@ -14,10 +14,12 @@
 | `FTS_RAY_GPUS_PER_WORKER` | GPUs each Ray worker asks for (`0` on a CPU cluster) | 1 |
 | `FTS_RAY_MAX_JOBS` | jobs submitted to the cluster at once (more wait `queued` here) | 8 |
 | `RAY_AUTH_TOKEN` | sent as a bearer token to a cluster started with token authentication | |
+| `FTS_RAY_RUNTIME_ENV` | JSON added to each Ray job's runtime environment (`pip`, `image_uri`, `env_vars`...) | `{}` |
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -92,6 +94,32 @@ def _runner(env: dict[str, str]) -> str:
     return runner
 
 
+RAY_ENV_KEYS = frozenset({"pip", "uv", "conda", "image_uri", "container", "env_vars", "config", "nsight"})
+
+
+def _ray_runtime_env(env: dict[str, str]) -> dict:
+    """FTS_RAY_RUNTIME_ENV: a JSON object of Ray runtime-environment fields each job adds (the packages the cluster
+    lacks, its image, environment variables). working_dir and py_modules carry the job itself: not settable."""
+    raw = env.get("FTS_RAY_RUNTIME_ENV", "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"FTS_RAY_RUNTIME_ENV must be a JSON object: {exc}",
+                              param="FTS_RAY_RUNTIME_ENV") from None
+    if not isinstance(value, dict) or not set(value) <= RAY_ENV_KEYS:
+        extra = sorted(set(value) - RAY_ENV_KEYS) if isinstance(value, dict) else value
+        raise InvalidArgument(f"FTS_RAY_RUNTIME_ENV takes an object with fields among {', '.join(sorted(RAY_ENV_KEYS))}"
+                              f"; got {extra!r}", param="FTS_RAY_RUNTIME_ENV")
+    variables = value.get("env_vars", {})
+    if not isinstance(variables, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in variables.items()):
+        raise InvalidArgument("FTS_RAY_RUNTIME_ENV's env_vars is an object of strings to strings",
+                              param="FTS_RAY_RUNTIME_ENV")
+    return value
+
+
 def default_roots(home: Path, cwd: Path, user_home: Path) -> tuple[Path, ...]:
     """FTS_HOME, and the folder the server started in unless that is `/`, the user's home or a folder above it:
     desktop clients often start servers there, and none may silently make the whole disk (or every dotfile)
@@ -116,6 +144,7 @@ class Settings:
     runner: str = "local"
     ray_gpus_per_worker: float = 1.0
     ray_max_jobs: int = 8
+    ray_runtime_env: dict = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -136,6 +165,7 @@ class Settings:
             runner=_runner(env),
             ray_gpus_per_worker=_number_env(env, "FTS_RAY_GPUS_PER_WORKER", 1.0, 0.0, 64.0),
             ray_max_jobs=int(_number_env(env, "FTS_RAY_MAX_JOBS", 8, 1, 1024, whole=True)),
+            ray_runtime_env=_ray_runtime_env(env),
             env=env,
         )
 

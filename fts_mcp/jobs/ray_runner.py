@@ -171,11 +171,16 @@ def submission_id(job_id: str, attempt: int) -> str:
 
 
 def runtime_env(folder: Path, settings: Settings) -> dict[str, Any]:
+    """The Ray job's runtime environment: the package and this server's fts-mcp, with what FTS_RAY_RUNTIME_ENV adds
+    (the packages or image the cluster needs, environment variables such as HF_TOKEN)."""
+    added = settings.ray_runtime_env
     return {
+        **{k: v for k, v in added.items() if k != "env_vars"},
         "working_dir": str(folder),
         "py_modules": [str(Path(fts_mcp.__file__).parent)],  # this server's version of the recipes
         "excludes": ["__pycache__/"],
         "env_vars": {
+            **added.get("env_vars", {}),
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
             # how long Ray waits after its SIGTERM before SIGKILL: the time a cancel has to checkpoint

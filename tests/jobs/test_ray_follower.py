@@ -112,3 +112,17 @@ def test_the_package_is_refused_before_anything_is_copied_when_too_large(store, 
     assert (folder / "inputs" / "0-data.jsonl").read_bytes() == data.read_bytes()
     assert json.loads((folder / "job.json").read_text())["spec"]["base_model"] == "org/hub-model"
     assert Path(description["server_dir"]) == store.job_dir(job.job_id)
+
+
+def test_the_runtime_environment_carries_the_job_and_what_the_cluster_needs(tmp_path):
+    from fts_mcp.jobs.ray_runner import runtime_env
+
+    added = {"pip": ["peft==0.18.0"], "env_vars": {"HF_TOKEN": "hf_x", "PYTHONUNBUFFERED": "0"}}
+    settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_RUNNER": "ray", "FTS_RAY_ADDRESS": "http://h:8265",
+                                  "FTS_CANCEL_GRACE_SECONDS": "0.5", "FTS_RAY_RUNTIME_ENV": json.dumps(added)})
+    env = runtime_env(tmp_path / "package", settings)
+    assert env["working_dir"] == str(tmp_path / "package") and env["pip"] == ["peft==0.18.0"]
+    assert Path(env["py_modules"][0], "jobs", "ray_entry.py").is_file()  # the server's own fts-mcp travels along
+    assert env["env_vars"]["HF_TOKEN"] == "hf_x"
+    assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"  # the job's own settings win
+    assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "1"  # a grace under a second still leaves one

@@ -161,6 +161,11 @@ def test_a_database_from_before_the_ray_runner_gains_its_column(tmp_path):
     ({"FTS_RUNNER": "ray", "FTS_RAY_ADDRESS": "http://h:8265", "FTS_RAY_GPUS_PER_WORKER": "-1"},
      "FTS_RAY_GPUS_PER_WORKER"),
     ({"FTS_RUNNER": "ray", "FTS_RAY_ADDRESS": "http://h:8265", "FTS_RAY_MAX_JOBS": "0"}, "FTS_RAY_MAX_JOBS"),
+    ({"FTS_RAY_MAX_JOBS": "2.5"}, "FTS_RAY_MAX_JOBS"),
+    ({"FTS_RAY_RUNTIME_ENV": "[1]"}, "FTS_RAY_RUNTIME_ENV"),
+    ({"FTS_RAY_RUNTIME_ENV": '{"working_dir": "/elsewhere"}'}, "FTS_RAY_RUNTIME_ENV"),  # the job's own to set
+    ({"FTS_RAY_RUNTIME_ENV": '{"env_vars": {"N": 1}}'}, "FTS_RAY_RUNTIME_ENV"),
+    ({"FTS_CANCEL_GRACE_SECONDS": "0"}, "FTS_CANCEL_GRACE_SECONDS"),
 ])
 def test_runner_settings_are_checked_and_named(tmp_path, env, param):
     from fts_mcp.errors import InvalidArgument
