@@ -14,6 +14,7 @@
 | `FTS_RAY_GPUS_PER_WORKER` | GPUs each Ray worker asks for (`0` on a CPU cluster) | 1 |
 | `FTS_RAY_MAX_JOBS` | jobs submitted to the cluster at once (more wait `queued` here) | 8 |
 | `RAY_AUTH_TOKEN` | sent as a bearer token to a cluster started with token authentication | |
+| `FTS_RAY_STORAGE` | storage Ray jobs send folders back through instead of their log (`s3://b/p`, `/mnt/x`) | none |
 | `FTS_RAY_RUNTIME_ENV` | JSON added to each Ray job's runtime environment (`pip`, `image_uri`, `env_vars`...) | `{}` |
 """
 
@@ -120,6 +121,22 @@ def _ray_runtime_env(env: dict[str, str]) -> dict:
     return value
 
 
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+def _ray_storage(env: dict[str, str]) -> str | None:
+    """FTS_RAY_STORAGE: where Ray jobs put the folders they send back (pyarrow filesystem URI or absolute path)."""
+    raw = env.get("FTS_RAY_STORAGE", "").strip()
+    if not raw:
+        return None
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else None
+    if (scheme is None and not raw.startswith("/")) or (scheme is not None and scheme not in STORAGE_SCHEMES):
+        raise InvalidArgument(f"FTS_RAY_STORAGE is a URI ({', '.join(s + '://' for s in STORAGE_SCHEMES)}) or an "
+                              f"absolute folder both the server and the cluster reach; got {raw!r}",
+                              param="FTS_RAY_STORAGE")
+    return raw
+
+
 def default_roots(home: Path, cwd: Path, user_home: Path) -> tuple[Path, ...]:
     """FTS_HOME, and the folder the server started in unless that is `/`, the user's home or a folder above it:
     desktop clients often start servers there, and none may silently make the whole disk (or every dotfile)
@@ -145,6 +162,7 @@ class Settings:
     ray_gpus_per_worker: float = 1.0
     ray_max_jobs: int = 8
     ray_runtime_env: dict = field(default_factory=dict)
+    ray_storage: str | None = None
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -166,6 +184,7 @@ class Settings:
             ray_gpus_per_worker=_number_env(env, "FTS_RAY_GPUS_PER_WORKER", 1.0, 0.0, 64.0),
             ray_max_jobs=int(_number_env(env, "FTS_RAY_MAX_JOBS", 8, 1, 1024, whole=True)),
             ray_runtime_env=_ray_runtime_env(env),
+            ray_storage=_ray_storage(env),
             env=env,
         )
 

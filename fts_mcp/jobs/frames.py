@@ -9,8 +9,14 @@ its submitter: the log. So the job prints everything the server must record as f
 | `report` | `figures` (step, loss, phase...) and whether they are an `event` (a point of the loss curve) |
 | `rewind` | `step`: a resumed run continues from a checkpoint there (later events of an earlier attempt go) |
 | `tree`, `tree_end` | a folder as a tar stream in base64 chunks, then its size and sha256, and where it goes (`dest`) |
+| `tree_ref` | the same folder put in object storage instead (`FTS_RAY_STORAGE`), by id, with its size and sha256 |
 | `checkpoint` | `path`: the checkpoint folder just sent is the latest resumable one |
 | `result` | how the job ended: `state` (succeeded, failed, stopped), `error`, `artifacts` |
+
+Large folders (a merged 16-bit model, checkpoints of a big base) are better not sent through a log: with
+`Storage` (an object store or filesystem both sides reach, as Ray Train's own `storage_path`), a folder is
+uploaded as one object under the Ray job's prefix and only its reference travels in the log; the server fetches
+it, checks it the same way and deletes it.
 
 Paths in frames are relative to the job's two roots: `work/` (the job's folder) and `output/` (a merge job's
 output folder). `Receiver` is the server's side: it checks every frame as input from a remote party (paths stay
@@ -31,7 +37,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from fts_mcp.errors import FtsError
 from fts_mcp.io import sha256_file
@@ -85,11 +91,51 @@ def check_dest(dest: Any) -> PurePosixPath:
     return path
 
 
+class Storage:
+    """Objects under one Ray job's prefix in FTS_RAY_STORAGE (any URI pyarrow's filesystems open: s3://, gs://,
+    hdfs://, abfs://, or a folder both sides mount)."""
+
+    def __init__(self, uri: str, prefix: str) -> None:
+        from pyarrow import fs  # lazy: only jobs that use storage need pyarrow
+
+        self.uri, self.prefix = uri, prefix
+        self.fs, base = fs.FileSystem.from_uri(uri)
+        self.base = f"{base.rstrip('/')}/{prefix}"
+
+    def key(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def upload(self, source: BinaryIO, name: str) -> None:
+        self.fs.create_dir(self.base, recursive=True)
+        with self.fs.open_output_stream(self.key(name)) as target:
+            shutil.copyfileobj(source, target, CHUNK_BYTES * 16)
+
+    def download(self, name: str, local: Path, limit: int) -> tuple[int, str]:
+        """Copy an object to `local`, stopping past `limit` bytes; (bytes, sha256)."""
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open_input_stream(self.key(name)) as source, local.open("wb") as target:
+            while chunk := source.read(CHUNK_BYTES * 16):
+                size += len(chunk)
+                if size > limit:
+                    raise BadFrame("the job sent back more than the server accepts from one job")
+                digest.update(chunk)
+                target.write(chunk)
+        return size, digest.hexdigest()
+
+    def delete(self, name: str) -> None:
+        self.fs.delete_file(self.key(name))
+
+    def clear(self) -> None:
+        self.fs.delete_dir(self.base)
+
+
 # ---- the cluster's side -------------------------------------------------------------------------------------
 
 
-def send_tree(emit: Emit, folder: Path, dest: str, *, skip: Callable[[Path], bool] = lambda p: False) -> None:
-    """Send `folder` (what `skip` leaves of it) as frames, to be placed at `dest` on the server."""
+def send_tree(emit: Emit, folder: Path, dest: str, *, skip: Callable[[Path], bool] = lambda p: False,
+              storage: Storage | None = None) -> None:
+    """Send `folder` (what `skip` leaves of it) as frames, to be placed at `dest` on the server: in the log, or
+    through `storage` with only its reference in the log."""
     check_dest(dest)
     tree_id = hashlib.sha256(f"{dest}{os.getpid()}{os.urandom(8).hex()}".encode()).hexdigest()[:12]
     with tempfile.TemporaryFile() as packed:
@@ -107,8 +153,14 @@ def send_tree(emit: Emit, folder: Path, dest: str, *, skip: Callable[[Path], boo
         while chunk := packed.read(CHUNK_BYTES):
             digest.update(chunk)
             size += len(chunk)
-            emit({"t": "tree", "id": tree_id, "dest": dest, "n": n, "data": base64.b64encode(chunk).decode()})
-            n += 1
+            if storage is None:
+                emit({"t": "tree", "id": tree_id, "dest": dest, "n": n, "data": base64.b64encode(chunk).decode()})
+                n += 1
+        if storage is not None:
+            packed.seek(0)
+            storage.upload(packed, f"{tree_id}.tar")
+            emit({"t": "tree_ref", "id": tree_id, "dest": dest, "bytes": size, "sha256": digest.hexdigest()})
+            return
     emit({"t": "tree_end", "id": tree_id, "dest": dest, "chunks": n, "bytes": size, "sha256": digest.hexdigest()})
 
 
@@ -141,9 +193,11 @@ class Receiver:
     `max_bytes` bounds everything one job may send back, so a misbehaving cluster cannot fill the server's disk.
     """
 
-    def __init__(self, job_dir: Path, output_dir: Path | None, *, max_bytes: int = 64 * 2**30) -> None:
+    def __init__(self, job_dir: Path, output_dir: Path | None, *, max_bytes: int = 64 * 2**30,
+                 storage: Storage | None = None) -> None:
         self.job_dir = job_dir
         self.output_dir = output_dir
+        self.storage = storage
         self.incoming = job_dir / ".incoming"
         self.budget = max_bytes  # bytes this job may still send
         self._open: dict[str, tuple[Any, Any, int, int]] = {}  # id -> (file, sha256, next chunk, bytes)
@@ -183,7 +237,33 @@ class Receiver:
         if kind == "tree_end":
             self._finish(frame)
             return None
+        if kind == "tree_ref":
+            self._fetch(frame)
+            return None
         return frame
+
+    def _fetch(self, frame: dict[str, Any]) -> None:
+        """A folder put in storage: fetched within the job's budget, checked like one sent in the log, deleted."""
+        tree_id, dest = self._tree_id(frame), check_dest(frame.get("dest"))
+        if self.storage is None:
+            raise BadFrame(f"folder {dest} was sent through storage, but this server has no FTS_RAY_STORAGE")
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        packed = self.incoming / f"{tree_id}.tar"
+        try:
+            size, digest = self.storage.download(f"{tree_id}.tar", packed, self.budget)
+            self.budget -= size
+            if (size, digest) != (frame.get("bytes"), frame.get("sha256")):
+                raise BadFrame(f"folder {dest} arrived damaged from storage ({size} bytes, sha256 {digest}; sent "
+                               f"{frame.get('bytes')}, {frame.get('sha256')})")
+            self._place(packed, dest)
+        except OSError as exc:
+            raise BadFrame(f"folder {dest} could not be fetched from {self.storage.uri}: {exc}") from None
+        finally:
+            packed.unlink(missing_ok=True)
+        try:
+            self.storage.delete(f"{tree_id}.tar")
+        except OSError:
+            pass  # the job's prefix is cleared when it ends
 
     def _tree_id(self, frame: dict[str, Any]) -> str:
         tree_id = frame.get("id")

@@ -36,7 +36,7 @@ from typing import Any
 from fts_mcp.errors import FtsError
 from fts_mcp.io import artifact_file
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
-from fts_mcp.jobs.frames import Emit, encode, relative_artifacts, send_tree
+from fts_mcp.jobs.frames import Emit, Storage, encode, relative_artifacts, send_tree
 from fts_mcp.jobs.kinds import KINDS, recipe
 from fts_mcp.jobs.models import JobError, error_of
 
@@ -71,6 +71,8 @@ class Layout:
         self.package, self.root, self.job = package, root, job
         self.work = root / "work"
         self.output = root / "output" / job["output"][1] if job.get("output") else None
+        where = job.get("storage")
+        self.storage = Storage(where["uri"], where["prefix"]) if where else None  # else folders go in the log
         # What files written here say about paths (PEFT's base_model_name_or_path, a model card) is put back in
         # the server's terms before they are sent: its model, its job folder, its output folder.
         pairs = [(str(package / PurePosixPath(rel)), get_path(job["spec"], where)) for where, rel in job["inputs"]]
@@ -110,7 +112,7 @@ class Layout:
         def checkpoint(folder: Path) -> None:
             dest = str(PurePosixPath("work", *Path(folder).relative_to(self.work).parts))
             self.restore_paths(Path(folder))
-            send_tree(emit, Path(folder), dest)
+            send_tree(emit, Path(folder), dest, storage=self.storage)
             emit({"t": "checkpoint", "path": dest})
 
         return JobContext(job_id=self.job["job_id"], workdir=self.work, stop=stop, checkpoint=checkpoint,
@@ -125,9 +127,9 @@ class Layout:
             self.restore_paths(self.output)
         if outcome is not None and outcome.files:  # sizes and hashes of the files as they are sent
             outcome = outcome.model_copy(update={"files": [artifact_file(Path(f.path)) for f in outcome.files]})
-        send_tree(emit, self.work, "work", skip=lambda p: p == Path("checkpoints"))
+        send_tree(emit, self.work, "work", skip=lambda p: p == Path("checkpoints"), storage=self.storage)
         if self.output is not None and self.output.is_dir():
-            send_tree(emit, self.output, "output")
+            send_tree(emit, self.output, "output", storage=self.storage)
         if error is not None:
             emit({"t": "result", "state": "failed", "error": error.model_dump()})
         elif outcome is None:

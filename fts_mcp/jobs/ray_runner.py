@@ -40,7 +40,7 @@ import fts_mcp
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
 from fts_mcp.io import write_json_atomic
-from fts_mcp.jobs.frames import BadFrame, LineBuffer, Receiver, decode
+from fts_mcp.jobs.frames import BadFrame, LineBuffer, Receiver, Storage, decode
 from fts_mcp.jobs.models import Artifacts, Job, JobError, Progress, error_of
 from fts_mcp.jobs.runner import Runner, settle
 from fts_mcp.jobs.states import JobState, check_job_id
@@ -126,7 +126,7 @@ def _dotted(where: list[Any]) -> str:
     return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in where).lstrip(".")
 
 
-def package(job: Job, folder: Path, settings: Settings) -> dict[str, Any]:
+def package(job: Job, folder: Path, settings: Settings, sid: str) -> dict[str, Any]:
     """Lay out the job's package in `folder`; return its `job.json`. Refused before anything is copied when the
     inputs are over what a Ray job carries, naming the largest."""
     spec = job.spec
@@ -157,7 +157,8 @@ def package(job: Job, folder: Path, settings: Settings) -> dict[str, Any]:
     description = {"job_id": job.job_id, "kind": job.kind, "spec": spec, "inputs": placed,
                    "output": [["output_dir"], Path(spec["output_dir"]).name] if spec.get("output_dir") else None,
                    "workers": workers, "gpus_per_worker": settings.ray_gpus_per_worker,
-                   "server_dir": str(settings.job_dir(job.job_id))}
+                   "server_dir": str(settings.job_dir(job.job_id)),
+                   "storage": {"uri": settings.ray_storage, "prefix": sid} if settings.ray_storage else None}
     write_json_atomic(folder / "job.json", description)
     return description
 
@@ -195,10 +196,10 @@ def runtime_env(folder: Path, settings: Settings) -> dict[str, Any]:
 class Follower:
     """Applies one Ray job's log to the store: lines to worker.log, frames to progress, files and the outcome."""
 
-    def __init__(self, store: JobStore, job: Job) -> None:
+    def __init__(self, store: JobStore, job: Job, storage: Storage | None = None) -> None:
         self.store, self.job_id = store, job.job_id
         output = Path(job.spec["output_dir"]) if job.spec.get("output_dir") else None
-        self.receiver = Receiver(store.job_dir(job.job_id), output)
+        self.receiver = Receiver(store.job_dir(job.job_id), output, storage=storage)
         self.log = store.log_path(job.job_id).open("a", encoding="utf-8")
         self.buffer = LineBuffer()
         self.seen = 0  # characters of the log taken so far
@@ -411,7 +412,7 @@ def supervise(job_id: str) -> int:
         client = connect(settings)
         with store.log_path(job_id).open("a") as logfile:
             logfile.write(f"submitting to the Ray cluster at {settings.ray_address} as {sid}\n")
-        description = package(job, folder, settings)
+        description = package(job, folder, settings, sid)
         if cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None:
             record_outcome(store, job_id, JobState.CANCELLED, None)
             return _settle(settings, store, job_id)
@@ -435,7 +436,8 @@ def supervise(job_id: str) -> int:
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # uploaded, or not needed
 
-    follower = Follower(store, job)
+    storage = Storage(settings.ray_storage, sid) if settings.ray_storage else None
+    follower = Follower(store, job, storage)
     done = threading.Event()
 
     def beat() -> None:  # heartbeat; a cancel, or a bad frame, stops the Ray job (once)
@@ -455,6 +457,11 @@ def supervise(job_id: str) -> int:
     finally:
         done.set()
         follower.end()
+        if storage is not None:  # what the job put there and nobody fetched (it stopped midway)
+            try:
+                bounded(storage.clear)
+            except Exception as exc:  # noqa: BLE001 - leftovers in storage are not the job's outcome
+                log.warning("could not clear %s/%s: %s", settings.ray_storage, sid, exc)
     cancelled = store.raw(job_id)["cancel_requested_at"] is not None
     record_outcome(store, job_id, *follower.outcome(status, message, cancelled))
     return _settle(settings, store, job_id)

@@ -187,3 +187,30 @@ def test_an_endless_line_is_cut_and_a_frame_that_long_is_refused():
     assert len(lines) == 1 and len(lines[0]) == LINE_LIMIT
     with pytest.raises(BadFrame):
         decode(lines[0])
+
+
+def test_a_folder_can_travel_through_storage_and_is_checked_and_removed_there(tmp_path):
+    from fts_mcp.jobs.frames import Storage
+
+    source = make_folder(tmp_path / "cluster" / "merged", {"model.safetensors": bytes(range(256)) * 4000})
+    shared = tmp_path / "bucket"
+    frames: list[dict] = []
+    send_tree(frames.append, source, "output", storage=Storage(str(shared), "fts-job-1"))
+    assert [f["t"] for f in frames] == ["tree_ref"] and "data" not in frames[0]  # the log carries a reference
+    assert len(list((shared / "fts-job-1").iterdir())) == 1
+    receiver = Receiver(tmp_path / "job", tmp_path / "models" / "merged", storage=Storage(str(shared), "fts-job-1"))
+    receiver.feed(frames[0])
+    placed = tmp_path / "models" / "merged" / "model.safetensors"
+    assert placed.read_bytes() == (source / "model.safetensors").read_bytes()
+    assert not list((shared / "fts-job-1").iterdir())  # fetched, then deleted
+
+    send_tree(frames.append, source, "output", storage=Storage(str(shared), "fts-job-1"))
+    (object_,) = (shared / "fts-job-1").iterdir()
+    object_.write_bytes(object_.read_bytes()[:-1] + b"\x01")  # changed in storage
+    with pytest.raises(BadFrame, match="damaged"):
+        receiver.feed(frames[-1])
+    with pytest.raises(BadFrame, match="no FTS_RAY_STORAGE"):
+        Receiver(tmp_path / "job", None).feed(frames[-1])
+    small = Receiver(tmp_path / "job", None, max_bytes=1000, storage=Storage(str(shared), "fts-job-1"))
+    with pytest.raises(BadFrame, match="more than the server accepts"):
+        small.feed(frames[-1])

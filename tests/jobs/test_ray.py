@@ -75,7 +75,8 @@ def cluster(tmp_path_factory):
                     "--disable-usage-stats", f"--temp-dir={root / 't'}"],
                    env=env, cwd=root, check=True, capture_output=True, timeout=120)
     try:
-        yield {"address": f"http://127.0.0.1:{dashboard}", "violations": violations, "forbidden": forbidden}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "violations": violations, "forbidden": forbidden,
+               "storage": root / "bucket"}
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
@@ -149,9 +150,12 @@ async def test_one_and_two_worker_jobs_learn_and_merge_and_generate_on_the_clust
         assert generate_all(tiny_model, adapter, RECORDS) == [r["completion"] for r in RECORDS]
 
 
-async def test_cancel_checkpoints_on_the_cluster_and_resume_continues_from_it(ray_home, tiny_model):
+async def test_cancel_checkpoints_on_the_cluster_and_resume_continues_from_it(ray_home, tiny_model, cluster,
+                                                                             monkeypatch):
     """With two Ray Train workers: the stop request reaches both ranks, rank 0's checkpoint comes back, and the
-    resumed attempt starts both ranks from it."""
+    resumed attempt starts both ranks from it. Folders come back through FTS_RAY_STORAGE here (a folder both
+    sides reach, standing for a bucket), not the log."""
+    monkeypatch.setenv("FTS_RAY_STORAGE", str(cluster["storage"]))
     async with connect(ray_home) as client:
         job = await train(client, tiny_model, 100_000, workers=2, checkpoint_every_steps=1_000_000)
         await until(client, job["job_id"], lambda j: j["progress"]["step"] >= 3, 180, "training on the cluster")
@@ -163,6 +167,10 @@ async def test_cancel_checkpoints_on_the_cluster_and_resume_continues_from_it(ra
         assert checkpoint.is_relative_to(ray_home / "jobs" / job["job_id"])
         saved_at = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
         assert saved_at >= 3
+
+        raw = client_for(cluster["address"]).get_job_logs(f"fts-{job['job_id']}-1")  # the Ray job's own log
+        assert '"t":"tree_ref"' in raw and '"t":"tree"' not in raw  # references only: the bytes went via storage
+        assert not list(cluster["storage"].rglob("*.tar"))  # fetched, then removed
 
         await call(client, "resume_job", job_id=job["job_id"])
         resumed = await until(client, job["job_id"], lambda j: j["state"] == "running" and

@@ -104,10 +104,10 @@ def test_the_package_is_refused_before_anything_is_copied_when_too_large(store, 
     monkeypatch.setattr(ray_runner, "MAX_PACKAGE_BYTES", 1024)
     folder = tmp_path / "package"
     with pytest.raises(FtsError, match="the largest dataset") as refused:
-        package(job, folder, store.settings)
+        package(job, folder, store.settings, "fts-x-1")
     assert refused.value.param == "dataset" and not folder.exists()
     monkeypatch.setattr(ray_runner, "MAX_PACKAGE_BYTES", 10_000)
-    description = package(job, folder, store.settings)
+    description = package(job, folder, store.settings, "fts-x-1")
     assert description["inputs"] == [[["dataset"], "inputs/0-data.jsonl"]]  # the hub id travels as it is
     assert (folder / "inputs" / "0-data.jsonl").read_bytes() == data.read_bytes()
     assert json.loads((folder / "job.json").read_text())["spec"]["base_model"] == "org/hub-model"

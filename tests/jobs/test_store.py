@@ -166,6 +166,8 @@ def test_a_database_from_before_the_ray_runner_gains_its_column(tmp_path):
     ({"FTS_RAY_RUNTIME_ENV": '{"working_dir": "/elsewhere"}'}, "FTS_RAY_RUNTIME_ENV"),  # the job's own to set
     ({"FTS_RAY_RUNTIME_ENV": '{"env_vars": {"N": 1}}'}, "FTS_RAY_RUNTIME_ENV"),
     ({"FTS_CANCEL_GRACE_SECONDS": "0"}, "FTS_CANCEL_GRACE_SECONDS"),
+    ({"FTS_RAY_STORAGE": "relative/folder"}, "FTS_RAY_STORAGE"),
+    ({"FTS_RAY_STORAGE": "ftp://host/x"}, "FTS_RAY_STORAGE"),
 ])
 def test_runner_settings_are_checked_and_named(tmp_path, env, param):
     from fts_mcp.errors import InvalidArgument
