@@ -15,7 +15,7 @@
 | `FTS_RAY_MAX_JOBS` | jobs submitted to the cluster at once (more wait `queued` here) | 8 |
 | `RAY_AUTH_TOKEN` | sent as a bearer token to a cluster started with token authentication | |
 | `FTS_RAY_STORAGE` | storage Ray jobs send folders back through instead of their log (`s3://b/p`, `/mnt/x`) | none |
-| `FTS_RAY_RUNTIME_ENV` | JSON added to each Ray job's runtime environment (`pip`, `image_uri`, `env_vars`...) | `{}` |
+| `FTS_RAY_RUNTIME_ENV` | JSON added to each Ray job's runtime environment (`pip`, `uv`, `conda`, `env_vars`) | `{}` |
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def _runner(env: dict[str, str]) -> str:
     return runner
 
 
-RAY_ENV_KEYS = frozenset({"pip", "uv", "conda", "image_uri", "container", "env_vars", "config", "nsight"})
+# image_uri and container cannot be combined with the working_dir and py_modules every job carries
+RAY_ENV_KEYS = frozenset({"pip", "uv", "conda", "env_vars", "config"})
 
 
 def _ray_runtime_env(env: dict[str, str]) -> dict:
@@ -113,6 +114,14 @@ def _ray_runtime_env(env: dict[str, str]) -> dict:
         extra = sorted(set(value) - RAY_ENV_KEYS) if isinstance(value, dict) else value
         raise InvalidArgument(f"FTS_RAY_RUNTIME_ENV takes an object with fields among {', '.join(sorted(RAY_ENV_KEYS))}"
                               f"; got {extra!r}", param="FTS_RAY_RUNTIME_ENV")
+    if sum(k in value for k in ("pip", "uv", "conda")) > 1:
+        raise InvalidArgument("FTS_RAY_RUNTIME_ENV takes one of pip, uv or conda (Ray allows no more)",
+                              param="FTS_RAY_RUNTIME_ENV")
+    for key, kinds in (("pip", (list, dict, str)), ("uv", (list, dict, str)), ("conda", (dict, str)),
+                       ("config", (dict,))):
+        if key in value and not isinstance(value[key], kinds):
+            raise InvalidArgument(f"FTS_RAY_RUNTIME_ENV's {key} is {' or '.join(k.__name__ for k in kinds)}, got "
+                                  f"{value[key]!r}", param="FTS_RAY_RUNTIME_ENV")
     variables = value.get("env_vars", {})
     if not isinstance(variables, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in variables.items()):
@@ -129,8 +138,11 @@ def _ray_storage(env: dict[str, str]) -> str | None:
     raw = env.get("FTS_RAY_STORAGE", "").strip()
     if not raw:
         return None
-    scheme = raw.split("://", 1)[0].lower() if "://" in raw else None
-    if (scheme is None and not raw.startswith("/")) or (scheme is not None and scheme not in STORAGE_SCHEMES):
+    scheme, _, rest = raw.partition("://") if "://" in raw else (None, "", raw)
+    scheme = scheme.lower() if scheme else None
+    bad = (not raw.startswith("/")) if scheme is None else scheme not in STORAGE_SCHEMES or (
+        not rest.startswith("/") if scheme == "file" else not rest.strip("/"))  # file: absolute; others: a bucket
+    if bad:
         raise InvalidArgument(f"FTS_RAY_STORAGE is a URI ({', '.join(s + '://' for s in STORAGE_SCHEMES)}) or an "
                               f"absolute folder both the server and the cluster reach; got {raw!r}",
                               param="FTS_RAY_STORAGE")

@@ -130,6 +130,21 @@ def error(status: int, message: str, *, param: str | None = None, kind: str = "i
                         headers=headers)
 
 
+class Stream(StreamingResponse):
+    """A streamed answer that gives its queue places back however it ends, even if the body never began (the
+    client left before the first byte)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 class Admission:
     """At most `limit` sequences (a request's prompts x n) waiting for or using the device; a request that would
     pass it is turned away (429), one that never could is refused (400)."""
@@ -362,7 +377,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             "fts": {"adapter": choices.tickets[0].key}})
 
     async def stream(body: Generation, chat: bool, choices: Choices, ident: str, created: int, mine,
-                     tenant: bool) -> AsyncIterator[bytes]:
+                     tenant: bool, release) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -392,8 +407,7 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
                 await changed(choices)
             yield b"data: [DONE]\n\n"
         finally:
-            choices.cancel()  # the client went away, or the stream ended: nothing left runs for it
-            admission.leave(len(choices.tickets))
+            release()  # the client went away, or the stream ended: nothing left runs for it
 
     async def run(body: Generation, chat: bool, request: Request, key: Key | None) -> Response:
         def mine() -> list[str]:
@@ -415,8 +429,16 @@ def build_app(engine: Engine, *, max_queue: int = 64, request_timeout: float = 3
             ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
             if body.stream:
                 streaming = True
-                return StreamingResponse(stream(body, chat, choices, ident, created, mine, key is not None),
-                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                released = []
+
+                def release() -> None:  # once, whether the stream ended, failed, or never started
+                    if not released:
+                        released.append(True)
+                        choices.cancel()
+                        admission.leave(count)
+
+                return Stream(stream(body, chat, choices, ident, created, mine, key is not None, release), release,
+                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             try:
                 await wait(choices, request)
             finally:

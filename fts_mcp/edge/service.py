@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
 from fts_mcp.adapters.resolve import resolve_adapter, store_source
@@ -101,15 +101,23 @@ class Edge:
         base = resolve_model_argument(base_model, self.settings)
         # One runtime per base, even when several deploys (from several servers on this FTS_HOME) ask at once:
         # finding and starting it is one step under a lock.
-        with FileLock(self.settings.home / "runtimes.lock", timeout=60):
-            job = next((j for j in self.jobs.list(limit=1000).jobs if j.kind == "runtime"
-                        and j.spec["base_model"] == base
-                        and j.state in (JobState.RUNNING, JobState.QUEUED, JobState.VALIDATING)), None)
+        try:
+            lock = FileLock(self.settings.home / "runtimes.lock", timeout=60)
+            lock.acquire()
+        except Timeout:
+            raise FtsError("another deploy has held the managed-runtime lock for a minute; try again",
+                           param="runtime_url") from None
+        try:
+            live = (self.jobs.get(i, log_lines=0) for i in
+                    self.jobs.ids_in(JobState.RUNNING, JobState.QUEUED, JobState.VALIDATING))
+            job = next((j for j in live if j.kind == "runtime" and j.spec["base_model"] == base), None)
             if job is None:
                 spec = RuntimeJobSpec(base_model=base, store=str(self.settings.store),
                                       cache=str(self.settings.edge_cache), port=(port := free_port()),
                                       url=f"http://127.0.0.1:{port}", trust_remote_code=self.settings.trust_remote_code)
                 job = self.jobs.submit("runtime", spec, model=base)
+        finally:
+            lock.release()
         deadline = time.monotonic() + wait_seconds
         while (job := self.jobs.get(job.job_id, log_lines=0)).progress.url is None:
             if job.state.terminal:

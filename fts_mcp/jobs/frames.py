@@ -35,6 +35,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -48,6 +49,7 @@ CHUNK_BYTES = 48 * 1024  # 64 KiB of base64 per log line
 LINE_LIMIT = 1024 * 1024  # a longer log line is cut there (a frame that long is refused)
 MAX_MEMBERS = 100_000  # entries in one folder
 TREE_ID = re.compile(r"^[0-9a-f]{12}$")
+FETCH_ATTEMPTS = 4
 ROOTS = ("work", "output")
 # What the server keeps in a job's folder itself; a job cannot send these.
 SERVER_OWNED = frozenset({"spec.json", "result.json", "worker.log", ".incoming", "ray-package"})
@@ -247,10 +249,12 @@ class Receiver:
         tree_id, dest = self._tree_id(frame), check_dest(frame.get("dest"))
         if self.storage is None:
             raise BadFrame(f"folder {dest} was sent through storage, but this server has no FTS_RAY_STORAGE")
+        if self._open:
+            raise BadFrame(f"folder {dest} came while folder {next(iter(self._open))} was still arriving")
         self.incoming.mkdir(parents=True, exist_ok=True)
         packed = self.incoming / f"{tree_id}.tar"
         try:
-            size, digest = self.storage.download(f"{tree_id}.tar", packed, self.budget)
+            size, digest = self._download(f"{tree_id}.tar", packed)
             self.budget -= size
             if (size, digest) != (frame.get("bytes"), frame.get("sha256")):
                 raise BadFrame(f"folder {dest} arrived damaged from storage ({size} bytes, sha256 {digest}; sent "
@@ -270,6 +274,17 @@ class Receiver:
         if not isinstance(tree_id, str) or not TREE_ID.match(tree_id):
             raise BadFrame(f"a folder's id is 12 hex digits, got {str(tree_id)[:40]!r}")
         return tree_id
+
+    def _download(self, name: str, packed: Path) -> tuple[int, str]:
+        """From storage, retried: one failed request (a 5xx, a reset connection) does not fail a job."""
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                return self.storage.download(name, packed, self.budget)
+            except OSError:
+                if attempt == FETCH_ATTEMPTS - 1:
+                    raise
+                time.sleep(2.0 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _chunk(self, frame: dict[str, Any]) -> None:
         tree_id, n = self._tree_id(frame), frame.get("n")
@@ -319,13 +334,17 @@ class Receiver:
         try:
             try:
                 with tarfile.open(packed, mode="r:") as tar:  # uncompressed only: no decompression bombs
-                    members = tar.getmembers()
-                    if len(members) > MAX_MEMBERS:
-                        raise BadFrame(f"folder {dest} has more than {MAX_MEMBERS} entries")
-                    for member in members:
-                        if not (member.isfile() or member.isdir()):
-                            raise BadFrame(f"folder {dest}: {member.name!r} is neither a file nor a folder")
-                    tar.extractall(staging, filter="data")  # refuses absolute paths, `..` and links out
+                    members, size = [], 0
+                    for member in tar:  # read lazily: a stream of headers alone cannot exhaust memory
+                        if len(members) >= MAX_MEMBERS:
+                            raise BadFrame(f"folder {dest} has more than {MAX_MEMBERS} entries")
+                        if not (member.isfile() or member.isdir()) or member.issparse():
+                            raise BadFrame(f"folder {dest}: {member.name!r} is not a plain file or folder")
+                        size += member.size
+                        if size > packed.stat().st_size:  # plain members hold their bytes: no sparse growth
+                            raise BadFrame(f"folder {dest} unpacks to more than it weighs")
+                        members.append(member)
+                    tar.extractall(staging, members=members, filter="data")  # refuses absolute paths, `..`, links
             except tarfile.TarError as exc:
                 raise BadFrame(f"folder {dest} is not a readable tar stream: {exc}") from None
             if whole_folder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -39,6 +40,19 @@ def error_of(exc: BaseException) -> JobError:
     if isinstance(exc, FtsError):
         return JobError(code=exc.code, message=exc.message, param=exc.param)
     return unexpected_error(exc)
+
+
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket timeout")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a data-parallel rank failed because another rank is gone (a collective's connection broke), not by
+    a fault of its own: the job is then `interrupted` like any lost worker, not `failed`."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in PEER_GONE)
 
 
 def unexpected_error(exc: BaseException) -> JobError:

@@ -28,7 +28,7 @@ from fts_mcp.http import free_port
 from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import Artifacts, Job, error_of
+from fts_mcp.jobs.models import Artifacts, Job, error_of, peer_lost
 from fts_mcp.jobs.runner import signal_name
 from fts_mcp.jobs.states import check_job_id
 from fts_mcp.jobs.store import JobStore
@@ -76,13 +76,14 @@ def run_ranks(job: Job, store: JobStore, stop: StopSignal, workers: int) -> Arti
                         r.kill()
                 for r in ranks:
                     r.wait()
-                rank, code = failed[0]
-                reported = folder / RANK_ERROR.format(rank=rank)
-                if reported.exists():  # the recipe's own error (a bad dataset, an unknown module...): as is
-                    error = json.loads(reported.read_text())
+                # a rank that died (a signal, or no error of its own) outweighs the errors it caused its peers
+                lost = [(i, c) for i, c in failed if c < 0 or not (folder / RANK_ERROR.format(rank=i)).exists()]
+                if not lost:  # the recipe's own error (a bad dataset, an unknown module...): as is
+                    error = json.loads((folder / RANK_ERROR.format(rank=failed[0][0])).read_text())
                     failure = FtsError(error["message"], param=error.get("param"))
                     failure.code = error["code"]
                     raise failure
+                rank, code = min(lost, key=lambda item: (item[1] >= 0, item[0]))  # the one killed, if any
                 how = f"was killed by {signal_name(code)}" if code < 0 else f"exited with status {code}"
                 raise RankLost(f"rank {rank} of {workers} {how}; the other ranks were stopped. resume_job continues "
                                "from the last checkpoint")
@@ -130,6 +131,8 @@ def rank_main(job_id: str, rank: int, world: int) -> int:
     except Exception as exc:  # the recipe's own error, or one it did not expect: the job fails with it
         if not isinstance(exc, FtsError):
             traceback.print_exc()
+        if peer_lost(exc):  # another rank died under a collective: that rank's loss is the job's story
+            return 4
         write_json_atomic(folder / RANK_ERROR.format(rank=rank), error_of(exc).model_dump())
         return 3
     if rank == 0:

@@ -38,7 +38,7 @@ from fts_mcp.io import artifact_file
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
 from fts_mcp.jobs.frames import Emit, Storage, encode, relative_artifacts, send_tree
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import JobError, error_of
+from fts_mcp.jobs.models import JobError, error_of, peer_lost
 
 log = logging.getLogger("fts_mcp.ray_entry")
 STOP_POLL_SECONDS = 0.5
@@ -220,6 +220,8 @@ def rank_loop(config: dict[str, Any]) -> None:
     except Exception as exc:  # the recipe's own error (a bad dataset, out of memory) is the job's outcome, any rank's
         if not isinstance(exc, FtsError):
             traceback.print_exc()
+        if peer_lost(exc):  # another worker died under a collective: the driver reports the loss
+            raise
         error = error_of(exc)
         if emit is not None:
             layout.finish(emit, None, error)

@@ -234,9 +234,9 @@ class Follower:
         except BadFrame as exc:
             log.error("job %s: %s", self.job_id, exc.message)
             self.bad = exc
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a line did, the job is stopped and told, not lost
             log.error("job %s: a frame could not be applied: %s", self.job_id, exc)
-            self.bad = BadFrame(f"a frame from the cluster could not be applied: {exc}")
+            self.bad = BadFrame(f"a frame from the cluster could not be applied: {type(exc).__name__}: {exc}")
 
     def apply(self, frame: dict[str, Any]) -> None:
         kind = frame["t"]
@@ -341,11 +341,27 @@ def bounded(call, *args, timeout: float = CALL_SECONDS):
     return value
 
 
-def try_stop(client, sid: str) -> None:
+def try_stop(client, sid: str) -> bool:
+    """Ask Ray to stop the job; whether it took the request."""
     try:
         bounded(client.stop_job, sid)
+        return True
     except Exception as exc:  # noqa: BLE001 - best effort: it may have ended, or the cluster may be gone
         log.warning("could not stop Ray job %s: %s", sid, exc)
+        return False
+
+
+def open_storage(settings: Settings, sid: str) -> Storage | None:
+    """FTS_RAY_STORAGE for this attempt, checked before anything is submitted (it may need credentials)."""
+    if not settings.ray_storage:
+        return None
+    try:
+        storage = bounded(lambda: Storage(settings.ray_storage, sid))
+        bounded(storage.fs.get_file_info, storage.base)
+    except Exception as exc:  # noqa: BLE001 - any filesystem's own error: named, and the job fails before it runs
+        raise FtsError(f"FTS_RAY_STORAGE {settings.ray_storage} cannot be used: {type(exc).__name__}: {exc}",
+                       param="FTS_RAY_STORAGE") from None
+    return storage
 
 
 async def _tail(client, sid: str, follower: Follower, idle: float) -> None:
@@ -380,8 +396,8 @@ def follow(client, sid: str, follower: Follower, *, idle: float = 30.0) -> tuple
         try:
             asyncio.run(_tail(client, sid, follower, idle))
             info = bounded(client.get_job_info, sid)
-            unreachable_since = None
             if not info.status.is_terminal():
+                unreachable_since = None
                 time.sleep(1.0)  # the stream ended early: follow again (what was seen is skipped)
                 continue
             if follower.result is None:  # anything the stream did not deliver
@@ -407,8 +423,9 @@ def supervise(job_id: str) -> int:
     (store.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)
     sid = submission_id(job_id, store.raw(job_id)["attempts"])
     folder = store.job_dir(job_id) / PACKAGE
-    client = None
+    client = storage = None
     try:
+        storage = open_storage(settings, sid)
         client = connect(settings)
         with store.log_path(job_id).open("a") as logfile:
             logfile.write(f"submitting to the Ray cluster at {settings.ray_address} as {sid}\n")
@@ -423,8 +440,9 @@ def supervise(job_id: str) -> int:
             metadata={"fts_job_id": job_id}, entrypoint_num_cpus=1 if single else 0,
             entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0), timeout=600.0)
         store.update_progress(job_id, {"phase": "waiting_for_cluster"}, event=None)  # until it reports its own
-    except FtsError as exc:
-        record_outcome(store, job_id, JobState.FAILED, error_of(exc))
+    except (FtsError, ValueError, TypeError) as exc:  # ours, or Ray refusing the submission as malformed
+        record_outcome(store, job_id, JobState.FAILED, error_of(exc) if isinstance(exc, FtsError) else JobError(
+            code="ray_submit_refused", message=f"the Ray cluster refused the job: {exc}"))
         return _settle(settings, store, job_id)
     except Exception as exc:  # noqa: BLE001 - an unreachable cluster, a refused submit: try again later
         if client is not None and store.raw(job_id)["ray_job_id"]:
@@ -436,18 +454,20 @@ def supervise(job_id: str) -> int:
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # uploaded, or not needed
 
-    storage = Storage(settings.ray_storage, sid) if settings.ray_storage else None
     follower = Follower(store, job, storage)
     done = threading.Event()
 
-    def beat() -> None:  # heartbeat; a cancel, or a bad frame, stops the Ray job (once)
+    def beat() -> None:  # heartbeat; a cancel, or a bad frame, stops the Ray job (asked until Ray takes it)
         stopped = False
         while not done.wait(settings.heartbeat_seconds):
-            store.heartbeat(job_id)
-            asked = cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None
+            try:
+                store.heartbeat(job_id)
+                asked = cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None
+            except Exception as exc:  # noqa: BLE001 - a busy store: next beat
+                log.warning("job %s: heartbeat: %s", job_id, exc)
+                continue
             if not stopped and (asked or follower.bad is not None):
-                stopped = True
-                try_stop(client, sid)
+                stopped = try_stop(client, sid)
 
     threading.Thread(target=beat, daemon=True, name="heartbeat").start()
     try:

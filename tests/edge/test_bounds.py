@@ -211,3 +211,34 @@ def test_the_queue_counts_sequences_not_requests(serve):
     too_many = many(5, 1)
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
     assert many(3, 1).status_code == 200  # the places were given back
+
+
+@pytest.mark.anyio
+async def test_a_stream_whose_client_is_gone_before_the_first_byte_gives_its_place_back():
+    """The streamed answer's body never starts (sending its headers fails): its queue places come back anyway."""
+    import json
+
+    app = build_app(SlowEngine(), max_queue=1)
+    body = json.dumps({"model": "base", "prompt": "hi", "max_tokens": 5, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            raise OSError("the client is gone")
+
+    with pytest.raises(OSError):
+        await app(scope, receive, send)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        again = await client.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
+    assert again.status_code == 200, again.text  # not 429: the place was given back
