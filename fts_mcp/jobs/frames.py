@@ -333,6 +333,7 @@ class Receiver:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))  # same filesystem
         try:
             try:
+                weighs = packed.stat().st_size
                 with tarfile.open(packed, mode="r:") as tar:  # uncompressed only: no decompression bombs
                     members, size = [], 0
                     for member in tar:  # read lazily: a stream of headers alone cannot exhaust memory
@@ -341,7 +342,7 @@ class Receiver:
                         if not (member.isfile() or member.isdir()) or member.issparse():
                             raise BadFrame(f"folder {dest}: {member.name!r} is not a plain file or folder")
                         size += member.size
-                        if size > packed.stat().st_size:  # plain members hold their bytes: no sparse growth
+                        if size > weighs:  # plain members hold their bytes: no sparse growth
                             raise BadFrame(f"folder {dest} unpacks to more than it weighs")
                         members.append(member)
                     tar.extractall(staging, members=members, filter="data")  # refuses absolute paths, `..`, links

@@ -20,6 +20,7 @@ happens, each checkpoint as it is saved, then the job's folder, a merge's output
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -71,8 +72,8 @@ class Layout:
         self.package, self.root, self.job = package, root, job
         self.work = root / "work"
         self.output = root / "output" / job["output"][1] if job.get("output") else None
-        where = job.get("storage")
-        self.storage = Storage(where["uri"], where["prefix"]) if where else None  # else folders go in the log
+        storage = job.get("storage")
+        self.storage = Storage(storage["uri"], storage["prefix"]) if storage else None  # else folders go in the log
         # What files written here say about paths (PEFT's base_model_name_or_path, a model card) is put back in
         # the server's terms before they are sent: its model, its job folder, its output folder.
         pairs = [(str(package / PurePosixPath(rel)), get_path(job["spec"], where)) for where, rel in job["inputs"]]
@@ -81,8 +82,10 @@ class Layout:
             pairs.append((str(self.output), get_path(job["spec"], job["output"][0])))
         self.translations = sorted(pairs, key=lambda pair: -len(pair[0]))
 
-    def restore_paths(self, folder: Path) -> None:
+    def restore_paths(self, folder: Path, *, skip: str | None = None) -> None:
         for path in folder.rglob("*"):
+            if skip is not None and path.relative_to(folder).parts[0] == skip:
+                continue
             if path.suffix in (".json", ".md") and path.is_file() and path.stat().st_size < TEXT_LIMIT:
                 text = original = path.read_text(encoding="utf-8", errors="surrogateescape")
                 for here, there in self.translations:
@@ -95,7 +98,7 @@ class Layout:
         if (self.package / "work").is_dir():
             shutil.copytree(self.package / "work", self.work)
         self.work.mkdir(parents=True, exist_ok=True)
-        spec = json.loads(json.dumps(self.job["spec"]))
+        spec = copy.deepcopy(self.job["spec"])
         for where, relative in self.job["inputs"]:
             set_path(spec, where, str(self.package / PurePosixPath(relative)))
         if self.output is not None:
@@ -122,7 +125,7 @@ class Layout:
 
     def finish(self, emit: Emit, outcome: Any, error: JobError | None = None) -> None:
         """Send the job's folder (its checkpoints went as they were saved), its output folder, then the outcome."""
-        self.restore_paths(self.work)
+        self.restore_paths(self.work, skip="checkpoints")  # those were put right as they were sent
         if self.output is not None and self.output.is_dir():
             self.restore_paths(self.output)
         if outcome is not None and outcome.files:  # sizes and hashes of the files as they are sent

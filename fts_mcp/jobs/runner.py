@@ -160,7 +160,9 @@ class Runner:
         now = time.time()
         # A Ray job's supervisor is given longer: the cluster enforces the grace period, then the supervisor still
         # brings the checkpoint back.
-        grace = self.settings.cancel_grace_seconds * (2 if raw["ray_job_id"] else 1) + (60 if raw["ray_job_id"] else 0)
+        grace = self.settings.cancel_grace_seconds
+        if raw["ray_job_id"]:
+            grace = 2 * grace + 60
         if raw["cancel_requested_at"] and now - raw["cancel_requested_at"] > grace:
             log.warning("job %s did not stop within %.0fs of SIGTERM; sending SIGKILL", job_id, grace)
             self._signal(raw["pid"], signal.SIGKILL)
