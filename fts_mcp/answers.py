@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, WithJsonSchema
 
+from fts_mcp.adapters.store import StoreEntry
 from fts_mcp.edge.service import Deployment
-from fts_mcp.edge.store import StoreEntry
-from fts_mcp.jobs.models import Job
+from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.states import JobState
 
 
@@ -75,19 +75,7 @@ def next_steps(job: Job) -> list[dict[str, Any]]:
                 _step("deploy_adapter", "publish it to the adapter store for the edge runtime", adapter=jid,
                       name=str(job.spec.get("output_name", "adapter")).lower()[:64])]
     if job.state == JobState.SUCCEEDED and job.kind == "eval":
-        evaluation = job.artifacts.evaluation or {}
-        good = evaluation.get("better") and not evaluation.get("forgetting")
-        if job.spec.get("merged_dir"):
-            return [_step("generate", "try the merged model" if good else "see how it answers", model="base",
-                          base_model=job.spec["merged_dir"], prompt="...")]
-        ref = job.spec.get("adapter_ref") or job.spec.get("adapter_dir")
-        if good:
-            return [_step("deploy_adapter", "it beats the base: ship it", adapter=ref,
-                          name=Path(str(ref)).name.lower().split("@")[0].split(":")[0][:64] or "adapter"),
-                    _step("merge_adapter", "or fold it into the base for serving without adapters", adapter=ref)]
-        return [_step("start_qlora_job", "not better yet: more or cleaner data or more steps; a lower learning "
-                      "rate if it forgot general text", base_model=job.spec.get("base_model"),
-                      dataset="<training data>")]
+        return eval_next(job)
     if job.state == JobState.SUCCEEDED and job.kind == "merge" and job.artifacts.output_dir:
         out = job.artifacts.output_dir
         if job.spec.get("output") == "adapter":
@@ -108,6 +96,31 @@ def next_steps(job: Job) -> list[dict[str, Any]]:
         return [_step("start_qlora_job", "it stopped before its first checkpoint: start it again",
                       base_model=job.spec.get("base_model"), dataset=job.spec.get("dataset"))]
     return []
+
+
+def eval_next(job: Job) -> list[dict[str, Any]]:
+    """After an evaluation: what `better` says, and nothing else decides it; forgetting is a note beside it."""
+    evaluation = job.artifacts.evaluation or {}
+    better, forgot = bool(evaluation.get("better")), bool(evaluation.get("forgetting"))
+    if job.spec.get("merged_dir"):
+        return [_step("generate", "try the merged model" if better else "see how it answers", model="base",
+                      base_model=job.spec["merged_dir"], prompt="...")]
+    ref = job.spec.get("adapter_ref") or job.spec.get("adapter_dir")
+    if better:
+        note = "; note: it forgot some general text, see advice" if forgot else \
+            "; note: see advice" if evaluation.get("advice") else ""
+        return [_step("deploy_adapter", f"it beats the base: ship it{note}", adapter=ref,
+                      name=Path(str(ref)).name.lower().split("@")[0].split(":")[0][:64] or "adapter"),
+                _step("merge_adapter", "or fold it into the base for serving without adapters", adapter=ref)]
+    lost = [p["name"] for p in evaluation.get("parts", []) if not p.get("kept")]
+    steps = [_step("start_qlora_job", "not better yet: more or cleaner data or more steps" +
+                   ("; it also forgot general text: a lower learning rate or fewer epochs" if forgot else ""),
+                   base_model=job.spec.get("base_model"), dataset="<training data>")]
+    if lost:
+        steps.insert(0, _step("merge_adapter", f"the combination lost {', '.join(lost)} on its own data: try other "
+                              "weights or another combination", adapters="<the same adapters, reweighted>",
+                              output="adapter"))
+    return steps
 
 
 def deploy_next(deployment: Deployment) -> list[dict[str, Any]]:
@@ -136,6 +149,11 @@ def spec_summary(job: Job) -> dict[str, Any]:
         summary["lora_r"] = lora.get("r")
         summary["max_steps" if training.get("max_steps") else "epochs"] = training.get("max_steps") or \
             training.get("epochs")
+        summary["batch_size"] = training.get("batch_size")
+        if training.get("workers", 1) > 1:
+            summary["workers"] = training["workers"]
+        if job.spec.get("choices"):
+            summary["choices"] = job.spec["choices"]  # what 'auto' and the unset settings became, and why
     if job.kind == "merge":
         summary["adapters"] = len(job.spec.get("adapters", []))
     return summary
@@ -179,6 +197,7 @@ class DeploymentView(BaseModel):
     sha256: str
     bytes: int
     base_model: str | None
+    trained_on: str | None = None  # the base it was trained on, which runtimes should serve it on
     loaded: bool
     swap_ms: float | None = None
     runtime: str | None = None
@@ -189,6 +208,7 @@ class DeploymentView(BaseModel):
 def deployment_view(d: Deployment) -> DeploymentView:
     return DeploymentView(model=d.model, name=d.name, version=d.version, created=d.created, uri=d.uri,
                           sha256=d.sha256, bytes=d.bytes, base_model=d.manifest.base_model, loaded=d.loaded,
+                          trained_on=d.manifest.training_base.describe() if d.manifest.training_base else None,
                           swap_ms=d.swap_ms, runtime=d.runtime, curl=d.curl, next=deploy_next(d))
 
 

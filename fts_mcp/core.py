@@ -17,6 +17,7 @@ from __future__ import annotations
 from fts_mcp.adapters.service import Evaluating, Merging
 from fts_mcp.config import Settings
 from fts_mcp.edge.service import Edge
+from fts_mcp.errors import FtsError
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.planning.service import Planning
 from fts_mcp.training.service import Training
@@ -40,3 +41,28 @@ class Core:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Unavailable:
+    """The core of a server whose job store cannot be opened (an unreadable database, a bad setting): what needs no
+    store (planning, the model list) still answers; everything else answers with `error`, its reason and fix."""
+
+    def __init__(self, error: FtsError, settings: Settings | None) -> None:
+        self.error = error
+        self.settings = settings
+        self.planning = Planning(settings) if settings else None
+
+    def close(self) -> None:
+        pass
+
+
+def open_core() -> Core | Unavailable:
+    """The process's core, or what is left of it when the settings or the job store cannot be opened."""
+    try:
+        settings = Settings.from_env()
+    except FtsError as exc:
+        return Unavailable(exc, None)
+    try:
+        return Core(settings)
+    except FtsError as exc:
+        return Unavailable(exc, settings)

@@ -24,8 +24,8 @@ import anyio
 from mcp import Client, StdioServerParameters
 
 from fts_mcp.config import Settings
-from fts_mcp.http import free_port
 from fts_mcp.models.catalog import stage_demo_model
+from fts_mcp.network import free_port
 
 DEMO_DATA = "datasets/codewords_chat.jsonl"
 BAR_WIDTH = 30
@@ -156,11 +156,10 @@ async def drive(home: Path, steps: int) -> int:
             say(f"merge {merged['state']}: {(merged['error'] or {}).get('message')}")
             return 1
         v = merged["artifacts"]["verification"]
-        say(f"[7/8] merge_adapter: {merged['job_id']} merged into a 16-bit (float32) base -> "
+        say(f"[7/8] merge_adapter: {merged['job_id']} merged (float32) -> "
             f"{merged['artifacts']['output_dir']}")
         say(f"      verified on {v['inputs']} fixed inputs: max |logit diff| merged vs base+adapter "
-            f"{v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:.2e}); vs the 4-bit base it was trained on "
-            f"{v['trained_base_max_abs_logit_diff']:.3f} (reported, not hidden: the 16-bit base is not rounded)")
+            f"{v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:.2e}); merged into {v['merged_into']}")
 
         port = free_port()
         runtime = subprocess.Popen([sys.executable, "-m", "fts_mcp", "edge", "serve", "--base", str(model),

@@ -22,7 +22,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp import __version__
-from fts_mcp.adapters.spec import Combination, Dtype, WeightedAdapter
+from fts_mcp.adapters.spec import Combination, WeightedAdapter
 from fts_mcp.answers import (
     AdapterRows,
     AdviceView,
@@ -41,18 +41,18 @@ from fts_mcp.answers import (
 )
 from fts_mcp.arguments import describe, parse
 from fts_mcp.config import Settings
-from fts_mcp.core import Core
+from fts_mcp.core import Core, Unavailable, open_core
 from fts_mcp.docs import DOC_TOPICS, read_doc
 from fts_mcp.edge.service import Generation
-from fts_mcp.edge.store import StoreDtype
 from fts_mcp.errors import FtsError
-from fts_mcp.jobs.models import Job
+from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.watch import watch
 from fts_mcp.models import catalog
+from fts_mcp.models.dtypes import Dtype
 from fts_mcp.planning.advice import Criteria
 from fts_mcp.planning.diagnose import diagnose
-from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.planning.estimate import RunSettings
 from fts_mcp.planning.service import Planning
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 
@@ -103,14 +103,13 @@ async def _monitor(core: Core) -> None:
 
 
 @asynccontextmanager
-async def lifespan(_server: MCPServer) -> AsyncIterator[Core | FtsError]:
+async def lifespan(_server: MCPServer) -> AsyncIterator[Core | Unavailable]:
     """One Core per server process. If it cannot start (an unreadable job database), the server still answers:
     every tool call returns the reason and what to do."""
-    try:
-        core = Core()
-    except FtsError as exc:
-        log.error("%s", exc)
-        yield exc
+    core = open_core()
+    if isinstance(core, Unavailable):
+        log.error("%s", core.error)
+        yield core
         return
     try:
         catalog.stage_demo_model(core.settings.home)  # so list_models can offer a model that trains anywhere
@@ -125,14 +124,16 @@ async def lifespan(_server: MCPServer) -> AsyncIterator[Core | FtsError]:
     core.close()
 
 
-def compact_schema(node: Any, drop: tuple[str, ...] = ("title",)) -> Any:
+def compact_schema(node: Any, drop: tuple[str, ...] = ("title",), *, answer: bool = False) -> Any:
     """A JSON schema without the `title` pydantic gives every property and model (the name already says it) and,
-    for answers, without descriptions (README's tool section says what each field means): every tool's
-    schema is in the agent's context on every turn."""
+    for answers, without descriptions (README's tool section says what each field means) or defaults (an answer
+    always carries its fields): every tool's schema is in the agent's context on every turn."""
     if isinstance(node, dict):
-        return {k: compact_schema(v, drop) for k, v in node.items() if not (k in drop and isinstance(v, str))}
+        return {k: compact_schema(v, drop, answer=answer) for k, v in node.items()
+                if not (k in drop and isinstance(v, str))
+                and not (answer and k == "default" and not isinstance(v, dict))}
     if isinstance(node, list):
-        return [compact_schema(v, drop) for v in node]
+        return [compact_schema(v, drop, answer=answer) for v in node]
     return node
 
 
@@ -161,9 +162,10 @@ class FtsServer(MCPServer):
     async def list_tools(self):
         tools = await super().list_tools()
         for tool in tools:
+            tool.description = " ".join((tool.description or "").split())  # a docstring's indentation costs tokens
             tool.input_schema = optional_not_null(compact_schema(tool.input_schema))
             if tool.output_schema is not None:
-                tool.output_schema = compact_schema(tool.output_schema, ("title", "description"))
+                tool.output_schema = compact_schema(tool.output_schema, ("title", "description"), answer=True)
         return tools
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context=None):
@@ -193,15 +195,25 @@ mcp = FtsServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifes
 
 def _core(ctx: Context) -> Core:
     core = ctx.request_context.lifespan_context
-    if isinstance(core, FtsError):
-        raise core  # the reason the server could not open its job store (agent_errors makes it a tool error)
+    if isinstance(core, Unavailable):
+        raise core.error  # why the server could not open its job store (agent_errors makes it a tool error)
     return core
+
+
+def _settings(ctx: Context) -> Settings:
+    """The server's settings: what planning and the model list need, even without a job store."""
+    core = ctx.request_context.lifespan_context
+    if core.settings is None:
+        raise core.error
+    return core.settings
 
 
 def _planning(ctx: Context) -> Planning:
     """Planning needs no job store: it answers even when the store cannot be opened."""
     core = ctx.request_context.lifespan_context
-    return Planning(Settings.from_env()) if isinstance(core, FtsError) else core.planning
+    if core.planning is None:
+        raise core.error
+    return core.planning
 
 
 def agent_errors(fn):
@@ -260,13 +272,15 @@ def validate_dataset(
 @mcp.tool(title="Start a QLoRA / LoRA fine-tuning job", annotations=LAUNCHES)
 @agent_errors
 def start_qlora_job(
-    base_model: Annotated[str, Field(description="model folder in the roots, or a cached hub id (list_models)")],
+    base_model: Annotated[str, Field(description="model folder or .gguf file (list_models), or a cached hub id")],
     dataset: Annotated[str, Field(description="JSONL file in the roots")],
     ctx: Context,
     output_name: Annotated[str | None, Field(description="adapter name")] = None,
     lora: Annotated[dict[str, Any] | None, Field(description=f"r, alpha, dropout, target_modules ({SEE_SETTINGS})")]
     = None,
-    quantization: Annotated[Literal["nf4", "none"], Field(description="nf4: QLoRA; none: 16-bit LoRA")] = "nf4",
+    quantization: Annotated[Literal["auto", "nf4", "none"], Field(
+        description="auto: nf4 on a GPU or if 16-bit won't fit, else none; nf4: QLoRA; none: 16-bit LoRA")
+    ] = "auto",
     training: Annotated[dict[str, Any] | None, Field(description=f"e.g. max_steps, learning_rate, micro_batch_size"
                                                                  f" ({SEE_SETTINGS})")] = None,
     resume_from: Annotated[str | None, Field(description="a stopped or finished training job to continue from")]
@@ -367,24 +381,26 @@ def merge_adapter(
     density: Annotated[float | None, Field(gt=0, le=1, description="kept share (ties, dare_*, magnitude_prune)")]
     = None,
     output: Annotated[Literal["model", "adapter"], Field(description="merged model, or combined adapter")] = "model",
+    base_weights: Annotated[Literal["trained", "original"], Field(
+        description="trained: a QLoRA adapter merges into the NF4 weights it trained on; original: 16-bit")
+    ] = "trained",
 ) -> JobView:
-    """Merge an adapter into its 16-bit base as a background job, verified against base + adapter; or combine
-    several adapters. The same merge asked again returns the first job."""
+    """Merge an adapter into its base (QLoRA: the NF4 weights it trained on) as a background job, verified against
+    base + adapter; or combine several adapters. Asked again: the first job."""
     entries = None if adapters is None else [parse(WeightedAdapter, entry, param=f"adapters[{i}]")
                                              for i, entry in enumerate(adapters)]
     job = _core(ctx).merging.merge(adapter, adapters=entries, base_model=base_model, output_name=output_name,
                                    dtype=dtype, verify=verify, combination=combination, density=density,
-                                   output=output)
+                                   output=output, base_weights=base_weights)
     return answer(job_view(job))
 
 
 @mcp.tool(title="List base models", annotations=READ_ONLY)
 @agent_errors
 def list_models(ctx: Context) -> ModelRows:
-    """Base models usable here (pass base_model as given): folders in the roots, the local Hugging Face cache,
-    the demo model."""
-    core = ctx.request_context.lifespan_context
-    settings = Settings.from_env() if isinstance(core, FtsError) else core.settings  # no job store needed
+    """Base models usable here (pass base_model as given): folders and .gguf files in the roots, packaged models,
+    the local Hugging Face cache, the demo model."""
+    settings = _settings(ctx)  # no job store needed
     return answer(ModelRows(models=[m.model_dump() for m in catalog.list_models(settings)],
                             roots=[str(r) for r in settings.roots]))
 
@@ -420,7 +436,7 @@ def deploy_adapter(
     version: Annotated[str | None, Field(description="v1, v2...; default the next (same bytes: theirs)")] = None,
     alias: Annotated[str | None, Field(description="alias to move here, e.g. prod")] = None,
     runtime_url: RuntimeUrl = None,
-    dtype: StoreDtype = "bfloat16",
+    dtype: Dtype = "bfloat16",
 ) -> DeploymentView:
     """Publish an adapter as an immutable version in the adapter store (optionally moving an alias and loading it
     into a runtime); returns the `model` string for requests."""
@@ -576,7 +592,7 @@ def estimate_resources(
 ) -> EstimateView:
     """Before training: memory by term for full, LoRA, QLoRA; fit; a setup that fits; time, cost. Give base_model,
     params or the shape (workers: DDP GPUs). Defaults are the recipe's; notes say what was assumed."""
-    settings = EstimateSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
+    settings = RunSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
                                 target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                                 optimizer=optimizer, cross_entropy=cross_entropy, padding_free=padding_free,
                                 precision=precision or "mixed", workers=workers,

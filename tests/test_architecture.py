@@ -54,7 +54,119 @@ def test_ray_is_imported_only_when_jobs_run_on_a_cluster_and_the_cluster_side_ne
               "print('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", server], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
-    entry = ("import sys, fts_mcp.jobs.ray_entry; print(sorted(m for m in ('fts_mcp.jobs.store', "
+    entry = ("import sys, fts_mcp.jobs.ray.entry; print(sorted(m for m in ('fts_mcp.jobs.store', "
              "'fts_mcp.jobs.runner', 'fts_mcp.jobs.service', 'fts_mcp.core', 'sqlite3', 'mcp') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+# ---- layering: data flows one way ----------------------------------------------------------------------------
+# Each module's layer, by its longest matching prefix (names relative to fts_mcp). A module may import its own
+# layer and those below it, never one above.
+LAYERS = {
+    0: ["", "errors", "files", "names", "tokens", "paths", "config", "network", "plots", "arguments", "stdio"],
+    1: ["models"],  # one loader, architectures, prompt encoding, dtypes, GGUF bases
+    2: ["datafiles", "planning", "jobs.states", "jobs.records", "jobs.context", "jobs.watch", "training.spec",
+        "training.checkpoints", "training.varlen", "adapters.spec", "edge.spec"],  # pure: specs, records, math
+    3: ["training", "adapters", "edge"],  # recipes, the adapter store, the edge runtime (torch lives here)
+    4: ["jobs"],  # the job store, runners (local, ranks, Ray), outcomes, the kinds table
+    5: ["training.service", "adapters.service", "adapters.resolve", "edge.service", "planning.service"],
+    6: ["core"],
+    7: ["server", "cli", "answers", "demo", "real_demo", "docs", "__main__"],
+}
+# Imports that run against the layers on purpose, each with its reason.
+AGAINST_LAYERS: dict[tuple[str, str], str] = {}
+
+
+def _layer(module: str) -> int:
+    best, rank = -1, None
+    for level, prefixes in LAYERS.items():
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".") or prefix == "") and len(prefix) > best:
+                best, rank = len(prefix), level
+    assert rank is not None, module
+    return rank
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """fts_mcp module -> the fts_mcp modules it imports (at the top or lazily), names relative to fts_mcp."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            for target in targets:
+                if target == "fts_mcp" or target.startswith("fts_mcp."):
+                    rel = target[len("fts_mcp."):] if target != "fts_mcp" else ""
+                    while rel not in paths and "." in rel:
+                        rel = rel.rsplit(".", 1)[0]
+                    if rel in paths and rel != name:
+                        deps.add(rel)
+        graph[name] = deps
+    return graph
+
+
+def test_every_module_has_a_layer():
+    for module in import_graph():
+        _layer(module)
+
+
+def test_imports_never_run_against_the_layers():
+    against = {(m, d) for m, deps in import_graph().items() for d in deps if _layer(d) > _layer(m)}
+    assert against <= set(AGAINST_LAYERS), sorted(against - set(AGAINST_LAYERS))
+    assert len(AGAINST_LAYERS) <= 2
+
+
+def test_adapters_never_import_the_edge_and_models_import_nothing_above_them():
+    graph = import_graph()
+    assert not {(m, d) for m, deps in graph.items() if m.startswith("adapters") for d in deps
+                if d.startswith("edge")}
+    assert not {(m, d) for m, deps in graph.items() if m.startswith("models") for d in deps if _layer(d) > 1}
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in graph[node]:
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not cycles
+
+
+def test_the_layering_check_sees_an_upward_import():
+    """The check is not vacuous: the server importing planning is downward, planning importing the server is not."""
+    assert _layer("planning.memory") < _layer("server")
+    assert "planning.service" in import_graph()["server"]

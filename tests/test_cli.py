@@ -64,7 +64,7 @@ def test_readme_documents_the_commands_and_every_tool_argument():
             assert f"`{argument}`" in readme, f"{tool.name}.{argument}"
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI's wheel smoke test runs the demo too, from the installed wheel
 def test_demo_runs_end_to_end(fts_home):
     done = subprocess.run([sys.executable, "-m", "fts_mcp", "demo", "--steps", "40"], capture_output=True, text=True,
                           timeout=180, cwd=fts_home)

@@ -87,7 +87,7 @@ def generate_all(model_dir: Path, adapter: Path | None, records: list[dict]) -> 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from fts_mcp.training.data import encode_prompt
+    from fts_mcp.models.prompts import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -84,12 +84,12 @@ async def test_list_jobs_costs_at_most_400_characters_a_job(fts_home):
 
 
 @pytest.mark.parametrize("tool, args, words", [
-    ("start_qlora_job", {"base_model": "m", "dataset": "d", "training": {"batch_size": 8}},
-     "training.batch_size: not a known argument; did you mean training.micro_batch_size?"),
+    ("start_qlora_job", {"base_model": "m", "dataset": "d", "training": {"micro_batch": 8}},
+     "training.micro_batch: not a known argument; did you mean training.micro_batch_size?"),
     ("start_qlora_job", {"base_model": "m", "dataset": "d", "lora": {"rank": 8}},
      "lora.rank: not a known argument; did you mean lora.r?"),
     ("start_qlora_job", {"base_model": "m", "dataset": "d", "batch_size": 8},
-     "batch_size: not a known argument; did you mean training.micro_batch_size?"),
+     "batch_size: not a known argument; did you mean training.batch_size?"),
     ("start_qlora_job", {"base_model": "m", "dataset": "d", "zzz": 8}, "zzz: not a known argument; arguments:"),
     ("start_qlora_job", {"base_model": "m", "datset": "d"}, "datset: not a known argument; did you mean dataset?"),
     ("merge_adapter", {"adapters": [{"adapter": "a", "wieght": 2}]},

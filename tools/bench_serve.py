@@ -106,8 +106,8 @@ def quantile(values, q: float) -> float:
 
 def run_engine(base: Path, store_root: Path, args: argparse.Namespace, max_batch: int,
                base_only: bool = False) -> dict:
+    from fts_mcp.adapters.sources import StoreSource
     from fts_mcp.edge.engine import Engine
-    from fts_mcp.edge.sources import StoreSource
 
     engine = Engine(str(base), StoreSource(store_root / "store", store_root / "cache"), max_rank=args.rank,
                     max_loras=args.adapters, max_batch=max_batch)
@@ -137,7 +137,7 @@ def run_peft(base: Path, adapters: list[Path], args: argparse.Namespace) -> dict
     from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
     from fts_mcp.models.loading import compute_dtype, load_model
-    from fts_mcp.training.data import encode_prompt
+    from fts_mcp.models.prompts import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = load_model(str(base), trust_remote_code=False, dtype=compute_dtype())
@@ -210,7 +210,7 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.root, args)))
         return
 
-    from fts_mcp.edge.store import AdapterStore
+    from fts_mcp.adapters.store import AdapterStore
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

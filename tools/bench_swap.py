@@ -43,9 +43,9 @@ def main() -> None:
     from peft.utils.hotswap import hotswap_adapter
     from transformers import AutoModelForCausalLM
 
+    from fts_mcp.adapters.sources import StoreSource
+    from fts_mcp.adapters.store import AdapterStore
     from fts_mcp.edge.engine import Engine
-    from fts_mcp.edge.sources import StoreSource
-    from fts_mcp.edge.store import AdapterStore
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)

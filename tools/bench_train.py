@@ -3,6 +3,7 @@
     python tools/bench_train.py                                           # tiny shape, CPU: both length mixes
     python tools/bench_train.py --shape llama-3.1-8b --lengths realistic  # on a GPU: random weights, real shape
     python tools/bench_train.py --workers 2                               # data parallel: scaling vs 1 worker
+    python tools/bench_train.py --shape smollm2-135m [--data task.jsonl]  # the real model, a real task (CPU ok)
 
 Both variants train the same random-weight model (QLoRA: NF4, double quant, r=16, alpha 32, all linear layers,
 AdamW) on the same random tokens, each in its own process so peak memory is not shared, for two length mixes:
@@ -38,6 +39,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "llama-3.1-8b": (4096, 32, 32, 8, 14_336, 128_256),
 }
 LENGTHS = ("fixed", "realistic")
+REAL = "smollm2-135m"  # SmolLM2-135M-Instruct from the package index, trained on a real task
 
 
 def build_model(folder: Path, shape: str) -> None:
@@ -117,7 +119,7 @@ def run_project(folder: Path, args: argparse.Namespace) -> dict:
                                               checkpoint_every_steps=10**6, gradient_checkpointing=checkpointing))
     dtype = compute_dtype()
     tokenizer = load_tokenizer(spec.base_model, trust_remote_code=False)
-    model = load_model(spec.base_model, trust_remote_code=False, quantization="nf4", dtype=dtype, training=True)
+    model = load_model(spec.base_model, trust_remote_code=False, quantization="nf4", dtype=dtype)
     speed = plan(spec, model, budget_gb=args.budget_gb)
     data = Dataset.from_list(dataset_rows(args))
     with tempfile.TemporaryDirectory() as checkpoints:
@@ -241,7 +243,10 @@ def measure_workers(folder: Path, args: argparse.Namespace, workers: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", choices=[*sorted(SHAPES), REAL], default="tiny",
+                        help=f"{REAL}: the real model on a real task (tools/bench_real.py)")
+    parser.add_argument("--data", type=Path, help=f"{REAL}: a chat JSONL task (default: the shipped orders task)")
+    parser.add_argument("--gguf", type=Path, help=f"{REAL}: another GGUF base file")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch (examples per step), both variants")
     parser.add_argument("--seq", type=int, default=None, help="max sequence length (tiny: 1024; others: 2048)")
     parser.add_argument("--median", type=int, default=None, help="median realistic length (default seq/6)")
@@ -256,6 +261,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help="reuse a folder built by an earlier run")
     parser.add_argument("--variant", choices=["project", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shape == REAL:
+        import bench_real  # tools/ is this script's own folder
+
+        bench_real.measure(args.data or bench_real.DEFAULT_DATA, args.gguf)
+        return
     args.seq = args.seq or (1024 if args.shape == "tiny" else 2048)
     args.median = args.median or max(16, args.seq // 6)
     if args.variant:

@@ -4,8 +4,10 @@ forget anything?
 
 For each side: loss and perplexity on the expected answers (completion tokens only), exact match of greedy
 answers, a format check (valid JSON, or a regular expression) when the expected answers have one, perplexity on
-general text shipped in resources/ (the forgetting probe), and a few sample answers. `run(spec, ctx)` runs in a
-job's work horse; models load through `fts_mcp.models.loading`.
+general text shipped in resources/ (the forgetting probe), and a few sample answers. A combined adapter (a
+merge of several) is also scored against each of its parts alone on that part's own data. The verdict (better or
+not) comes from the task figures alone; forgetting is advice beside it, never a reversal. `run(spec, ctx)` runs
+in a job's work horse; models load through `fts_mcp.models.loading`.
 """
 
 from __future__ import annotations
@@ -13,26 +15,29 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import PeftModel
 
-from fts_mcp.adapters.spec import EvalJobSpec
-from fts_mcp.datasets import read_dataset
+from fts_mcp.adapters.spec import EvalJobSpec, EvalPart
+from fts_mcp.datafiles import read_dataset
 from fts_mcp.errors import DatasetInvalid
-from fts_mcp.io import write_json_atomic
+from fts_mcp.files import write_json_atomic
 from fts_mcp.jobs.context import JobContext
-from fts_mcp.jobs.models import Artifacts
+from fts_mcp.jobs.records import Artifacts
 from fts_mcp.models import loading
+from fts_mcp.models.prompts import encode_chat_prompt, encode_prompt, encode_rows
 from fts_mcp.models.refs import companion_files
-from fts_mcp.training.data import encode_chat_prompt, encode_prompt, encode_rows
 
 PROBE_TEXT = "datasets/general_text.txt"
 PROBE_TOKENS = 256
+ANSWER_MARGIN = 16  # tokens generated past the longest expected answer (for the samples shown)
 FORGETTING_TOLERANCE = 1.2  # general-text perplexity may rise by this factor before it is called forgetting
+KEEP = 0.8  # a combined adapter keeps a part when it scores at least this share of the part's own exact match
 
 
 def examples(spec: EvalJobSpec, tokenizer: Any) -> list[dict[str, Any]]:
@@ -118,70 +123,181 @@ def structured(text: str) -> bool:
         return False
 
 
-def side(model: Any, tokenizer: Any, spec: EvalJobSpec, batch: list[dict[str, Any]], check_format: bool
-         ) -> dict[str, Any]:
+def answer_budget(spec: EvalJobSpec, tokenizer: Any, batch: list[dict[str, Any]]) -> int:
+    """New tokens to generate: enough for the longest expected answer and its end, plus a margin for the samples
+    (an answer longer than that cannot match anyway), never more than max_new_tokens."""
+    expected = [len(tokenizer(e["expected"], add_special_tokens=False)["input_ids"]) for e in batch
+                if e["expected"] is not None]
+    return min(spec.max_new_tokens, max(expected) + ANSWER_MARGIN) if expected else spec.max_new_tokens
+
+
+def same_answer(answer: str, expected: str) -> bool:
+    """Exact match, where two JSON texts that parse to the same value also match (spacing and key order aside)."""
+    answer, expected = answer.strip(), expected.strip()
+    if answer == expected:
+        return True
+    if structured(expected):
+        try:
+            return json.loads(answer) == json.loads(expected)
+        except ValueError:
+            return False
+    return False
+
+
+def side(model: Any, tokenizer: Any, spec: EvalJobSpec, batch: list[dict[str, Any]], check_format: bool, *,
+         probe: bool = True) -> dict[str, Any]:
     total, count = completion_loss(model, batch)
-    answers = [loading.generate(model, tokenizer, e["prompt_ids"], max_tokens=spec.max_new_tokens)[0]
-               if e["prompt_ids"] is not None else None for e in batch]
+    asked = [e for e in batch if e["prompt_ids"] is not None]
+    replies = iter(loading.greedy_batch(model, tokenizer, [e["prompt_ids"] for e in asked],
+                                        max_tokens=answer_budget(spec, tokenizer, asked)))
+    answers = [next(replies) if e["prompt_ids"] is not None else None for e in batch]
     scored = [(a, e["expected"]) for a, e in zip(answers, batch, strict=True) if a is not None]
     result: dict[str, Any] = {
         "loss": round(total / count, 4) if count else None,
         "perplexity": round(math.exp(total / count), 3) if count else None,
-        "exact_match": round(sum(a.strip() == x.strip() for a, x in scored) / len(scored), 4) if scored else None,
+        "exact_match": round(sum(same_answer(a, x) for a, x in scored) / len(scored), 4) if scored else None,
         "format_ok": round(sum(format_ok(spec, a) for a, _ in scored) / len(scored), 4)
         if scored and check_format else None,
-        "general_text_perplexity": round(probe_perplexity(model, tokenizer), 3),
     }
+    if probe:
+        result["general_text_perplexity"] = round(probe_perplexity(model, tokenizer), 3)
     return result | {"_answers": answers}
 
 
-def verdict(base: dict[str, Any], tuned: dict[str, Any]) -> tuple[bool, bool, str]:
-    """(better, forgot, in words)."""
+class Verdict(NamedTuple):
+    """Better or not, and by which measure (`summary`); advice beside it never changes `better`."""
+
+    better: bool
+    summary: str
+    forgetting: bool
+    advice: list[str]
+
+
+def compared(base: dict[str, Any], tuned: dict[str, Any]) -> tuple[bool, str]:
+    """Better on the task or not, and how it was decided: exact match where it moved, else loss."""
     if base["exact_match"] is not None and tuned["exact_match"] != base["exact_match"]:
-        better = tuned["exact_match"] > base["exact_match"]
-        how = f"exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%}"
+        return (tuned["exact_match"] > base["exact_match"],
+                f"exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%}")
+    better = tuned["loss"] is not None and base["loss"] is not None and tuned["loss"] < base["loss"]
+    unchanged = f"exact match unchanged at {base['exact_match']:.0%}; " if base["exact_match"] is not None else ""
+    return better, f"{unchanged}loss {base['loss']} -> {tuned['loss']}"
+
+
+def kept(alone: dict[str, Any], combined: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a combination keeps what a part does on the part's own data: at least KEEP x the part's exact
+    match, or, where the part alone matches nothing, a loss at most ln(1/KEEP) above its own (perplexity at
+    most 1/KEEP x)."""
+    if alone["exact_match"] and combined["exact_match"] is not None:
+        return (combined["exact_match"] + 1e-9 >= KEEP * alone["exact_match"],
+                f"exact match {alone['exact_match']:.0%} alone -> {combined['exact_match']:.0%} combined")
+    if alone["loss"] is None or combined["loss"] is None:
+        return True, "nothing to compare: no answers scored"
+    return (combined["loss"] <= alone["loss"] + math.log(1 / KEEP) + 1e-9,
+            f"loss {alone['loss']} alone -> {combined['loss']} combined")
+
+
+def verdict(base: dict[str, Any], tuned: dict[str, Any], parts: Sequence[dict[str, Any]] = (),
+            skipped: Sequence[str] = ()) -> Verdict:
+    """Better than the base on this data (and, for a combination, keeping every part scored on its own data), in
+    words; forgetting and unscored parts are advice."""
+    better, how = compared(base, tuned)
+    lost = [p for p in parts if not p["kept"]]
+    if lost:
+        losses = "; ".join(f"{p['name']} on its own data ({p['how']})" for p in lost)
+        summary = (f"not better: {'beats' if better else 'does not beat'} the base on this data ({how})"
+                   f"{' but' if better else ' and'} lost {losses}")
+        better = False
     else:
-        better = tuned["loss"] is not None and base["loss"] is not None and tuned["loss"] < base["loss"]
-        how = f"loss {base['loss']} -> {tuned['loss']}"
-    forgot = tuned["general_text_perplexity"] > FORGETTING_TOLERANCE * base["general_text_perplexity"]
-    probe = (f"general-text perplexity {base['general_text_perplexity']} -> {tuned['general_text_perplexity']}"
-             f"{' (forgetting: more than +20%)' if forgot else ''}")
-    return better, forgot, f"{'better' if better else 'not better'} than the base on this data ({how}); {probe}"
+        summary = f"{'better' if better else 'not better'} than the base on this data ({how})"
+        if parts:
+            summary += "; kept each part on its own data (" + "; ".join(f"{p['name']}: {p['how']}" for p in parts) \
+                + ")"
+    advice = []
+    before, after = base.get("general_text_perplexity"), tuned.get("general_text_perplexity")
+    forgot = before is not None and after is not None and after > FORGETTING_TOLERANCE * before
+    if forgot:
+        advice.append(f"general-text perplexity rose {before} -> {after} (+{after / before - 1:.0%}): the adapter "
+                      "forgot some general text; fewer epochs or a lower learning rate keep more")
+    if skipped:
+        advice.append(f"{len(skipped)} part(s) not scored on their own data: " + "; ".join(skipped))
+    return Verdict(better, summary, forgot, advice)
+
+
+def tokenizer_for(folder: Path, spec: EvalJobSpec, fallback: Any = None) -> Any:
+    """The tokenizer saved beside an adapter or model (the chat template it was trained with), else the fallback,
+    else the base's."""
+    if any(f.name.startswith("tokenizer") for f in companion_files(folder)):
+        return loading.load_tokenizer(str(folder), trust_remote_code=spec.trust_remote_code)
+    return fallback if fallback is not None else loading.load_tokenizer(spec.base_model,
+                                                                         trust_remote_code=spec.trust_remote_code)
+
+
+def checks_format(spec: EvalJobSpec, batch: list[dict[str, Any]]) -> bool:
+    expected = [e["expected"] for e in batch if e["expected"] is not None]
+    return spec.answer_format == "json" or spec.regex is not None or \
+        (bool(expected) and all(structured(x) for x in expected))
+
+
+def score_part(model: PeftModel, spec: EvalJobSpec, part: EvalPart, index: int, tokenizer: Any) -> dict[str, Any]:
+    """One part of a combination alone, then the combination (the PeftModel's `default` adapter), on the part's
+    own data; the part is loaded beside the combination on the same base and removed after."""
+    part_spec = spec.model_copy(update={"dataset": part.dataset, "split": part.split, "answer_format": None,
+                                        "regex": None})
+    tokenizer = tokenizer_for(Path(part.adapter_dir), spec, tokenizer)
+    batch = examples(part_spec, tokenizer)
+    check_format = checks_format(part_spec, batch)
+    name = f"part{index}"
+    model.load_adapter(part.adapter_dir, adapter_name=name)
+    try:
+        model.set_adapter(name, inference_mode=True)
+        alone = side(model, tokenizer, part_spec, batch, check_format, probe=False)
+    finally:
+        model.set_adapter("default", inference_mode=True)
+        model.delete_adapter(name)
+    combined = side(model, tokenizer, part_spec, batch, check_format, probe=False)
+    alone.pop("_answers"), combined.pop("_answers")
+    keeps, how = kept(alone, combined)
+    return {"name": part.name, "dataset": part.dataset, "split": part.split.model_dump() if part.split else None,
+            "data": "its training job's held-out split" if part.split else
+            "its training data (its job kept no eval split): how well the task is remembered, not held out",
+            "examples": len(batch), "alone": alone, "combined": combined, "kept": keeps, "how": how}
 
 
 def run(spec: EvalJobSpec, ctx: JobContext) -> Artifacts:
     ctx.phase("loading_model")
-    tuned_folder = Path(spec.adapter_dir or spec.merged_dir)
-    has_tokenizer = any(f.name.startswith("tokenizer") for f in companion_files(tuned_folder))
-    tokenizer = loading.load_tokenizer(str(tuned_folder) if has_tokenizer else spec.base_model,
-                                       trust_remote_code=spec.trust_remote_code)
+    tokenizer = tokenizer_for(Path(spec.adapter_dir or spec.merged_dir), spec)
     batch = examples(spec, tokenizer)
-    expected = [e["expected"] for e in batch if e["expected"] is not None]
-    check_format = spec.answer_format == "json" or spec.regex is not None or \
-        (bool(expected) and all(structured(x) for x in expected))
-    base = loading.load_model(spec.base_model, trust_remote_code=spec.trust_remote_code).eval()
+    check_format = checks_format(spec, batch)
+    base = loading.load_model(spec.base_model, trust_remote_code=spec.trust_remote_code,
+                              quantization=spec.quantization).eval()
     ctx.phase("evaluating")
+    parts = []
     if spec.adapter_dir:
         model = PeftModel.from_pretrained(base, spec.adapter_dir).eval()
         with model.disable_adapter():
             base_side = side(model, tokenizer, spec, batch, check_format)
         tuned_side = side(model, tokenizer, spec, batch, check_format)
+        parts = [score_part(model, spec, part, i, tokenizer) for i, part in enumerate(spec.parts)]
     else:
         base_side = side(base, tokenizer, spec, batch, check_format)
         del base
         merged = loading.load_model(spec.merged_dir, trust_remote_code=spec.trust_remote_code).eval()
         tuned_side = side(merged, tokenizer, spec, batch, check_format)
     base_answers, tuned_answers = base_side.pop("_answers"), tuned_side.pop("_answers")
-    better, forgot, summary = verdict(base_side, tuned_side)
+    found = verdict(base_side, tuned_side, parts, spec.parts_skipped)
     samples = [{"prompt": (e.get("prompt") or "")[:300], "expected": (e["expected"] or "")[:300],
                 "base": (b or "")[:300], "adapter": (t or "")[:300]}
                for e, b, t in list(zip(batch, base_answers, tuned_answers, strict=True))[: spec.samples]
                if e["expected"] is not None]
-    report = {"examples": len(batch), "base": base_side, "adapter": tuned_side, "better": better, "forgetting": forgot,
-              "summary": summary, "samples": samples, "dataset": spec.dataset,
-              "split": spec.split.model_dump() if spec.split else None}
+    report = {"examples": len(batch), "base": base_side, "adapter": tuned_side, "better": found.better,
+              "forgetting": found.forgetting, "summary": found.summary, "advice": found.advice, "samples": samples,
+              "dataset": spec.dataset, "split": spec.split.model_dump() if spec.split else None}
+    if spec.parts or spec.parts_skipped:
+        report |= {"parts": parts, "parts_skipped": spec.parts_skipped}
     write_json_atomic(ctx.workdir / "eval.json", report)
-    brief = [{k: v[:120] for k, v in sample.items()} for sample in samples[:2]]  # the rest: fts://jobs/{id}/eval
-    return Artifacts(metrics=str(ctx.workdir / "eval.json"),
-                     evaluation={**{k: report[k] for k in ("examples", "base", "adapter", "better", "forgetting",
-                                                           "summary")}, "samples": brief})
+    brief = {k: report[k] for k in ("examples", "base", "adapter", "better", "forgetting", "summary", "advice")}
+    brief["samples"] = [{k: v[:120] for k, v in sample.items()} for sample in samples[:2]]  # fts://jobs/{id}/eval
+    if "parts" in report:
+        brief["parts"] = [{"name": p["name"], "alone": p["alone"]["exact_match"],
+                           "combined": p["combined"]["exact_match"], "kept": p["kept"]} for p in parts]
+    return Artifacts(metrics=str(ctx.workdir / "eval.json"), evaluation=brief)

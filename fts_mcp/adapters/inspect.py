@@ -12,28 +12,36 @@ from pydantic import BaseModel
 from safetensors import SafetensorError, safe_open
 
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.io import sha256_file
-from fts_mcp.planning.architecture import Architecture
+from fts_mcp.files import sha256_file
+from fts_mcp.models.architecture import Architecture
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 LORA_KEY = re.compile(r"layers\.(\d+)\..*?([A-Za-z0-9_]+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
-class AdapterInfo(BaseModel):
-    path: str
+class AdapterConfig(BaseModel):
+    """What an adapter's `adapter_config.json` says, checked: the one reader of that file for every step."""
+
     base_model: str | None
-    peft_type: str
     r: int
     alpha: float
+    use_rslora: bool = False
+    use_dora: bool = False
     target_modules: list[str] | str
-    shapes: dict[str, list[int]]
-    sha256: dict[str, str]
-    bytes: int
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        """The factor PEFT multiplies B @ A by: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+class AdapterInfo(AdapterConfig):
+    path: str
+    peft_type: str
+    shapes: dict[str, list[int]]
+    sha256: dict[str, str]
+    bytes: int
 
 
 def safetensors_shapes(path: Path, *, param: str) -> dict[str, list[int]]:
@@ -46,18 +54,15 @@ def safetensors_shapes(path: Path, *, param: str) -> dict[str, list[int]]:
         raise InvalidArgument(f"{path} is corrupt: {exc}", param=param) from exc
 
 
-def read_adapter(folder: Path, *, param: str = "adapter") -> AdapterInfo:
-    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+def read_adapter_config(folder: Path, *, param: str = "adapter") -> AdapterConfig:
+    """The folder's LoRA config, refused with the reason when it is missing, not JSON or not a LoRA adapter's."""
+    config_path = folder / CONFIG
     if not config_path.is_file():
         raise InvalidArgument(f"{folder} has no {CONFIG}: expected a PEFT adapter folder (save_pretrained output)",
                               param=param)
-    if not weights_path.is_file():
-        legacy = " (adapter_model.bin is not accepted: re-save it with safetensors)" \
-            if (folder / "adapter_model.bin").exists() else ""
-        raise InvalidArgument(f"{folder} has no {WEIGHTS}{legacy}", param=param)
     try:
         config: dict[str, Any] = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"{config_path} is not valid JSON: {exc}", param=param) from exc
     if not isinstance(config, dict):
         raise InvalidArgument(f"{config_path} is not a JSON object", param=param)
@@ -69,18 +74,30 @@ def read_adapter(folder: Path, *, param: str = "adapter") -> AdapterInfo:
     if not 1 <= r <= 65_536 or not 0 < alpha < 1e9:
         raise InvalidArgument(f"{config_path}: r={r}, lora_alpha={alpha} are not a LoRA adapter's", param=param)
     if config.get("peft_type") != "LORA":
-        raise InvalidArgument(f"{folder} holds a {config.get('peft_type')!r} adapter; only LORA adapters merge here",
-                              param=param)
+        raise InvalidArgument(f"{folder} holds a {config.get('peft_type')!r} adapter; only LoRA adapters are "
+                              "supported", param=param)
+    targets = config.get("target_modules") or []
+    return AdapterConfig(
+        base_model=base if isinstance(base := config.get("base_model_name_or_path"), str) else None,
+        r=r, alpha=alpha, use_rslora=config.get("use_rslora") is True, use_dora=config.get("use_dora") is True,
+        target_modules=sorted(str(t) for t in targets) if isinstance(targets, list) else
+        targets if isinstance(targets, str) else [])
+
+
+def read_adapter(folder: Path, *, param: str = "adapter") -> AdapterInfo:
+    """The config plus the weights' tensor shapes and the files' sha256 (checks before any heavy work)."""
+    weights_path = folder / WEIGHTS
+    config = read_adapter_config(folder, param=param)
+    if not weights_path.is_file():
+        legacy = " (adapter_model.bin is not accepted: re-save it with safetensors)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise InvalidArgument(f"{folder} has no {WEIGHTS}{legacy}", param=param)
     shapes = safetensors_shapes(weights_path, param=param)
     if not any(".lora_A" in name for name in shapes):
         raise InvalidArgument(f"{weights_path} holds no lora_A / lora_B tensors", param=param)
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    targets = config.get("target_modules") or []
     return AdapterInfo(
-        path=str(folder), base_model=base if isinstance(base := config.get("base_model_name_or_path"), str) else None,
-        peft_type="LORA", r=r, alpha=alpha,
-        target_modules=sorted(str(t) for t in targets) if isinstance(targets, list) else
-        targets if isinstance(targets, str) else [],
+        **config.model_dump(), path=str(folder), peft_type="LORA",
         shapes=shapes, sha256={p.name: sha256_file(p) for p in files if p.name in (CONFIG, WEIGHTS)},
         bytes=sum(p.stat().st_size for p in files))
 

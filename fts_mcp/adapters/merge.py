@@ -1,9 +1,12 @@
-"""The merge recipe: load the base in 16 bits (never 4), attach the adapter(s), verify, merge, save atomically.
+"""The merge recipe: load the base in 16 bits (never merge into 4), attach the adapter(s), verify, merge, save
+atomically.
 
-`run(spec, ctx)` runs in a job's work horse and knows nothing of the job store. Memory: one 16-bit copy of the
-base; PEFT merges in place. An adapter trained on a 4-bit base is also compared with that 4-bit base + adapter,
-and the difference is reported, not hidden. The merged folder carries the tokenizer and chat template the
-adapter was trained with (saved beside it), so `apply_chat_template` works on the merged model.
+Which 16-bit weights: an adapter trained on the NF4 base (QLoRA) merges by default into those NF4 weights,
+dequantized (`base_weights='trained'`), so the merged model is the model that was trained and evaluated; with
+`base_weights='original'` it merges into the original 16-bit weights, and its difference from the NF4 base +
+adapter it was trained on is reported, not hidden. `run(spec, ctx)` runs in a job's work horse and knows nothing
+of the job store. Memory: one 16-bit copy of the base; PEFT merges in place. The merged folder carries the
+tokenizer and chat template the adapter was trained with (saved beside it), so `apply_chat_template` works on it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from peft import PeftModel
 
 from fts_mcp.adapters.spec import MergeJobSpec
 from fts_mcp.errors import FtsError
-from fts_mcp.io import artifact_files, write_bytes_atomic, write_json_atomic
+from fts_mcp.files import artifact_files, write_bytes_atomic, write_json_atomic
 from fts_mcp.jobs.context import JobContext
-from fts_mcp.jobs.models import Artifacts, Verification
+from fts_mcp.jobs.records import Artifacts, Verification
 from fts_mcp.models import loading
 from fts_mcp.models.refs import companion_files
 
@@ -67,6 +70,25 @@ def attach(base: Any, spec: MergeJobSpec) -> Any:
     return model
 
 
+def into_trained_nf4(spec: MergeJobSpec) -> bool:
+    """Merge into the dequantized NF4 weights: asked for (the default), and every adapter was trained on NF4."""
+    return spec.base_weights == "trained" and all(s.trained_quantization == "nf4" for s in spec.adapters)
+
+
+def load_base(spec: MergeJobSpec) -> Any:
+    if into_trained_nf4(spec):
+        return loading.load_dequantized_nf4(spec.base_model, trust_remote_code=spec.trust_remote_code,
+                                            dtype=loading.DTYPES[spec.dtype])
+    return loading.load_model(spec.base_model, trust_remote_code=spec.trust_remote_code,
+                              dtype=loading.DTYPES[spec.dtype])
+
+
+def merged_into(spec: MergeJobSpec) -> str:
+    if into_trained_nf4(spec):
+        return f"the NF4 base the adapter was trained on, dequantized to {spec.dtype}"
+    return f"the original weights of the base in {spec.dtype}"
+
+
 def trained_base_logits(spec: MergeJobSpec, probes: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """Logits of the 4-bit base + adapter the adapter was trained with (single adapters trained with nf4)."""
     source = spec.adapters[0]
@@ -79,7 +101,7 @@ def trained_base_logits(spec: MergeJobSpec, probes: list[torch.Tensor]) -> list[
 
 
 def model_card(spec: MergeJobSpec, verification: Verification | None, metrics: dict | None) -> str:
-    lines = [f"# {spec.output_name}", "", f"Merged by fts-mcp into `{spec.base_model}` in {spec.dtype}.", "",
+    lines = [f"# {spec.output_name}", "", f"Merged by fts-mcp into `{spec.base_model}`: {merged_into(spec)}.", "",
              "| adapter | weight | r | alpha | trained on |", "|---|---|---|---|---|"]
     trained_on = {"nf4": "4-bit NF4 base", "none": "16-bit base", None: "unknown"}
     for s in spec.adapters:
@@ -93,8 +115,8 @@ def model_card(spec: MergeJobSpec, verification: Verification | None, metrics: d
                   f"Max |logit difference| merged vs unmerged on {verification.inputs} fixed inputs: "
                   f"{verification.max_abs_logit_diff:.3g} (tolerance {verification.tolerance:.3g})."]
         if verification.trained_base_max_abs_logit_diff is not None:
-            lines.append(f"Against the 4-bit base the adapter was trained on: "
-                         f"{verification.trained_base_max_abs_logit_diff:.3g} (the 16-bit base is not rounded).")
+            lines.append(f"Against the 4-bit base + adapter it was trained on: "
+                         f"{verification.trained_base_max_abs_logit_diff:.3g}.")
     if metrics:
         lines += ["", "## Training", "", f"Dataset: `{metrics.get('dataset', '?')}`; steps {metrics.get('steps')}; "
                   f"final loss {metrics.get('final_loss')}; eval loss {metrics.get('eval_loss')}."]
@@ -114,8 +136,7 @@ def run(spec: MergeJobSpec, ctx: JobContext) -> Artifacts:
     shutil.rmtree(staging, ignore_errors=True)
     ctx.phase("loading_model")
     tokenizer = loading.load_tokenizer(tokenizer_source(spec), trust_remote_code=spec.trust_remote_code)
-    base = loading.load_model(spec.base_model, trust_remote_code=spec.trust_remote_code,
-                              dtype=loading.DTYPES[spec.dtype])
+    base = load_base(spec)
     model = attach(base, spec).eval()
     probes = probe_ids(tokenizer)
     try:
@@ -141,7 +162,7 @@ def run(spec: MergeJobSpec, ctx: JobContext) -> Artifacts:
             atol, rtol = TOLERANCE[spec.dtype]
             tolerance = atol + rtol * max(x.abs().max().item() for x in before)
             verification = Verification(max_abs_logit_diff=diff, tolerance=tolerance, dtype=spec.dtype,
-                                        inputs=len(probes), passed=diff <= tolerance,
+                                        inputs=len(probes), passed=diff <= tolerance, merged_into=merged_into(spec),
                                         trained_base_max_abs_logit_diff=max_diff(trained, after) if trained else None)
             log.info("verification: %s", verification.model_dump())
             if spec.verify and not verification.passed:

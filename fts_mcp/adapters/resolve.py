@@ -1,18 +1,20 @@
 """The one resolver for an adapter argument: a succeeded training job id, a store reference (`name`,
-`name@v2`, `name:prod`) or an adapter folder inside the roots. Used by merge, deploy and generate."""
+`name@v2`, `name:prod`) or an adapter folder inside the roots, and the base it was trained on. Used by merge,
+evaluate, deploy and generate."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple
 
+from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.store import Manifest
 from fts_mcp.config import Settings
-from fts_mcp.edge.sources import StoreSource
-from fts_mcp.edge.store import Manifest
 from fts_mcp.errors import InvalidArgument, JobNotFound, about
-from fts_mcp.jobs.models import Job
+from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JOB_ID_RE, JobState
+from fts_mcp.models.base import TrainingBase, read_training_base
 from fts_mcp.models.refs import looks_like_path
 from fts_mcp.paths import resolve_inside
 
@@ -53,9 +55,19 @@ def resolve_adapter(ref: str, settings: Settings, jobs: Jobs, *, param: str = "a
     return ResolvedAdapter(resolve_inside(ref, settings.roots, param=param))
 
 
-def trained_quantization(jobs: Jobs, job_id: str | None) -> str | None:
-    """How the base was loaded when an adapter was trained, if its training job is on record here."""
-    try:
-        return jobs.get(job_id, log_lines=0).spec.get("quantization") if job_id else None
-    except JobNotFound:
-        return None
+def training_base(source: ResolvedAdapter, jobs: Jobs, *, param: str = "adapter") -> TrainingBase | None:
+    """The base an adapter was trained on: as its folder records it, else its store manifest, else its training
+    job's spec (adapters trained before the record existed); None when nothing says."""
+    recorded = read_training_base(source.folder, param=param)
+    if recorded is not None:
+        return recorded
+    if source.manifest is not None and source.manifest.training_base is not None:
+        return source.manifest.training_base
+    job = source.job
+    if job is None and source.manifest is not None and source.manifest.source_job:
+        try:
+            job = jobs.get(source.manifest.source_job, log_lines=0)
+        except JobNotFound:
+            job = None
+    quantization = job.spec.get("quantization") if job is not None and job.kind == "train" else None
+    return TrainingBase(quantization=quantization) if quantization in ("nf4", "none") else None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from fts_mcp.adapters.inspect import AdapterInfo, check_fits_base, read_adapter
-from fts_mcp.adapters.resolve import ResolvedAdapter, resolve_adapter, trained_quantization
+from fts_mcp.adapters.resolve import ResolvedAdapter, resolve_adapter, training_base
 from fts_mcp.adapters.spec import (
     EQUAL_RANKS,
     NEEDS_DENSITY,
@@ -19,21 +19,22 @@ from fts_mcp.adapters.spec import (
     Combination,
     Dtype,
     EvalJobSpec,
+    EvalPart,
     EvalSplit,
     MergeJobSpec,
     WeightedAdapter,
 )
 from fts_mcp.config import Settings
-from fts_mcp.datasets import require_valid
-from fts_mcp.errors import InvalidArgument
-from fts_mcp.io import sha256_file
-from fts_mcp.jobs.models import Job
+from fts_mcp.datafiles import require_valid
+from fts_mcp.errors import FtsError, InvalidArgument
+from fts_mcp.files import sha256_file
+from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.service import Jobs
-from fts_mcp.jobs.states import JobState
+from fts_mcp.jobs.states import JOB_ID_RE, JobState
+from fts_mcp.models.architecture import from_config, read_config
 from fts_mcp.models.refs import hub_offline, resolve_model_argument
 from fts_mcp.names import check_output_name
 from fts_mcp.paths import resolve_inside
-from fts_mcp.planning.architecture import from_config, read_config
 
 
 class Merging:
@@ -44,7 +45,8 @@ class Merging:
     def merge(self, adapter: str | None = None, *, adapters: list[WeightedAdapter | dict] | None = None,
               base_model: str | None = None, output_name: str | None = None, dtype: Dtype = "bfloat16",
               verify: bool = True, combination: Combination = "cat", density: float | None = None,
-              output: Literal["model", "adapter"] = "model") -> Job:
+              output: Literal["model", "adapter"] = "model",
+              base_weights: Literal["trained", "original"] = "trained") -> Job:
         if (adapter is None) == (adapters is None):
             raise InvalidArgument("give adapter (one) or adapters (a weighted list), exactly one of them",
                                   param="adapter")
@@ -77,21 +79,22 @@ class Merging:
         name = check_output_name(output_name or default_name(first))
         spec_sources = [
             AdapterSource(path=str(s.folder), weight=e.weight, job_id=s.job.job_id if s.job else None,
-                          trained_quantization=s.job.spec.get("quantization") if s.job else
-                          trained_quantization(self.jobs, s.manifest.source_job if s.manifest else None),
+                          trained_quantization=base.quantization if (base := training_base(s, self.jobs, param=p))
+                          else None,
                           r=info.r, alpha=info.alpha, sha256=info.sha256)
-            for s, e, info in zip(sources, entries, infos, strict=True)]
+            for s, e, info, p in zip(sources, entries, infos, params, strict=True)]
         combination_used = combination if several else None
         key = hashlib.sha256(json.dumps({
             "adapters": [(s.sha256, s.weight) for s in spec_sources], "base": model,
             "base_config": sha256_file(Path(config_path)), "dtype": dtype, "combination": combination_used,
-            "density": density if several else None, "output": output}, sort_keys=True).encode()).hexdigest()
+            "density": density if several else None, "output": output, "base_weights": base_weights},
+            sort_keys=True).encode()).hexdigest()
         out = self.settings.home / ("models" if output == "model" else "adapters") / name
         if (existing := self._existing(out, key)) is not None:
             return existing
         spec = MergeJobSpec(adapters=spec_sources, base_model=model, dtype=dtype, verify=verify,
                             combination=combination_used, density=density if several else None, output=output,
-                            output_name=name, output_dir=str(out), inputs_key=key,
+                            output_name=name, output_dir=str(out), inputs_key=key, base_weights=base_weights,
                             trust_remote_code=self.settings.trust_remote_code,
                             training_metrics=None if several else self._training_metrics(first))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,25 +156,36 @@ class Evaluating:
                 re.compile(regex)
             except re.error as exc:
                 raise InvalidArgument(f"{regex[:80]!r} is not a regular expression: {exc}", param="regex") from None
-        split, declared = None, None
+        split, declared, quantization = None, None, "none"
+        parts: list[EvalPart] = []
+        skipped: list[str] = []
         adapter_dir = merged_dir = None
         if adapter is not None:
             source = resolve_adapter(adapter, self.settings, self.jobs)
             info = read_adapter(source.folder)
             adapter_dir, declared = str(source.folder), source.base_model or info.base_model
-            training = source.job.spec.get("training", {}) if source.job else {}
-            held_out = math.floor(source.job.spec.get("dataset_examples", 0) * training.get("eval_fraction", 0)) \
-                if source.job else 0
-            if dataset is None and held_out:
+            trained = training_base(source, self.jobs)
+            quantization = trained.quantization if trained is not None else "none"
+            if dataset is None and (split := eval_split(source.job)) is not None:
                 dataset = source.job.spec["dataset"]
-                split = EvalSplit(fraction=training["eval_fraction"], seed=training.get("seed", 42))
+            combined = merge_record(source.folder)
+            if combined.get("output") == "adapter" and isinstance(recorded := combined.get("adapters"), list) \
+                    and len(recorded) > 1:
+                parts, skipped = self._parts(recorded)
         else:
             folder = resolve_inside(merged_model, self.settings.roots, param="merged_model")
             if not (folder / "config.json").is_file():
                 raise InvalidArgument(f"{folder} has no config.json: expected a merged model folder",
                                       param="merged_model")
-            merge = json.loads((folder / "merge.json").read_text()) if (folder / "merge.json").is_file() else {}
-            merged_dir, declared = str(folder), merge.get("spec", {}).get("base_model")
+            merged_from = merge_record(folder)
+            merged_dir, declared = str(folder), base if isinstance(base := merged_from.get("base_model"), str) else None
+            adapters = merged_from.get("adapters")
+            if merged_from.get("base_weights", "original") == "trained" and isinstance(adapters, list) and adapters \
+                    and all(isinstance(a, dict) and a.get("trained_quantization") == "nf4" for a in adapters):
+                quantization = "nf4"  # merged into the NF4 weights: the base it is compared with is that one
+        if dataset is None and (parts or skipped):
+            raise InvalidArgument("give dataset: a held-out JSONL file of the combined task (each part is also "
+                                  "scored on its own training job's data)", param="dataset")
         if dataset is None:
             raise InvalidArgument("give dataset: a held-out JSONL file (the training job kept no eval split; train "
                                   "with training.eval_fraction to have one)", param="dataset")
@@ -181,11 +195,54 @@ class Evaluating:
             raise InvalidArgument("the adapter does not name its base model; pass base_model", param="base_model")
         model = resolve_model_argument(base_model or declared, self.settings)
         spec = EvalJobSpec(base_model=model, adapter_dir=adapter_dir, adapter_ref=adapter, merged_dir=merged_dir,
-                           dataset=str(file),
+                           dataset=str(file), quantization=quantization, parts=parts, parts_skipped=skipped,
                            split=split, answer_format=answer_format, regex=regex, max_examples=max_examples,
                            samples=samples, max_new_tokens=max_new_tokens,
                            trust_remote_code=self.settings.trust_remote_code)
         return self.jobs.submit("eval", spec, model=model)
+
+    def _parts(self, recorded: list) -> tuple[list[EvalPart], list[str]]:
+        """The adapters a combined adapter was merged from, each with data of its own task: its training job's
+        eval split, else that job's dataset; those without a training job on record are listed with the reason."""
+        parts, skipped = [], []
+        for i, entry in enumerate(recorded):
+            label = f"adapters[{i}]"
+            job_id = entry.get("job_id") if isinstance(entry, dict) else None
+            if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+                path = entry.get("path") if isinstance(entry, dict) else None
+                skipped.append(f"{label} ({path}) was merged from a folder or store reference: no training job on "
+                               "record to take its data from")
+                continue
+            try:
+                source = resolve_adapter(job_id, self.settings, self.jobs, param=label)
+                read_adapter(source.folder, param=label)
+                file = resolve_inside(source.job.spec["dataset"], self.settings.roots, param=label)
+                require_valid(file)
+            except FtsError as exc:
+                skipped.append(f"{label} ({job_id}): {exc.message}")
+                continue
+            parts.append(EvalPart(name=job_id, adapter_dir=str(source.folder), dataset=str(file),
+                                  split=eval_split(source.job)))
+        return parts, skipped
+
+
+def eval_split(job: Job | None) -> EvalSplit | None:
+    """A training job's held-out split (its trainer's fraction and seed: the same rows), when it kept one."""
+    if job is None:
+        return None
+    training = job.spec.get("training", {})
+    if not math.floor(job.spec.get("dataset_examples", 0) * training.get("eval_fraction", 0)):
+        return None
+    return EvalSplit(fraction=training["eval_fraction"], seed=training.get("seed", 42))
+
+
+def merge_record(folder: Path) -> dict:
+    """The spec a merged model folder records in merge.json (empty when absent or unreadable: it is only a hint)."""
+    try:
+        spec = json.loads((folder / "merge.json").read_text()).get("spec")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def default_name(source: ResolvedAdapter) -> str:

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Dtype = Literal["bfloat16", "float16", "float32"]
+from fts_mcp.models.dtypes import Dtype
+
 Combination = Literal["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 EQUAL_RANKS = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
 NEEDS_DENSITY = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
@@ -43,6 +44,9 @@ class MergeJobSpec(BaseModel):
     combination: Combination | None = None
     density: float | None = None
     output: Literal["model", "adapter"] = "model"
+    base_weights: Literal["trained", "original"] = Field(
+        "trained", description="trained: merge a QLoRA adapter into the dequantized NF4 weights it was trained on; "
+                               "original: into the original 16-bit weights")
     output_name: str
     output_dir: str
     inputs_key: str = Field(description="sha256 of everything that determines the result")
@@ -60,6 +64,18 @@ class EvalSplit(BaseModel):
     seed: int
 
 
+class EvalPart(BaseModel):
+    """One adapter of a combination and data of its own task: its training job's eval split, or (the job kept
+    none) that job's training data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the training job that made it")
+    adapter_dir: str
+    dataset: str
+    split: EvalSplit | None = Field(None, description="None: the whole file, which is the part's training data")
+
+
 class EvalJobSpec(BaseModel):
     """What an `eval` job compares: the base alone against the base with the adapter (or a merged model)."""
 
@@ -70,6 +86,12 @@ class EvalJobSpec(BaseModel):
     adapter_ref: str | None = Field(None, description="the adapter as the caller named it (job id, store reference, "
                                                       "folder): what a next deploy or merge takes")
     merged_dir: str | None = None
+    quantization: Literal["nf4", "none"] = Field("none", description="how the base is loaded: as the adapter was "
+                                                                    "trained (nf4 for a QLoRA adapter)")
+    parts: list[EvalPart] = Field(default_factory=list, description="a combined adapter's parts, each also scored "
+                                                                    "on its own data")
+    parts_skipped: list[str] = Field(default_factory=list, description="parts of the combination not scored on "
+                                                                       "their own data, and why")
     dataset: str
     split: EvalSplit | None = None
     answer_format: Literal["json"] | None = None

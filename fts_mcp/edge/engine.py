@@ -17,7 +17,6 @@ Figures are kept with `prometheus_client`, one registry per engine.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import queue
 import re
@@ -37,14 +36,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from fts_mcp.adapters.inspect import CONFIG, LORA_KEY, WEIGHTS, read_adapter
+from fts_mcp.adapters.inspect import LORA_KEY, WEIGHTS, read_adapter, read_adapter_config
+from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.store import CorruptAdapter
 from fts_mcp.edge.bank import BASE_SLOT, LoraBank
-from fts_mcp.edge.sources import StoreSource
-from fts_mcp.edge.store import CorruptAdapter
 from fts_mcp.errors import FtsError, InvalidArgument, about
 from fts_mcp.models import loading
+from fts_mcp.models.base import TrainingBase, read_training_base
+from fts_mcp.models.prompts import encode_chat_prompt, encode_prompt
 from fts_mcp.paths import resolve_inside
-from fts_mcp.training.data import encode_chat_prompt, encode_prompt
 
 SWAP_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -184,9 +184,10 @@ class Engine:
         self.dtype = loading.compute_dtype(self.device)
         self.tokenizer = loading.load_tokenizer(base, trust_remote_code=trust_remote_code, param="--base")
         nf4 = quantize == "nf4" or (quantize == "auto" and self.device.type == "cuda")
-        self.model = loading.load_model(base, trust_remote_code=trust_remote_code,
-                                        quantization="nf4" if nf4 else "none", dtype=self.dtype, on=self.device,
-                                        param="--base").eval()
+        self.quantization = "nf4" if nf4 else "none"
+        self.model = loading.load_model(base, trust_remote_code=trust_remote_code, quantization=self.quantization,
+                                        dtype=self.dtype, on=self.device, param="--base").eval()
+        self.trained_on: dict[Path, TrainingBase | None] = {}  # adapter folder -> the base it was trained on
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         # transformers renamed forward's `past_key_values` to `cache` (the old name warns); take the model's own
         self.cache_arg = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters \
@@ -212,21 +213,20 @@ class Engine:
         """An adapter's factors, scaling folded into B, in host memory. A config or weights file that is not what a
         LoRA adapter holds is refused as corrupt (502), never a server error."""
         try:
-            config = json.loads((folder / CONFIG).read_text())
-            r = int(config["r"])
-            alpha = float(config.get("lora_alpha", r))
-            if r < 1 or not alpha > 0:
-                raise ValueError(f"r={r}, lora_alpha={alpha}")
+            config = read_adapter_config(folder, param="model")
             tensors = load_file(folder / WEIGHTS)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        except InvalidArgument as exc:
+            raise CorruptAdapter(f"{key} cannot be read as a LoRA adapter ({exc.message[:200]})",
+                                 param="model") from exc
+        except (OSError, ValueError, SafetensorError) as exc:
             raise CorruptAdapter(f"{key} cannot be read as a LoRA adapter ({type(exc).__name__}: {str(exc)[:200]})",
                                  param="model") from exc
-        if config.get("use_dora"):
+        if config.use_dora:
             raise InvalidArgument(f"{key} is a DoRA adapter; the runtime serves plain LoRA", param="model")
+        r, scaling = config.r, config.scaling
         if r > self.max_rank:
             raise InvalidArgument(f"{key} has rank {r}, above this runtime's --max-rank {self.max_rank}",
                                   param="model")
-        scaling = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
         pairs: dict[str, list[torch.Tensor | None]] = {}
         for name, tensor in tensors.items():
             match = LORA_KEY.search(name)
@@ -334,6 +334,33 @@ class Engine:
             parts.append((weight, key, folder))
         key = "+".join(f"{w:g}*{k}" for w, k, _ in parts)
         return key, lambda: self._stacked(key, parts)
+
+    def base_warning(self, model: str) -> str | None:
+        """Why `model`'s answers may differ from its evaluation: an adapter in it was trained on another base (NF4
+        vs 16-bit) than this runtime serves. Such adapters are served anyway, with this warning in /v1/models and
+        in each answer. None for the base, an unknown model and adapters without a record."""
+        try:
+            target = self.resolve(model)
+        except FtsError:
+            return None
+        if target is None:
+            return None
+        refs = [m["ref"] for term in model.split("+") if (m := TERM.match(term))] if ("+" in model or "*" in model) \
+            else [model]
+        for ref in refs:
+            try:
+                _, folder = self._one(ref)
+                if folder not in self.trained_on:
+                    self.trained_on[folder] = read_training_base(folder, param="model")
+            except FtsError:
+                continue
+            trained = self.trained_on[folder]
+            if trained is not None and trained.quantization != self.quantization:
+                served = "the 4-bit NF4 base" if self.quantization == "nf4" else "the 16-bit base"
+                return (f"{ref} was trained on {trained.describe()}, and this runtime serves {served}: its answers "
+                        f"may differ from its evaluation; serve it from a runtime started with --quantize "
+                        f"{trained.quantization}")
+        return None
 
     def _one(self, model: str) -> tuple[str, Path]:
         if model in self.named:  # keyed by its load: a reload is another adapter, never the old slot's weights

@@ -14,26 +14,27 @@ from types import SimpleNamespace
 
 import uvicorn
 
-from fts_mcp.edge.app import build_app
-from fts_mcp.edge.engine import Engine
-from fts_mcp.edge.sources import StoreSource
+from fts_mcp.edge.api.config import RuntimeConfig
+from fts_mcp.edge.api.routes import build_app
+from fts_mcp.edge.api.server import open_engine
 from fts_mcp.edge.spec import RuntimeJobSpec
 from fts_mcp.errors import FtsError
-from fts_mcp.http import HostOriginGuard
 from fts_mcp.jobs.context import JobContext
-from fts_mcp.jobs.models import Artifacts
+from fts_mcp.jobs.records import Artifacts
+from fts_mcp.network import HostOriginGuard
 
 POLL_SECONDS = 0.5
 
 
 def run(spec: RuntimeJobSpec, ctx: JobContext) -> Artifacts | None:
     ctx.phase("loading_model")
-    engine = Engine(spec.base_model, StoreSource(spec.store, Path(spec.cache)),
-                    max_rank=spec.max_rank, max_loras=spec.max_loras, max_batch=spec.max_batch,
-                    trust_remote_code=spec.trust_remote_code)
+    config = RuntimeConfig(base=spec.base_model, store=spec.store, cache=Path(spec.cache), host=spec.host,
+                           port=spec.port, max_rank=spec.max_rank, max_loras=spec.max_loras, max_batch=spec.max_batch,
+                           quantize=spec.quantization, trust_remote_code=spec.trust_remote_code)
+    engine = open_engine(config)
     # loopback only, with the Host / Origin checks `edge serve` has (a web page must not reach it by DNS rebinding)
     loopback = [f"127.0.0.1:{spec.port}", f"localhost:{spec.port}"]
-    guarded = HostOriginGuard(build_app(engine), SimpleNamespace(
+    guarded = HostOriginGuard(build_app(engine, config), SimpleNamespace(
         allowed_hosts=loopback, allowed_origins=[f"http://{host}" for host in loopback]))
     server = uvicorn.Server(uvicorn.Config(guarded, host=spec.host, port=spec.port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="edge-runtime", daemon=True)

@@ -12,20 +12,27 @@ import anyio
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
-from fts_mcp.adapters.resolve import resolve_adapter, store_source
+from fts_mcp.adapters.resolve import resolve_adapter, store_source, training_base
+from fts_mcp.adapters.store import AdapterStore, Manifest, StoreEntry
 from fts_mcp.config import Settings
 from fts_mcp.edge.client import check_url, post_generate, post_load
 from fts_mcp.edge.spec import GenerateJobSpec, RuntimeJobSpec
-from fts_mcp.edge.store import AdapterStore, Manifest, StoreDtype, StoreEntry
 from fts_mcp.errors import FtsError, InvalidArgument, about
-from fts_mcp.http import free_port
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.watch import watch
+from fts_mcp.models.base import Quantization
+from fts_mcp.models.dtypes import Dtype
 from fts_mcp.models.refs import resolve_model_argument
+from fts_mcp.network import free_port
 
 LOCAL = "local"  # runtime_url for this host's managed runtime
 RUNTIME_START_SECONDS = 180.0
+
+
+def quantization_of(manifest: Manifest) -> Quantization:
+    """How to load the base a stored adapter serves on: as it was trained (16-bit when nothing says)."""
+    return manifest.training_base.quantization if manifest.training_base is not None else "none"
 
 
 
@@ -60,7 +67,7 @@ class Edge:
         self.store = AdapterStore(settings.store)
 
     def deploy(self, adapter: str, name: str, *, version: str | None = None, alias: str | None = None,
-               runtime_url: str | None = None, dtype: StoreDtype = "bfloat16") -> Deployment:
+               runtime_url: str | None = None, dtype: Dtype = "bfloat16") -> Deployment:
         """Publish; with `runtime_url`, load it there — `"local"`: into this host's managed runtime for the
         adapter's base, started as a `runtime` job when none runs."""
         runtime = check_url(runtime_url) if runtime_url and runtime_url != LOCAL else None
@@ -73,15 +80,16 @@ class Edge:
                            if k != "log_history"}
             if Path(job.spec["base_model"]).is_absolute():
                 base_config = Path(job.spec["base_model"]) / "config.json"
+        trained = training_base(source, self.jobs)
         with about("name", instead_of=("model",)):
             manifest, created = self.store.publish(source.folder, name, version=version, alias=alias, dtype=dtype,
                                                    base_config=base_config, source_job=job.job_id if job else None,
-                                                   metrics=metrics)
+                                                   metrics=metrics, training_base=trained)
         model = f"{manifest.name}@{manifest.version}"
         uri = self.store.path(manifest.name, manifest.version)
         loaded, swap_ms, runtime_job = False, None, None
         if runtime_url == LOCAL:
-            runtime, runtime_job = self.local_runtime(manifest.base_model)
+            runtime, runtime_job = self.local_runtime(manifest.base_model, quantization_of(manifest))
         if runtime:
             swap_ms = post_load(runtime, model, str(uri))  # a folder: what vLLM takes too
             loaded = True
@@ -92,10 +100,10 @@ class Edge:
                           model=model, loaded=loaded, swap_ms=swap_ms, curl=curl, manifest=manifest,
                           runtime=f"{runtime_job} at {runtime}" if runtime_job else runtime)
 
-    def local_runtime(self, base_model: str | None, *, wait_seconds: float = RUNTIME_START_SECONDS
-                      ) -> tuple[str, str]:
-        """(url, job id) of the managed runtime serving `base_model`: a running `runtime` job's, or a new one's
-        once it listens."""
+    def local_runtime(self, base_model: str | None, quantization: Quantization = "none", *,
+                      wait_seconds: float = RUNTIME_START_SECONDS) -> tuple[str, str]:
+        """(url, job id) of the managed runtime serving `base_model` loaded as `quantization` (the base its
+        adapters were trained on): a running `runtime` job's, or a new one's once it listens."""
         if not base_model:
             raise InvalidArgument("the adapter's manifest names no base model to serve it with", param="runtime_url")
         base = resolve_model_argument(base_model, self.settings)
@@ -110,11 +118,13 @@ class Edge:
         try:
             live = (self.jobs.get(i, log_lines=0) for i in
                     self.jobs.ids_in(JobState.RUNNING, JobState.QUEUED, JobState.VALIDATING))
-            job = next((j for j in live if j.kind == "runtime" and j.spec["base_model"] == base), None)
+            job = next((j for j in live if j.kind == "runtime" and j.spec["base_model"] == base
+                        and j.spec.get("quantization", "none") == quantization), None)
             if job is None:
                 spec = RuntimeJobSpec(base_model=base, store=str(self.settings.store),
                                       cache=str(self.settings.edge_cache), port=(port := free_port()),
-                                      url=f"http://127.0.0.1:{port}", trust_remote_code=self.settings.trust_remote_code)
+                                      url=f"http://127.0.0.1:{port}", quantization=quantization,
+                                      trust_remote_code=self.settings.trust_remote_code)
                 job = self.jobs.submit("runtime", spec, model=base)
         finally:
             lock.release()
@@ -141,9 +151,11 @@ class Edge:
         if (prompt is None) == (messages is None):
             raise InvalidArgument("give prompt (text) or messages (a chat), exactly one", param="prompt")
         if runtime_url == LOCAL:
-            base = base_model if model == "base" else \
-                store_source(self.settings).resolve(model.split("+")[-1].split("*")[-1], param="model").base_model
-            runtime_url, _ = await anyio.to_thread.run_sync(lambda: self.local_runtime(base))
+            manifest = None if model == "base" else \
+                store_source(self.settings).resolve(model.split("+")[-1].split("*")[-1], param="model")
+            base = base_model if manifest is None else manifest.base_model
+            quantization = quantization_of(manifest) if manifest is not None else "none"
+            runtime_url, _ = await anyio.to_thread.run_sync(lambda: self.local_runtime(base, quantization))
         if runtime_url:
             runtime = check_url(runtime_url)
             answer = await anyio.to_thread.run_sync(
@@ -172,14 +184,16 @@ class Edge:
 
     def _generate_spec(self, model: str, prompt: str | None, messages: list[dict] | None, max_tokens: int,
                        temperature: float, base_model: str | None) -> GenerateJobSpec:
-        adapter_dir, base = None, base_model
+        adapter_dir, base, quantization = None, base_model, "none"
         if model != "base":
             source = store_source(self.settings)
             manifest = source.resolve(model, param="model")
             adapter_dir = str(source.folder(manifest))
             base = base or manifest.base_model
+            quantization = quantization_of(manifest)
         if base is None:
             raise InvalidArgument("model 'base' needs base_model", param="base_model")
         return GenerateJobSpec(base_model=resolve_model_argument(base, self.settings), adapter_dir=adapter_dir,
                                model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                               temperature=temperature, trust_remote_code=self.settings.trust_remote_code)
+                               temperature=temperature, quantization=quantization,
+                               trust_remote_code=self.settings.trust_remote_code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,6 +17,7 @@ class GenerateJobSpec(BaseModel):
     messages: list[dict[str, str]] | None = None
     max_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0, le=2)
+    quantization: Literal["nf4", "none"] = Field("none", description="the base as the adapter was trained on it")
     trust_remote_code: bool = False
 
 
@@ -33,4 +36,5 @@ class RuntimeJobSpec(BaseModel):
     max_rank: int = Field(64, ge=1, le=1024)
     max_loras: int = Field(8, ge=1, le=256)
     max_batch: int = Field(32, ge=1, le=1024)
+    quantization: Literal["nf4", "none"] = Field("none", description="the base as its adapters were trained on it")
     trust_remote_code: bool = False

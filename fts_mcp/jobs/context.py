@@ -1,8 +1,9 @@
 """What a recipe gets from the runner: `run(spec, ctx) -> Artifacts`.
 
 A recipe knows nothing of the job store. It reads its typed spec, works in `ctx.workdir`, reports figures with
-`ctx.report`, records checkpoints with `ctx.checkpoint`, and looks at `ctx.stop` between steps. The worker
-(`fts_mcp.jobs.worker`) builds the context over the store; a test can build one over a list.
+`ctx.report`, records checkpoints with `ctx.checkpoint`, and looks at `ctx.stop` between steps. A job process on
+this host hands it a context over the store (`fts_mcp.jobs.host`), a Ray job one over frames in its log
+(`fts_mcp.jobs.ray.entry`), a data-parallel rank other than 0 a silent one; a test can build one over a list.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class JobContext:
 
     def phase(self, name: str) -> None:
         self.report({"phase": name}, event=False)
+
+
+def silent_context(job_id: str, workdir: Path, stop: StopSignal) -> JobContext:
+    """A data-parallel rank other than 0: it trains, and reports and records nothing (rank 0 does)."""
+    return JobContext(job_id=job_id, workdir=workdir, stop=stop, checkpoint=lambda folder: None,
+                      report=lambda figures, event=True: None)
 
 
 def recording_context(workdir: Path, job_id: str = "job-000000000000") -> tuple[JobContext, list[dict[str, Any]]]:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from fts_mcp.adapters.spec import EvalJobSpec, MergeJobSpec
 from fts_mcp.edge.spec import GenerateJobSpec, RuntimeJobSpec
-from fts_mcp.jobs.models import Artifacts, JobKind
+from fts_mcp.jobs.records import Artifacts, JobKind
 from fts_mcp.training.spec import TrainJobSpec
 
 

@@ -18,36 +18,28 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import traceback
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
-from fts_mcp.http import free_port
-from fts_mcp.io import write_json_atomic
-from fts_mcp.jobs.context import JobContext, Stop, StopSignal
-from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import Artifacts, Job, error_of, peer_lost
-from fts_mcp.jobs.runner import signal_name
+from fts_mcp.files import write_json_atomic
+from fts_mcp.jobs.context import JobContext, StopSignal, silent_context
+from fts_mcp.jobs.host import store_context, watch_parent
+from fts_mcp.jobs.outcome import RankLost, run_recipe, signal_name
+from fts_mcp.jobs.records import Artifacts
 from fts_mcp.jobs.states import check_job_id
 from fts_mcp.jobs.store import JobStore
+from fts_mcp.network import free_port
 
 RANK_RESULT = "rank0-result.json"
 RANK_ERROR = "rank{rank}-error.json"
 POLL_SECONDS = 0.2
 
 
-class RankLost(FtsError):
-    """A rank of a data-parallel job died; the others were stopped."""
-
-    code = "worker_killed"
-
-
-
-def run_ranks(job: Job, store: JobStore, stop: StopSignal, workers: int) -> Artifacts | None:
-    """Launch `workers` ranks and wait for them; rank 0's artifacts, or None when stopped with a checkpoint."""
-    folder = store.job_dir(job.job_id)
+def run_ranks(ctx: JobContext, workers: int) -> Artifacts | None:
+    """Launch `workers` ranks of the job in `ctx` and wait for them; rank 0's artifacts, or None when stopped with a
+    checkpoint. A rank's own error is raised as it was; a rank that died raises `RankLost`."""
+    folder, stop = ctx.workdir, ctx.stop
     (folder / RANK_RESULT).unlink(missing_ok=True)
     port = free_port()
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
@@ -58,7 +50,7 @@ def run_ranks(job: Job, store: JobStore, stop: StopSignal, workers: int) -> Arti
                "WORLD_SIZE": str(workers), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "CUDA_VISIBLE_DEVICES": gpus[rank] if gpus else "", "OMP_NUM_THREADS": os.environ.get(
                    "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))}
-        ranks.append(subprocess.Popen([sys.executable, "-m", "fts_mcp.jobs.ranks", job.job_id, str(rank),
+        ranks.append(subprocess.Popen([sys.executable, "-m", "fts_mcp.jobs.ranks", ctx.job_id, str(rank),
                                        str(workers), str(port)], env=env, stdin=subprocess.DEVNULL))
     forwarded = False
     try:
@@ -96,46 +88,28 @@ def run_ranks(job: Job, store: JobStore, stop: StopSignal, workers: int) -> Arti
     return Artifacts(**result["artifacts"]) if result.get("artifacts") else None
 
 
-def _die_with_parent() -> None:
-    """A rank whose work horse is gone (killed) has no one to answer to: it ends at once."""
-    parent = os.getppid()
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def rank_main(job_id: str, rank: int, world: int) -> int:
-    """One rank: the job's recipe with a context over the store (rank 0) or a silent one (the others)."""
+    """One rank: the job's recipe with a context over the store (rank 0) or a silent one (the others). Its exit
+    status tells the work horse how it ended: 0 done or stopped, 3 failed (its error in the job's folder), 4 lost
+    (another rank died under a collective)."""
     settings = Settings.from_env()
     store = JobStore(settings)
     stop = StopSignal()
     signal.signal(signal.SIGTERM, lambda *_: stop.set("cancel"))
-    threading.Thread(target=_die_with_parent, daemon=True, name="parent-watch").start()
+    # a rank whose work horse is gone (killed) has no one to answer to: it ends at once
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGKILL), every=0.5)
     job = store.get(job_id, log_lines=0)
-    spec = KINDS[job.kind].spec.model_validate(job.spec)
     folder = store.job_dir(job_id)
-    if rank == 0:
-        ctx = JobContext(job_id=job_id, workdir=folder, stop=stop,
-                         checkpoint=lambda path: store.set_checkpoint(job_id, path),
-                         report=lambda figures, event=True: store.update_progress(
-                             job_id, figures, event="progress" if event else None),
-                         rewind=lambda step: store.rewind_progress(job_id, step))
-    else:
-        ctx = JobContext(job_id=job_id, workdir=folder, stop=stop, checkpoint=lambda path: None,
-                         report=lambda figures, event=True: None)
+    ctx = store_context(store, job_id, stop) if rank == 0 else silent_context(job_id, folder, stop)
     (folder / RANK_ERROR.format(rank=rank)).unlink(missing_ok=True)
-    try:
-        artifacts = recipe(job.kind)(spec, ctx)
-    except Stop:
-        artifacts = None
-    except Exception as exc:  # the recipe's own error, or one it did not expect: the job fails with it
-        if not isinstance(exc, FtsError):
-            traceback.print_exc()
-        if peer_lost(exc):  # another rank died under a collective: that rank's loss is the job's story
-            return 4
-        write_json_atomic(folder / RANK_ERROR.format(rank=rank), error_of(exc).model_dump())
+    outcome = run_recipe(job.kind, job.spec, ctx, peers=True)
+    if outcome.state == "lost":  # another rank died under a collective: that rank's loss is the job's story
+        return 4
+    if outcome.state == "failed":  # the recipe's own error, or one it did not expect: the job fails with it
+        write_json_atomic(folder / RANK_ERROR.format(rank=rank), outcome.error.model_dump())
         return 3
     if rank == 0:
+        artifacts = outcome.artifacts
         write_json_atomic(folder / RANK_RESULT, {"artifacts": artifacts.model_dump() if artifacts else None})
     store.close()
     return 0

@@ -2,7 +2,7 @@
 supervisors that died without recording how their job ended.
 
 A job's supervisor is either a local worker (`fts_mcp.jobs.worker`, on this host's GPU or CPU slots) or, with
-`FTS_RUNNER=ray`, a Ray job's supervisor (`fts_mcp.jobs.ray_runner`, on a `ray:N` slot) that submits the job to a
+`FTS_RUNNER=ray`, a Ray job's supervisor (`fts_mcp.jobs.ray.runner`, on a `ray:N` slot) that submits the job to a
 Ray cluster and brings its progress, log and artifacts back. Either way the job looks the same to its callers.
 Runtime jobs (a managed edge runtime listening on this host's loopback) always run locally.
 
@@ -12,7 +12,6 @@ transitions and claims, so any number of servers can share one FTS_HOME.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -25,9 +24,10 @@ import psutil
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.jobs.models import Artifacts, Job, JobError
-from fts_mcp.jobs.states import JobState
-from fts_mcp.jobs.store import LOG_NAME, RESULT_NAME, JobStore, StaleState
+from fts_mcp.jobs.outcome import settle
+from fts_mcp.jobs.records import Job, JobError
+from fts_mcp.jobs.states import JobState, StaleState
+from fts_mcp.jobs.store import LOG_NAME, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -45,52 +45,6 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-def signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
-def death_error(exit_code: int | None, *, cancelled: bool = False) -> JobError:
-    """How a worker ended, for the job's `error` field."""
-    if exit_code is None:
-        return JobError(code="worker_lost", message="the worker process disappeared and nobody saw it exit "
-                                                    "(its supervisor was killed or the host restarted)")
-    if exit_code < 0:
-        name = signal_name(exit_code)
-        hint = " (SIGKILL is also what the kernel's out-of-memory killer sends)" if name == "SIGKILL" else ""
-        return JobError(code="worker_killed", message=f"the worker was killed by {name}{hint}")
-    return JobError(code="worker_crashed", message=f"the worker exited with status {exit_code} without finishing; "
-                                                  "see log_tail")
-
-
-def settle(store: JobStore, job_id: str, exit_code: int | None) -> None:
-    """Record how a job ended, once its work horse has exited (so its GPU memory is already free).
-
-    The work horse's own result file wins; without one, a requested cancel reads `cancelled` and anything
-    else `interrupted`, with the exit code or signal.
-    """
-    raw = store.raw(job_id)
-    if raw["state"] != JobState.RUNNING:
-        return
-    result_file = store.job_dir(job_id) / RESULT_NAME
-    artifacts = None
-    if result_file.exists():
-        result = json.loads(result_file.read_text())
-        state = JobState(result["state"])
-        error = JobError(**result["error"]) if result.get("error") else None
-        artifacts = Artifacts(**result["artifacts"]) if result.get("artifacts") else None
-    elif raw["cancel_requested_at"] is not None:
-        state, error = JobState.CANCELLED, None
-    else:
-        state, error = JobState.INTERRUPTED, death_error(exit_code)
-    try:
-        store.transition(job_id, state, expect=JobState.RUNNING, error=error, exit_code=exit_code, artifacts=artifacts)
-    except StaleState:
-        pass
 
 
 class Runner:
@@ -180,7 +134,7 @@ class Runner:
             return  # just exited: give it a moment to record its own terminal state
         # The supervisor normally records how its worker ended; it is gone without doing so.
         if raw["ray_job_id"]:  # its supervisor is gone: nobody brings the cluster's work back, so stop it there
-            from fts_mcp.jobs.ray_runner import stop_abandoned  # lazy: Ray is imported only when it is used
+            from fts_mcp.jobs.ray.cluster import stop_abandoned  # lazy: the one door to Ray, used only for its jobs
 
             stop_abandoned(self.settings, raw["ray_job_id"])
         elif pid_alive(raw["pid"]):
@@ -199,7 +153,7 @@ class Runner:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # several: one per data-parallel rank; none: the CPU
         # Double fork through sh: the worker is not our child, so it outlives this process and leaves no zombie
         # for us to reap; `echo $!` hands back its pid.
-        module = "fts_mcp.jobs.ray_runner" if slot.startswith("ray:") else "fts_mcp.jobs.worker"
+        module = "fts_mcp.jobs.ray.runner" if slot.startswith("ray:") else "fts_mcp.jobs.worker"
         command = [sys.executable, "-m", module, job_id]
         try:
             with (folder / LOG_NAME).open("ab") as logfile:

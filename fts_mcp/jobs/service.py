@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError, InvalidArgument
-from fts_mcp.jobs.models import Job, JobError, JobKind, JobList
+from fts_mcp.jobs.records import Job, JobError, JobKind, JobList
 from fts_mcp.jobs.runner import Runner
 from fts_mcp.jobs.states import JobState, check_job_id
 from fts_mcp.jobs.store import JobStore
@@ -25,7 +25,7 @@ class Jobs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         if settings.runner == "ray":
-            from fts_mcp.jobs.ray_runner import require_ray
+            from fts_mcp.jobs.ray.cluster import require_ray  # lazy: the Ray adapter only when jobs go to a cluster
 
             require_ray()
         self.store = JobStore(settings)

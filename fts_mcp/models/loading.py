@@ -5,15 +5,18 @@ and greedy decoding until end of text. Every recipe and the edge runtime come th
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from fts_mcp.errors import InvalidArgument, ModelUnavailable
+from fts_mcp.models.base import Quantization
+from fts_mcp.models.dtypes import DTYPE_NAMES
 
-Quantization = Literal["nf4", "none"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # A model with custom code says so in its error; we name the server setting that allows it.
 REMOTE_CODE_HINT = "trust_remote_code"
 
@@ -21,6 +24,18 @@ REMOTE_CODE_HINT = "trust_remote_code"
 def device() -> torch.device:
     """The job's device: its slot's GPU (the runner sets CUDA_VISIBLE_DEVICES to it), else the CPU."""
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def world_size() -> int:
+    """Ranks training this job together (torch.distributed's environment, set by the runner; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ddp_backend(on: torch.device | None = None) -> str | None:
+    """torch.distributed's backend for this job's ranks: NCCL between GPUs, gloo on the CPU; None for one rank."""
+    if world_size() == 1:
+        return None
+    return "nccl" if (on or device()).type == "cuda" else "gloo"
 
 
 def compute_dtype(on: torch.device | None = None) -> torch.dtype:
@@ -57,13 +72,14 @@ def load_tokenizer(model: str, *, trust_remote_code: bool, param: str = "base_mo
 
 
 def load_model(model: str, *, trust_remote_code: bool, quantization: Quantization = "none",
-               dtype: torch.dtype | None = None, on: torch.device | None = None, param: str = "base_model",
-               training: bool = False) -> Any:
+               dtype: torch.dtype | None = None, on: torch.device | None = None, param: str = "base_model"
+               ) -> Any:
     """A causal LM on one device: 16-bit (or fp32 on the CPU) by default, NF4 with `quantization='nf4'`.
 
-    `training`: the model will be trained. On the CPU, bitsandbytes repacks a 4-bit layer's weights for fast
-    inference the first time it runs in eval mode without gradients (an evaluation step, a probe), and the
-    repacked layer passes no gradient back to its input; a model for training keeps the trainable layout."""
+    On the CPU, bitsandbytes would repack a 4-bit layer's weights for a faster bf16 inference kernel the first
+    time it runs in eval mode: the repacked layer computes other logits than the layout it trained in (0.06 on a
+    tiny model) and passes no gradient back to its input. Every 4-bit model keeps the trained layout, so a QLoRA
+    adapter is evaluated, served and merged on exactly the weights and arithmetic it was trained with."""
     on = on or device()
     dtype = dtype or compute_dtype(on)
     quant = nf4_config(dtype) if quantization == "nf4" else None
@@ -73,11 +89,60 @@ def load_model(model: str, *, trust_remote_code: bool, quantization: Quantizatio
                                                       trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _refused(exc, model, "weights", param) from exc
-    if training:
-        for module in loaded.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+    for module in loaded.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return loaded
+
+
+def load_dequantized_nf4(model: str, *, trust_remote_code: bool, dtype: torch.dtype,
+                         param: str = "base_model") -> Any:
+    """The NF4 base a QLoRA adapter trained against, its weights dequantized into an ordinary `dtype` model: what
+    a QLoRA adapter merges into, so the merged model is the model that was trained and evaluated."""
+    quantized = load_model(model, trust_remote_code=trust_remote_code, quantization="nf4",
+                           dtype=compute_dtype(), param=param)
+    return quantized.dequantize(dtype=dtype)
+
+
+def gguf_architecture(source: Path) -> str:
+    """`general.architecture` of a GGUF file, read from its header (refusing a file that is not GGUF)."""
+    import gguf  # lazy: only GGUF bases need it
+
+    try:
+        field = gguf.GGUFReader(str(source)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{source.name} is not a readable GGUF model file ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})", param="base_model") from exc
+
+
+def convert_gguf(source: Path, target: Path, *, trust_remote_code: bool = False) -> str:
+    """A GGUF model file as a Hugging Face folder: transformers dequantizes every tensor to float32 (the weights
+    llama.cpp computes with); the tokenizer keeps the chat template stored in the file. Returns the architecture."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    architecture = gguf_architecture(source)
+    supported = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+    if architecture not in supported:
+        raise InvalidArgument(f"its architecture {architecture!r} cannot be read from GGUF by transformers; "
+                              f"supported: {', '.join(supported)}", param="base_model")
+    folder, name = str(source.parent), source.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                      trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise _refused(exc, str(source), "GGUF weights", "base_model") from exc
+    # A model loaded from GGUF refuses save_pretrained; the same weights in a fresh model of its config do not.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return architecture
 
 
 def decode(tokenizer: Any, new_ids: list[int]) -> tuple[str, Literal["stop", "length"]]:
@@ -100,4 +165,26 @@ def generate(model: Any, tokenizer: Any, ids: list[int], *, max_tokens: int, tem
     new = out[0][len(ids):].tolist()
     text, finish = decode(tokenizer, new)
     return text, finish, len(new)
+
+
+@torch.no_grad()
+def greedy_batch(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_tokens: int,
+                 batch_size: int = 8) -> list[str]:
+    """Greedy answers to many prompts, `batch_size` at a time (left-padded, with an attention mask and positions
+    that skip the padding): the same answers as one at a time, several times faster. Prompts are sorted by length
+    so a batch pads little; answers come back in the order given."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk],
+                            device=model.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        for row, i in enumerate(chunk):
+            answers[i] = decode(tokenizer, out[row][width:].tolist())[0]
+    return answers
 

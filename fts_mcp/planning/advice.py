@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fts_mcp.datasets import DIMINISHING_RETURNS, MIN_USEFUL_EXAMPLES, ROBUST_RANGE
+from fts_mcp.datafiles import DIMINISHING_RETURNS, MIN_USEFUL_EXAMPLES, ROBUST_RANGE
 from fts_mcp.planning.estimate import REFERENCE_SHAPES
 from fts_mcp.planning.gpus import find_gpu
 from fts_mcp.planning.memory import throughput

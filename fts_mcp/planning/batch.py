@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.planning.architecture import Architecture
+from fts_mcp.models.architecture import Architecture
 from fts_mcp.planning.memory import Method, memory
 
 MIN_TOKENS_PER_PASS = 2048

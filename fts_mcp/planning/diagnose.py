@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from fts_mcp.jobs.models import Job
+from fts_mcp.jobs.records import Job
 
 
 class Finding(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.planning.architecture import Architecture
+from fts_mcp.models.architecture import Architecture
 from fts_mcp.planning.batch import BatchPlan, plan_batch
 from fts_mcp.planning.gpus import Gpu
 from fts_mcp.planning.memory import (
@@ -46,7 +46,7 @@ REFERENCE_SHAPES = {
 }
 
 
-class Settings(BaseModel):
+class RunSettings(BaseModel):
     """What the run does. Defaults are what fts-mcp's training recipe does unless told otherwise."""
 
     seq_len: int
@@ -89,7 +89,7 @@ class ResourceEstimate(BaseModel):
     shape_source: str = Field(description="config.json path, 'explicit', or the reference shape assumed")
     gpu: str | None
     gpu_memory_gb: float | None
-    settings: Settings
+    settings: RunSettings
     estimates: list[MethodEstimate]
     suggestions: list[Suggestion] = Field(default_factory=list,
                                           description="per method, a configuration that fits the GPU")
@@ -102,7 +102,7 @@ def shape_for_params(params: int) -> tuple[Architecture, str]:
     return REFERENCE_SHAPES[name], name
 
 
-def checkpointing(arch: Architecture, method: Method, s: Settings, gpu_memory_gb: float | None) -> tuple[bool, str]:
+def checkpointing(arch: Architecture, method: Method, s: RunSettings, gpu_memory_gb: float | None) -> tuple[bool, str]:
     """The checkpointing an estimate assumes, and why: as asked, or the recipe's "auto" rule (plan_batch)."""
     if s.gradient_checkpointing != "auto":
         return s.gradient_checkpointing, f"checkpointing {'on' if s.gradient_checkpointing else 'off'} as asked"
@@ -114,7 +114,7 @@ def checkpointing(arch: Architecture, method: Method, s: Settings, gpu_memory_gb
     return plan.gradient_checkpointing, plan.reason
 
 
-def suggest(arch: Architecture, method: Method, gpu_memory_gb: float, s: Settings) -> Suggestion:
+def suggest(arch: Architecture, method: Method, gpu_memory_gb: float, s: RunSettings) -> Suggestion:
     """The first configuration that fits, trading in order: checkpointing (by the recipe's rule, plan_batch), a
     smaller micro-batch (more accumulation), the paged version of the optimizer, a smaller rank."""
     optimizers: list[Optimizer] = [s.optimizer] + ([] if s.optimizer.startswith("paged") else [PAGED[s.optimizer]])
@@ -159,7 +159,7 @@ def _auto_reason(asked: bool | Literal["auto"], plan: BatchPlan) -> str:
         ", checkpointing on (does not fit without it)"
 
 
-def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tuple[Method, ...], settings: Settings,
+def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tuple[Method, ...], settings: RunSettings,
              gpu: Gpu | None, gpu_memory_gb: float | None, price_per_gpu_hour: float | None,
              training_tokens: int | None, utilization: float | None,
              tokens_per_example: float | None = None) -> ResourceEstimate:
@@ -214,7 +214,7 @@ def _recommended(suggestions: list[Suggestion]) -> Method | None:
     return next((m for m in ("lora", "qlora", "full") if m in fitting), None)
 
 
-def assumptions(s: Settings, methods: tuple[Method, ...]) -> list[str]:
+def assumptions(s: RunSettings, methods: tuple[Method, ...]) -> list[str]:
     """The recipe this estimate models, one line per choice (each an input of estimate_resources)."""
     lines = [{
         "chunked": f"cross_entropy 'chunked' (the recipe's loss): logits_gb holds one chunk of {CE_CHUNK_TOKENS:,} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from fts_mcp.planning.architecture import Architecture
+from fts_mcp.models.architecture import Architecture
 
 
 def _a(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, *,

@@ -34,7 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.planning.architecture import Architecture
+from fts_mcp.models.architecture import Architecture
 from fts_mcp.planning.gpus import Gpu
 
 Method = Literal["full", "lora", "qlora"]

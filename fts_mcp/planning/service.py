@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import InvalidArgument, ModelUnavailable
-from fts_mcp.models.refs import hub_offline
+from fts_mcp.models.architecture import TIED_SHARE, Architecture, from_config, likely_tied, read_config
+from fts_mcp.models.gguf import is_gguf
+from fts_mcp.models.refs import hub_offline, resolve_model_argument
 from fts_mcp.planning.advice import Advice, Criteria, recommend
-from fts_mcp.planning.architecture import TIED_SHARE, Architecture, from_config, likely_tied, read_config
-from fts_mcp.planning.estimate import METHODS, MethodChoice, ResourceEstimate, estimate, shape_for_params
-from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.planning.estimate import METHODS, MethodChoice, ResourceEstimate, RunSettings, estimate, shape_for_params
 from fts_mcp.planning.families import known_family
 from fts_mcp.planning.gpus import find_gpu, nearest_gpu
 
@@ -28,7 +28,7 @@ class Planning:
     def estimate_resources(self, *, base_model: str | None = None, params: int | None = None,
                            shape: dict[str, int | None] | None = None, tied_embeddings: bool | None = None,
                            method: MethodChoice = "all",
-                           settings: EstimateSettings, dataset_examples: int | None = None,
+                           settings: RunSettings, dataset_examples: int | None = None,
                            tokens_per_example: int | None = None, dataset_tokens: int | None = None,
                            epochs: float = 3.0, gpu: str | None = None, gpu_memory_gb: float | None = None,
                            price_per_gpu_hour: float | None = None, utilization: float | None = None
@@ -42,7 +42,8 @@ class Planning:
                                   f"got {', '.join(given) or 'none'}", param="base_model")
         if base_model is not None:
             try:
-                config, source = read_config(base_model, self.settings.roots, hub_offline(self.settings.env))
+                local = resolve_model_argument(base_model, self.settings) if is_gguf(base_model) else base_model
+                config, source = read_config(local, self.settings.roots, hub_offline(self.settings.env))
                 arch = from_config(config, source=source)
             except ModelUnavailable:
                 if (known := known_family(base_model)) is None:

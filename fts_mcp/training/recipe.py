@@ -22,15 +22,17 @@ from peft import LoraConfig
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from fts_mcp.datasets import read_dataset
+from fts_mcp.datafiles import read_dataset
 from fts_mcp.errors import DatasetInvalid, InvalidArgument
-from fts_mcp.io import artifact_files, write_bytes_atomic, write_json_atomic
+from fts_mcp.files import artifact_files, write_bytes_atomic, write_json_atomic
 from fts_mcp.jobs.context import JobContext
-from fts_mcp.jobs.models import Artifacts
-from fts_mcp.models.loading import compute_dtype, load_model, load_tokenizer
+from fts_mcp.jobs.records import Artifacts
+from fts_mcp.models.base import TrainingBase, write_training_base
+from fts_mcp.models.loading import compute_dtype, ddp_backend, device, load_model, load_tokenizer, world_size
+from fts_mcp.models.prompts import encode_rows
+from fts_mcp.planning.defaults import training_defaults
 from fts_mcp.plots import loss_curve_png
 from fts_mcp.training.checkpoints import latest_checkpoint
-from fts_mcp.training.data import encode_rows
 from fts_mcp.training.spec import TrainJobSpec
 from fts_mcp.training.speed import SpeedPlan, plan, read_plan, write_plan
 
@@ -63,11 +65,6 @@ def truncate(row: dict[str, list[int]], max_len: int) -> dict[str, list[int]]:
 REPORT_EVERY_SECONDS = 1.0
 
 
-def world_size() -> int:
-    """Ranks training this job together (torch.distributed's environment; 1 without it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def all_ranks(local: int | None, args: Any) -> int:
     """A count summed over the data-parallel ranks (each counts only its own tokens, without a sync per step);
     every rank must call it at the same point."""
@@ -88,7 +85,7 @@ def stop_agreed(local: bool, args: Any) -> bool:
     return bool(flag.item())
 
 
-class Progress(TrainerCallback):
+class ReportProgress(TrainerCallback):
     """Reports step, loss, learning rate, tokens/s and ETA through the job context; turns a stop request into a
     checkpoint.
 
@@ -164,7 +161,7 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in insp
 
 def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype: torch.dtype,
                    has_eval: bool) -> SFTConfig:
-    t = spec.training
+    t = with_defaults(spec).training
     return SFTConfig(
         output_dir=str(checkpoints),
         num_train_epochs=t.epochs,
@@ -181,8 +178,8 @@ def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype
         **{CHECKPOINTING: plan.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend=None if world_size() == 1 else ("nccl" if torch.cuda.is_available() else "gloo"),
+        use_cpu=device().type == "cpu",
+        ddp_backend=ddp_backend(),
         ddp_find_unused_parameters=False,  # every adapter weight gets a gradient
         seed=t.seed,
         logging_steps=t.logging_steps,
@@ -248,6 +245,17 @@ def make_trainer(spec: TrainJobSpec, plan: SpeedPlan, model: Any, tokenizer: Any
                               param="lora.target_modules") from exc
 
 
+def train_examples(spec: TrainJobSpec) -> int:
+    """Examples in the training split (the dataset less its held-out share)."""
+    return spec.dataset_examples - math.floor(spec.dataset_examples * spec.training.eval_fraction)
+
+
+def with_defaults(spec: TrainJobSpec) -> TrainJobSpec:
+    """The spec with every unset training choice filled as submitting does (specs written by hand or by tests)."""
+    training, _ = training_defaults(spec.training, examples=train_examples(spec))
+    return spec.model_copy(update={"training": training})
+
+
 def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     """Run one training job. Returns its artifacts, or None when stopped (a checkpoint was saved)."""
     folder = ctx.workdir
@@ -255,12 +263,13 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
     # 1. setup
+    spec = with_defaults(spec)
     ctx.phase("loading_model")
     set_seed(spec.training.seed)
     dtype = compute_dtype()
     tokenizer = load_tokenizer(spec.base_model, trust_remote_code=spec.trust_remote_code)
     model = load_model(spec.base_model, trust_remote_code=spec.trust_remote_code, quantization=spec.quantization,
-                       dtype=dtype, training=True)
+                       dtype=dtype)
 
     # 2. data
     ctx.phase("tokenizing")
@@ -271,7 +280,7 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     log.info("speed plan: %s; %s", speed.summary(), "; ".join(speed.reasons))
     ctx.report({"plan": speed.summary()}, event=False)
     trainer = make_trainer(spec, speed, model, tokenizer, train_data, eval_data, checkpoints, dtype,
-                           callbacks=[Progress(ctx), RecordPlan(speed)])
+                           callbacks=[ReportProgress(ctx), RecordPlan(speed)])
 
     # 3. train
     if resume is not None:
@@ -297,6 +306,7 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     shutil.rmtree(staging, ignore_errors=True)
     trainer.model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    write_training_base(staging, TrainingBase(quantization=spec.quantization, compute_dtype=str(dtype).split(".")[-1]))
     shutil.rmtree(adapter_dir, ignore_errors=True)
     staging.rename(adapter_dir)
 

@@ -4,19 +4,24 @@ submit a `train` job. Pure Python: the tokenizer runs in a short-lived subproces
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from fts_mcp.config import Settings
-from fts_mcp.datasets import MAX_REPORTED_ERRORS, DatasetReport, LineError, TokenStats, require_valid, validate_dataset
-from fts_mcp.errors import InvalidArgument, ModelUnavailable, about
-from fts_mcp.jobs.models import Job
+from fts_mcp.datafiles import MAX_REPORTED_ERRORS, DatasetReport, LineError, TokenStats, require_valid, validate_dataset
+from fts_mcp.errors import FtsError, InvalidArgument, ModelUnavailable, about
+from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.service import Jobs
 from fts_mcp.jobs.states import JobState, check_job_id
+from fts_mcp.models.architecture import from_config, read_config
 from fts_mcp.models.refs import check_available, resolve_model_argument
 from fts_mcp.names import check_output_name
 from fts_mcp.paths import resolve_inside
+from fts_mcp.planning.defaults import choose_quantization, training_defaults
 from fts_mcp.training.checkpoints import latest_checkpoint
 from fts_mcp.training.spec import LoraSpec, TrainingSpec, TrainJobSpec
 
@@ -63,11 +68,14 @@ class Training:
         return TokenStats(**answer["stats"]), [tuple(e) for e in answer.get("line_errors", [])]
 
     def start(self, base_model: str, dataset: str, *, output_name: str | None = None, lora: LoraSpec | None = None,
-              quantization: str = "nf4", training: TrainingSpec | None = None, resume_from: str | None = None) -> Job:
-        """Validate everything, then submit a `train` job. A bad dataset raises with its line errors; no job."""
-        if quantization not in ("nf4", "none"):
-            raise InvalidArgument(f"{quantization!r} is not a quantization; use 'nf4' (QLoRA) or 'none' (16-bit LoRA)",
-                                  param="quantization")
+              quantization: str = "auto", training: TrainingSpec | None = None, resume_from: str | None = None
+              ) -> Job:
+        """Validate everything, then submit a `train` job. A bad dataset raises with its line errors; no job.
+        Unset choices (quantization 'auto', batch, epochs, learning rate) are made here and recorded in the
+        spec's `choices`, with their reasons."""
+        if quantization not in ("auto", "nf4", "none"):
+            raise InvalidArgument(f"{quantization!r} is not a quantization; use 'auto', 'nf4' (QLoRA) or 'none' "
+                                  "(16-bit LoRA)", param="quantization")
         file = resolve_inside(dataset, self.settings.roots, param="dataset")
         report = require_valid(file)
         model = resolve_model_argument(base_model, self.settings)
@@ -83,11 +91,31 @@ class Training:
         resume_checkpoint = None
         if resume_from is not None:
             resume_checkpoint = str(self._resume_point(check_job_id(resume_from, "resume_from"), model, lora))
+            if quantization == "auto":  # a resumed run trains on the base its checkpoint was trained on
+                quantization = self.jobs.get(resume_from, log_lines=0).spec.get("quantization", "nf4")
+        held_out = math.floor(report.examples * training.eval_fraction)
+        training, choices = training_defaults(training, examples=report.examples - held_out)
+        quantization, why = choose_quantization(quantization, cuda=self._on_gpu(), params=self._params(model),
+                                                memory_gb=psutil.virtual_memory().total / 1e9)
         spec = TrainJobSpec(base_model=model, dataset=str(file), dataset_format=report.format,
                             dataset_examples=report.examples, output_name=name, lora=lora, quantization=quantization,
                             training=training, resume_checkpoint=resume_checkpoint, resumed_from_job=resume_from,
-                            trust_remote_code=self.settings.trust_remote_code)
+                            trust_remote_code=self.settings.trust_remote_code, choices=[why, *choices])
         return self.jobs.submit("train", spec, model=model)
+
+    def _on_gpu(self) -> bool:
+        """Whether training jobs here run on CUDA GPUs (this host's slots, or GPUs per Ray worker)."""
+        if self.settings.runner == "ray":
+            return self.settings.ray_gpus_per_worker > 0
+        return any(slot.startswith("cuda") for slot in self.settings.slots)
+
+    def _params(self, model: str) -> int | None:
+        """The base's parameter count from its config.json, when it can be read without the network."""
+        try:
+            config, source = read_config(model, self.settings.roots, offline=True)
+            return from_config(config, source=source).params
+        except FtsError:
+            return None
 
     def _resume_point(self, job_id: str, model: str, lora: LoraSpec) -> Path:
         with about("resume_from", instead_of=("job_id",)):

@@ -32,15 +32,23 @@ class LoraSpec(BaseModel):
 
 
 class TrainingSpec(BaseModel):
-    """Optimisation settings. Defaults suit a 1K-10K example QLoRA run on one GPU."""
+    """Optimisation settings. Unset (null) ones are chosen from the dataset's size when the job is submitted
+    (`fts_mcp.planning.defaults`): small datasets get smaller steps and enough epochs to learn."""
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: float = Field(3.0, gt=0, le=100, description="passes over the data (ignored when max_steps is set)")
+    epochs: float | None = Field(None, gt=0, le=100, description="passes over the data (ignored when max_steps is "
+                                                                "set). null: 3, more for a small dataset so it "
+                                                                "gets at least 30 steps")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; overrides epochs")
-    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="peak learning rate; 1e-4-3e-4 for LoRA")
+    batch_size: int | None = Field(None, ge=1, le=65_536, description="examples per optimizer step, all workers "
+                                                                      "together. null: 16, or 8 / 4 for datasets "
+                                                                      "under 160 / 80 examples")
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="peak learning rate; null: 2e-4 (LoRA's "
+                                                                        "usual; 1e-4-3e-4)")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="fraction of steps spent warming up")
+    warmup_ratio: float | None = Field(None, ge=0, le=0.5, description="fraction of steps spent warming up; null: "
+                                                                       "0.1")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0, le=1000)
     micro_batch_size: int | None = Field(
@@ -48,7 +56,7 @@ class TrainingSpec(BaseModel):
                                          "null: the largest (up to 16) the estimator says fits the device")
     gradient_accumulation_steps: int | None = Field(
         None, ge=1, le=1024, description="micro-batches per optimizer step (effective batch = micro_batch_size x "
-                                         "this) at no extra memory. null: keep the effective batch at 16")
+                                         "this) at no extra memory. null: reach batch_size")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations: ~30% slower, far less memory. 'auto': off when the run fits "
                             "the device without it (the memory estimate decides), else on")
@@ -85,6 +93,8 @@ class TrainJobSpec(BaseModel):
     output_name: str
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantization: Literal["nf4", "none"] = "nf4"
+    choices: list[str] = Field(default_factory=list, description="what was chosen for the caller (quantization, "
+                                                                 "batch, epochs, learning rate) and why")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resume_checkpoint: str | None = None
     resumed_from_job: str | None = None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,16 @@ import torch
 from pydantic import BaseModel, Field
 
 from fts_mcp.errors import InvalidArgument
-from fts_mcp.io import write_json_atomic
-from fts_mcp.planning.architecture import from_config
+from fts_mcp.files import write_json_atomic
+from fts_mcp.models.architecture import from_config
+from fts_mcp.models.loading import world_size
 from fts_mcp.planning.batch import plan_batch
 from fts_mcp.training import varlen
 from fts_mcp.training.spec import TrainJobSpec
 
 log = logging.getLogger(__name__)
 
-EFFECTIVE_BATCH = 16  # examples per optimizer step when neither micro-batch nor accumulation is given
+EFFECTIVE_BATCH = 16  # examples per optimizer step for a spec without batch_size (submitted before it)
 MAX_AUTO_MICRO_BATCH = 16
 
 
@@ -69,7 +69,7 @@ def memory_budget_gb(device: torch.device) -> float:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return (free + torch.cuda.memory_reserved(device)) / 1e9
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # data-parallel ranks on the CPU share the host's memory
+    ranks = world_size()  # data-parallel ranks on the CPU share the host's memory
     return (psutil.virtual_memory().available / ranks + psutil.Process().memory_info().rss) / 1e9
 
 
@@ -100,7 +100,7 @@ def padding_free_attention(model: Any) -> str | None:
     (SDPA with a block mask). Returns its name after checking it on the model, or None if none keeps them apart."""
     original = model.config._attn_implementation
     choices = []
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if model.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         choices.append("flash_attention_2")
     choices += [varlen.NAME, original]
     for name in dict.fromkeys(choices):
@@ -121,7 +121,7 @@ def padding_free_attention(model: Any) -> str | None:
 
 def liger_available(model: Any) -> bool:
     """Liger Kernel is installed, CUDA is present and Liger has kernels for this model type."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+    if model.device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
         return False
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
@@ -183,7 +183,7 @@ def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None,
                        seq_len=t.max_seq_len, micro_batch=t.micro_batch_size,
                        gradient_accumulation_steps=t.gradient_accumulation_steps,
                        gradient_checkpointing=t.gradient_checkpointing,
-                       effective_batch=max(1, EFFECTIVE_BATCH // int(os.environ.get("WORLD_SIZE", "1"))),
+                       effective_batch=max(1, (t.batch_size or EFFECTIVE_BATCH) // world_size()),
                        max_micro_batch=MAX_AUTO_MICRO_BATCH, lora_r=spec.lora.r,
                        target_modules=targets, optimizer=_estimator_optimizer(t.optimizer))
     reasons.append(batch.reason)

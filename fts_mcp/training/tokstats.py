@@ -11,9 +11,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from fts_mcp.datasets import TokenStats, scan
+from fts_mcp.datafiles import TokenStats, scan
 from fts_mcp.errors import FtsError
-from fts_mcp.training.data import encode_rows
+from fts_mcp.models.prompts import encode_rows
 
 
 def token_stats(model: str, dataset: Path, max_seq_len: int,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.store import AdapterStore
 from fts_mcp.edge.engine import Engine
-from fts_mcp.edge.sources import StoreSource
-from fts_mcp.edge.store import AdapterStore
 from fts_mcp.errors import InvalidArgument
 from tests.conftest import make_adapter
 
@@ -42,7 +42,7 @@ def references(world, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fts_mcp.training.data import encode_prompt
+    from fts_mcp.models.prompts import encode_prompt
 
     _, store = world
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -164,7 +164,7 @@ def test_an_alias_moved_on_an_http_store_is_served_once_the_index_is_read_again(
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from fts_mcp.edge import sources
+    from fts_mcp.adapters import sources
 
     root, store = world
     store.publish(store.path("fb", "v1"), "moving")  # moving@v1: fb's weights

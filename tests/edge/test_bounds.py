@@ -5,14 +5,17 @@ slow on purpose; the engine's own stopping rules against the tiny model."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 
-from fts_mcp.edge.app import MAX_BODY_BYTES, build_app
+from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.edge.api.access import MAX_BODY_BYTES
+from fts_mcp.edge.api.config import RuntimeConfig
+from fts_mcp.edge.api.routes import build_app
 from fts_mcp.edge.engine import DeadlineExceeded, Engine, Metrics, Ticket
-from fts_mcp.edge.sources import StoreSource
 from fts_mcp.errors import InvalidArgument
 from tests.conftest import wait_for
 from tests.test_transports import free_port, port_open
@@ -33,6 +36,9 @@ class SlowEngine:
         self.source = type("NoStore", (), {"catalogue": staticmethod(lambda: {})})()
 
     def resolve(self, model):
+        return None
+
+    def base_warning(self, model):  # every adapter here was trained on the base it is served on
         return None
 
     def prompt_ids(self, prompt, messages, max_tokens):
@@ -63,13 +69,17 @@ class SlowEngine:
         return ticket
 
 
+def limits_of(**limits) -> RuntimeConfig:
+    return RuntimeConfig(base=SlowEngine.base_name, store="unused", cache=Path("unused"), **limits)
+
+
 @pytest.fixture
 def serve():
     servers = []
 
     def start(engine, **limits) -> str:
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(build_app(engine, **limits), host="127.0.0.1", port=port,
+        server = uvicorn.Server(uvicorn.Config(build_app(engine, limits_of(**limits)), host="127.0.0.1", port=port,
                                                log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
         wait_for(lambda: port_open(port), 10, what="the runtime to listen")
@@ -152,8 +162,8 @@ def test_a_stored_adapter_with_a_bad_config_is_refused_as_corrupt(engine, tiny_m
     """Even with matching sha256s (the store's publisher was wrong, not the transfer): 502, never a crash."""
     import json
 
-    from fts_mcp.edge.store import AdapterStore, CorruptAdapter
-    from fts_mcp.io import sha256_file
+    from fts_mcp.adapters.store import AdapterStore, CorruptAdapter
+    from fts_mcp.files import sha256_file
     from tests.conftest import make_adapter
 
     store = AdapterStore(engine.source.local.root)
@@ -218,7 +228,7 @@ async def test_a_stream_whose_client_is_gone_before_the_first_byte_gives_its_pla
     """The streamed answer's body never starts (sending its headers fails): its queue places come back anyway."""
     import json
 
-    app = build_app(SlowEngine(), max_queue=1)
+    app = build_app(SlowEngine(), limits_of(max_queue=1))
     body = json.dumps({"model": "base", "prompt": "hi", "max_tokens": 5, "stream": True}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",

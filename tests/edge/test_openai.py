@@ -11,10 +11,11 @@ import openai
 import pytest
 import uvicorn
 
-from fts_mcp.edge.app import build_app
+from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.store import AdapterStore
+from fts_mcp.edge.api.config import RuntimeConfig
+from fts_mcp.edge.api.routes import build_app
 from fts_mcp.edge.engine import Engine
-from fts_mcp.edge.sources import StoreSource
-from fts_mcp.edge.store import AdapterStore
 from fts_mcp.edge.tenants import Tenants
 from fts_mcp.errors import InvalidArgument
 from tests.conftest import make_adapter, wait_for
@@ -32,7 +33,9 @@ def runtime(tiny_model, tmp_path_factory):
         store.publish(make_adapter(tiny_model, root / name, r=4, seed=seed), name)
     engine = Engine(str(tiny_model), StoreSource(root / "store", root / "cache"), max_rank=8)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    config = RuntimeConfig(base=str(tiny_model), store=str(root / "store"), cache=root / "cache", max_rank=8)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, config), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     wait_for(lambda: port_open(port), 10, what="the runtime to listen")
     yield engine, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
@@ -110,7 +113,9 @@ def tenants_runtime(runtime, tmp_path_factory):
                                          {"key": GLOBEX, "adapters": ["fb", "base"]},
                                          {"key": OPS, "adapters": ["*"], "admin": True}]}))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, tenants=Tenants.load(keys)), host="127.0.0.1",
+    config = RuntimeConfig(base=engine.base_name, store=str(engine.source.location),
+                           cache=engine.source.cache_dir, keys=keys)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, config, Tenants.load(keys)), host="127.0.0.1",
                                            port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     wait_for(lambda: port_open(port), 10, what="the runtime to listen")

@@ -49,7 +49,7 @@ def reference(base: Path, adapter: Path | None, prompt: str, max_tokens: int = 1
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fts_mcp.training.data import encode_prompt
+    from fts_mcp.models.prompts import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -227,8 +227,8 @@ def test_load_lora_adapter_reads_only_the_store_and_the_roots(edge, tmp_path_fac
 
 def test_store_served_over_http(edge):
     """Any static HTTP server can be the store: files are fetched, sha256-checked and cached."""
+    from fts_mcp.adapters.sources import StoreSource
     from fts_mcp.edge.engine import Engine
-    from fts_mcp.edge.sources import StoreSource
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -282,3 +282,27 @@ def test_merge_takes_a_store_reference(edge):
     assert done.state == "succeeded", (done.error, done.log_tail)
     assert done.artifacts.verification.passed
     assert done.spec["adapters"][0]["trained_quantization"] == "none"  # found through the manifest's source job
+
+
+def test_an_adapter_trained_on_another_base_is_served_with_a_warning(edge, tmp_path):
+    """The runtime serves the 16-bit base; an adapter recorded as trained on the NF4 base is answered, and both
+    /v1/models and the answer say its answers may differ from its evaluation. Adapters trained on this base, and
+    the base itself, carry no warning."""
+    import shutil
+
+    from fts_mcp.models.base import TrainingBase, read_training_base, write_training_base
+
+    assert read_training_base(Path(edge.deployed["forward"].uri)).quantization == "none"  # recorded by training
+    folder = tmp_path / "qlora"
+    shutil.copytree(edge.deployed["forward"].uri, folder)
+    write_training_base(folder, TrainingBase(quantization="nf4", compute_dtype="float32"))
+    edge.service.edge.store.publish(folder, "forward-qlora")
+    cards = {m["id"]: m for m in json.loads(get(f"{edge.url}/v1/models"))["data"]}
+    assert "NF4" in cards["forward-qlora"]["warning"] and "--quantize nf4" in cards["forward-qlora"]["warning"]
+    assert "warning" not in cards["forward"] and not any("warning" in cards[m] for m in cards if "qlora" not in m)
+    status, body = post(f"{edge.url}/v1/completions", {"model": "forward-qlora", "prompt": PROMPTS[0],
+                                                        "max_tokens": 12})
+    assert status == 200 and "NF4" in body["fts"]["warning"]
+    assert body["choices"][0]["text"] == edge.refs["forward"][PROMPTS[0]]  # served all the same
+    status, body = post(f"{edge.url}/v1/completions", {"model": "forward", "prompt": PROMPTS[0], "max_tokens": 12})
+    assert "warning" not in body["fts"]

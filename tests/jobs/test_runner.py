@@ -7,7 +7,8 @@ import pytest
 
 from fts_mcp.config import Settings
 from fts_mcp.core import Core
-from fts_mcp.jobs.runner import death_error, pid_alive
+from fts_mcp.jobs.outcome import death_error
+from fts_mcp.jobs.runner import pid_alive
 from fts_mcp.training.spec import TrainingSpec
 from tests.conftest import FAST_TRAINING, SAMPLE_CHAT, wait_for
 
@@ -134,7 +135,7 @@ def test_a_vanished_supervisor_is_declared_lost_once_its_heartbeat_is_stale(fts_
 def test_settle_records_how_the_work_horse_ended(fts_home, exit_code, cancel, expected_state, expected_code):
     import time
 
-    from fts_mcp.jobs.runner import settle
+    from fts_mcp.jobs.outcome import settle
     from fts_mcp.jobs.store import JobStore
 
     settings = Settings.from_env()

@@ -4,7 +4,7 @@ import pytest
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import IllegalTransition, JobNotFound
-from fts_mcp.jobs.models import JobError
+from fts_mcp.jobs.records import JobError
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.store import JobStore
 

@@ -8,7 +8,7 @@ from mcp import Client
 
 from fts_mcp.cli import main
 from fts_mcp.config import Settings
-from fts_mcp.jobs.models import Artifacts, JobError
+from fts_mcp.jobs.records import Artifacts, JobError
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.store import JobStore, StoreUnavailable
 

@@ -86,8 +86,8 @@ def test_remote_code_is_refused_everywhere_without_the_setting(monkeypatch, fts_
         with pytest.raises(InvalidArgument, match="FTS_TRUST_REMOTE_CODE") as info:
             run_recipe(kind, spec, fts_home / "work" / kind)
         assert info.value.param == "base_model", kind
+    from fts_mcp.adapters.sources import StoreSource
     from fts_mcp.edge.engine import Engine
-    from fts_mcp.edge.sources import StoreSource
 
     with pytest.raises(InvalidArgument, match="FTS_TRUST_REMOTE_CODE"):
         Engine(str(remote_model), StoreSource(core.settings.store, core.settings.edge_cache))
@@ -105,8 +105,8 @@ def test_remote_code_trains_merges_generates_and_serves_with_the_setting(monkeyp
     assert (Path(results["train"].adapter_dir) / "adapter_model.safetensors").is_file()
     assert results["merge"].verification.passed
     assert results["generate"].finish_reason in ("stop", "length")
+    from fts_mcp.adapters.sources import StoreSource
     from fts_mcp.edge.engine import Engine
-    from fts_mcp.edge.sources import StoreSource
 
     engine = Engine(str(remote_model), StoreSource(core.settings.store, core.settings.edge_cache), max_rank=8,
                     trust_remote_code=core.settings.trust_remote_code)

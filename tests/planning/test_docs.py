@@ -2,10 +2,10 @@
 
 import pytest
 
-from fts_mcp.datasets import DIMINISHING_RETURNS, MIN_USEFUL_EXAMPLES, ROBUST_RANGE
+from fts_mcp.datafiles import DIMINISHING_RETURNS, MIN_USEFUL_EXAMPLES, ROBUST_RANGE
 from fts_mcp.docs import DOC_TOPICS, read_doc
+from fts_mcp.models.architecture import Architecture
 from fts_mcp.planning.advice import Criteria, recommend
-from fts_mcp.planning.architecture import Architecture
 from fts_mcp.planning.estimate import REFERENCE_SHAPES
 from fts_mcp.planning.memory import BITS_CONSTANTS_DOUBLE, UTILIZATION, lora_params, memory
 

@@ -4,8 +4,7 @@ import pytest
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import ModelUnavailable
-from fts_mcp.planning.estimate import REFERENCE_SHAPES
-from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.planning.estimate import REFERENCE_SHAPES, RunSettings
 from fts_mcp.planning.families import FAMILIES, family_key
 from fts_mcp.planning.service import Planning
 
@@ -13,7 +12,7 @@ from fts_mcp.planning.service import Planning
 PUBLISHED = {"llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "llama-3.1-8b": 8.03, "llama-3.1-70b": 70.6,
              "qwen2.5-7b": 7.62, "qwen2.5-72b": 72.7, "qwen3-8b": 8.19, "mistral-7b-v0.3": 7.25, "gemma-2-9b": 9.24,
              "phi-3-mini": 3.82, "phi-4": 14.7, "gemma-3-1b": 1.0}
-SETTINGS = EstimateSettings(seq_len=2048, micro_batch=4, lora_r=16, target_modules="all-linear",
+SETTINGS = RunSettings(seq_len=2048, micro_batch=4, lora_r=16, target_modules="all-linear",
                             gradient_checkpointing=True, optimizer="adamw_32bit")
 
 

@@ -4,9 +4,8 @@ import pytest
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError, InvalidArgument, ModelUnavailable
-from fts_mcp.planning.architecture import from_config, likely_tied
-from fts_mcp.planning.estimate import REFERENCE_SHAPES
-from fts_mcp.planning.estimate import Settings as EstimateSettings
+from fts_mcp.models.architecture import from_config, likely_tied
+from fts_mcp.planning.estimate import REFERENCE_SHAPES, RunSettings
 from fts_mcp.planning.families import FAMILIES
 from fts_mcp.planning.gpus import find_gpu
 from fts_mcp.planning.memory import lora_params, memory
@@ -67,7 +66,7 @@ def planner(tmp_path):
                                               "HF_HUB_OFFLINE": "1", "FTS_GPUS": "none"}))
 
 
-SETTINGS = EstimateSettings(seq_len=2048, micro_batch=4, **QLORA)
+SETTINGS = RunSettings(seq_len=2048, micro_batch=4, **QLORA)
 
 
 @pytest.mark.parametrize("params, gpu, change, fits, recommended", [
@@ -216,7 +215,7 @@ def test_defaults_are_the_recipes():
                            target_modules="all-linear", optimizer="adamw_32bit", cross_entropy="chunked",
                            adapter_dtype=dtype, precision="mixed")
         assert default == recipe
-    assert EstimateSettings(seq_len=2048, micro_batch=4).gradient_checkpointing == "auto"
+    assert RunSettings(seq_len=2048, micro_batch=4).gradient_checkpointing == "auto"
 
 
 # ---- the QLoRA paper's headline: LLaMA-65B on one 48 GB GPU --------------------------------------------------
@@ -225,7 +224,7 @@ LLAMA_65B = {"layers": 80, "hidden": 8192, "intermediate": 22_016, "heads": 64, 
 # As scripts/finetune_guanaco_65b.sh trained it: NF4 + double quantization, r=64 on all linear layers, micro-batch
 # 4, at most 16 + 512 tokens, checkpointing, paged AdamW 32-bit; qlora.py casts the LoRA layers to bf16 (--bf16).
 # As the QLoRA paper trained it; the adapters' dtype is left to the default: the recipe's (bf16 on a 4-bit base).
-PAPER_65B = EstimateSettings(seq_len=528, micro_batch=4, lora_r=64, target_modules="all-linear",
+PAPER_65B = RunSettings(seq_len=528, micro_batch=4, lora_r=64, target_modules="all-linear",
                              gradient_checkpointing=True, optimizer="paged_adamw_32bit")
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.store import AdapterStore
 from fts_mcp.config import Settings
 from fts_mcp.core import Core
-from fts_mcp.edge.sources import StoreSource
-from fts_mcp.edge.store import AdapterStore
 from fts_mcp.training.spec import TrainingSpec
 from tests.conftest import FAST_TRAINING, SAMPLE_CHAT, make_adapter, wait_for
 
@@ -82,7 +82,7 @@ def test_a_merge_killed_midway_leaves_nothing_and_resumes(fts_home, tiny_model, 
 PUBLISH = """
 import sys
 from pathlib import Path
-from fts_mcp.edge.store import AdapterStore
+from fts_mcp.adapters.store import AdapterStore
 AdapterStore(Path(sys.argv[1])).publish(Path(sys.argv[2]), "support", alias="prod")
 """
 

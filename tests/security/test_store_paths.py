@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fts_mcp.edge.sources import StoreSource
-from fts_mcp.edge.store import AdapterStore, CorruptAdapter, parse_ref
+from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.store import AdapterStore, CorruptAdapter, parse_ref
 from fts_mcp.errors import FtsError, InvalidArgument
 from tests.conftest import make_adapter
 

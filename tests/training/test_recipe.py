@@ -22,7 +22,7 @@ def test_tokens_per_second_after_a_resume_counts_only_this_runs_tokens(tmp_path,
     clock = Clock()
     monkeypatch.setattr(recipe.time, "monotonic", clock)
     ctx, reports = recording_context(tmp_path)
-    progress = recipe.Progress(ctx)
+    progress = recipe.ReportProgress(ctx)
     args, control = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace()
     state = SimpleNamespace(global_step=0, max_steps=100, epoch=0.0, num_input_tokens_seen=0)
 
@@ -46,7 +46,7 @@ def test_a_resumed_run_forgets_what_an_earlier_attempt_logged_past_its_checkpoin
     ctx, reports = recording_context(tmp_path)
     for step in range(1, 8):  # the first attempt logged steps 1-7, checkpointed at 5, then was killed
         ctx.report({"step": step, "loss": 1.0 / step, "logged": True})
-    progress = recipe.Progress(ctx)
+    progress = recipe.ReportProgress(ctx)
     state = SimpleNamespace(global_step=5, max_steps=10, epoch=0.5, num_input_tokens_seen=500)
     progress.on_step_begin(None, state, SimpleNamespace())
     for step in (6, 7, 8):
@@ -60,7 +60,7 @@ def test_a_stop_request_asks_the_trainer_to_save_and_stop(tmp_path):
     ctx, _ = recording_context(tmp_path)
     ctx.stop.in_loop = True
     ctx.stop.set("cancel")
-    progress = recipe.Progress(ctx)
+    progress = recipe.ReportProgress(ctx)
     control = SimpleNamespace(should_save=False, should_training_stop=False)
     state = SimpleNamespace(global_step=3, max_steps=10, epoch=0.1, num_input_tokens_seen=30)
     progress.on_step_begin(None, state, control)
@@ -73,7 +73,7 @@ def test_step_progress_reaches_the_store_about_once_a_second(tmp_path, monkeypat
     clock = Clock()
     monkeypatch.setattr(recipe.time, "monotonic", clock)
     ctx, reports = recording_context(tmp_path)
-    progress = recipe.Progress(ctx)
+    progress = recipe.ReportProgress(ctx)
     state = SimpleNamespace(global_step=0, max_steps=50, epoch=0.0, num_input_tokens_seen=0)
     control = SimpleNamespace()
     for step in range(1, 51):

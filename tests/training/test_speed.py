@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fts_mcp.errors import InvalidArgument
+from fts_mcp.models.architecture import from_config
 from fts_mcp.models.loading import compute_dtype, load_model, load_tokenizer
-from fts_mcp.planning.architecture import from_config
 from fts_mcp.planning.batch import plan_batch
 from fts_mcp.training import speed, varlen
 from fts_mcp.training.recipe import CHECKPOINTING, build_datasets, make_trainer
@@ -70,8 +70,7 @@ def speed_plan(**choices) -> SpeedPlan:
 def load(tiny_model: Path):
     """A fresh 4-bit base (a trainer wraps the model it is given with the adapter)."""
     tokenizer = load_tokenizer(str(tiny_model), trust_remote_code=False)
-    model = load_model(str(tiny_model), trust_remote_code=False, quantization="nf4", dtype=compute_dtype(),
-                       training=True)
+    model = load_model(str(tiny_model), trust_remote_code=False, quantization="nf4", dtype=compute_dtype())
     return model, tokenizer
 
 

@@ -1,5 +1,5 @@
 """The wire from a Ray job back to the server: folders arrive whole and in place, and anything a cluster sends
-that would damage or escape the job's folders is refused (the Ray runner's end-to-end tests are in test_ray.py)."""
+that would damage or escape the job's folders is refused (the Ray runner's end-to-end tests are in test_cluster.py)."""
 
 import base64
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fts_mcp.jobs.frames import (
+from fts_mcp.jobs.ray.frames import (
     BadFrame,
     LineBuffer,
     Receiver,
@@ -20,7 +20,7 @@ from fts_mcp.jobs.frames import (
     relative_artifacts,
     send_tree,
 )
-from fts_mcp.jobs.models import ArtifactFile, Artifacts
+from fts_mcp.jobs.records import ArtifactFile, Artifacts
 
 
 def sent(folder: Path, dest: str) -> list[dict]:
@@ -180,7 +180,7 @@ def test_a_job_cannot_send_back_more_than_its_budget(tmp_path):
 
 
 def test_an_endless_line_is_cut_and_a_frame_that_long_is_refused():
-    from fts_mcp.jobs.frames import LINE_LIMIT
+    from fts_mcp.jobs.ray.frames import LINE_LIMIT
 
     buffer = LineBuffer()
     lines = buffer.feed("@fts-frame " + "x" * (LINE_LIMIT + 10))
@@ -190,7 +190,7 @@ def test_an_endless_line_is_cut_and_a_frame_that_long_is_refused():
 
 
 def test_a_folder_can_travel_through_storage_and_is_checked_and_removed_there(tmp_path):
-    from fts_mcp.jobs.frames import Storage
+    from fts_mcp.jobs.ray.frames import Storage
 
     source = make_folder(tmp_path / "cluster" / "merged", {"model.safetensors": bytes(range(256)) * 4000})
     shared = tmp_path / "bucket"

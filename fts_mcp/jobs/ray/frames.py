@@ -41,8 +41,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from fts_mcp.errors import FtsError
-from fts_mcp.io import sha256_file
-from fts_mcp.jobs.models import Artifacts
+from fts_mcp.files import sha256_file
+from fts_mcp.jobs.records import Artifacts
 
 MARK = "@fts-frame "
 CHUNK_BYTES = 48 * 1024  # 64 KiB of base64 per log line

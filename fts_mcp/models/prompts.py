@@ -1,8 +1,10 @@
-"""Turn validated records into token ids and a loss mask, the way the training job sees them.
+"""Prompt encoding, one way for every step: a prompt or a conversation to token ids (through the model's chat
+template), and a training record to token ids with its loss mask.
 
 The loss mask marks what the model should learn to produce: assistant turns (chat form), the completion
 (completion form), or everything (text form). Chat records go through the model's own chat template; a model
-without one gets `DEFAULT_CHAT_TEMPLATE`. Needs a tokenizer, not torch.
+without one gets `DEFAULT_CHAT_TEMPLATE`. Training, evaluation, generation and the
+edge runtime all encode through here, so a prompt is the same tokens everywhere. Needs a tokenizer, not torch.
 """
 
 from __future__ import annotations

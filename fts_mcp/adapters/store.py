@@ -8,6 +8,7 @@ Layout (servable as-is by any static HTTP server or CDN):
     <name>/<version>/adapter_config.json
     <name>/<version>/adapter_model.safetensors
     <name>/<version>/tokenizer*.json, chat_template.jinja ...   the tokenizer the adapter was trained with
+    <name>/<version>/training_base.json  the base it was trained on (NF4 or 16-bit), when known
 
 Versions are immutable: publishing other bytes under an existing version is refused, the same bytes are a
 no-op. A version appears whole or not at all (written to a temp folder, then renamed); alias and index files
@@ -30,14 +31,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from filelock import FileLock
 from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp.adapters.inspect import CONFIG, WEIGHTS, read_adapter
 from fts_mcp.errors import FtsError, InvalidArgument
-from fts_mcp.io import sha256_file, write_json_atomic
+from fts_mcp.files import sha256_file, write_json_atomic
+from fts_mcp.models.base import FILE as BASE_FILE
+from fts_mcp.models.base import TrainingBase, read_training_base, write_training_base
+from fts_mcp.models.dtypes import Dtype
 from fts_mcp.models.refs import COMPANION_FILES, companion_files
 
 log = logging.getLogger(__name__)
@@ -45,9 +49,8 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v[1-9][0-9]{0,8}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-StoreDtype = Literal["bfloat16", "float16", "float32"]
-# The only files a stored version may hold: PEFT's two, and the tokenizer files saved beside them.
-ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, *COMPANION_FILES})
+# The only files a stored version may hold: PEFT's two, the tokenizer files saved beside them, the training base.
+ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, *COMPANION_FILES, BASE_FILE})
 REF_FORMS = ("a store reference is name, name@v3 or name:alias; names are 1-64 lowercase letters, digits, '.', "
              "'_' or '-', starting with a letter or digit")
 
@@ -78,11 +81,13 @@ class Manifest(BaseModel):
     r: int
     alpha: float
     target_modules: list[str] | str
-    dtype: StoreDtype
+    dtype: Dtype
     files: dict[str, StoredFile]
     created: str
     source_job: str | None = None
     metrics: dict[str, Any] | None = None
+    training_base: TrainingBase | None = Field(None, description="the base it was trained on; what serving, "
+                                                                 "evaluating and merging load by default")
 
     @property
     def bytes(self) -> int:
@@ -247,9 +252,11 @@ class AdapterStore:
     # ---- publishing ----------------------------------------------------------------------------------------
 
     def publish(self, adapter_dir: Path, name: str, *, version: str | None = None, alias: str | None = None,
-                dtype: StoreDtype = "bfloat16", base_config: Path | None = None, source_job: str | None = None,
-                metrics: dict[str, Any] | None = None) -> tuple[Manifest, bool]:
-        """Publish an adapter folder. Returns (manifest, created); the same bytes again return created=False."""
+                dtype: Dtype = "bfloat16", base_config: Path | None = None, source_job: str | None = None,
+                metrics: dict[str, Any] | None = None, training_base: TrainingBase | None = None
+                ) -> tuple[Manifest, bool]:
+        """Publish an adapter folder. Returns (manifest, created); the same bytes again return created=False.
+        `training_base`: the base it was trained on, when the folder does not record it itself."""
         if not NAME_RE.match(name):
             raise InvalidArgument(f"{name!r}: names are 1-64 lowercase letters, digits, '.', '_' or '-'", param="name")
         if version is not None and not VERSION_RE.match(version):
@@ -259,6 +266,7 @@ class AdapterStore:
             raise InvalidArgument(f"{alias!r}: aliases are lowercase words such as prod or staging ('latest' moves by "
                                   "itself)", param="alias")
         info = read_adapter(adapter_dir, param="adapter")
+        training_base = read_training_base(adapter_dir) or training_base
         self.root.mkdir(parents=True, exist_ok=True)
         self.path(name).mkdir(exist_ok=True)
         with self.lock(), tempfile.TemporaryDirectory(dir=self.path(name), prefix=".publish-") as tmp:
@@ -269,6 +277,8 @@ class AdapterStore:
             for companion in companion_files(adapter_dir):  # the tokenizer and chat template it was trained with
                 shutil.copyfile(companion, staging / companion.name)
             convert_weights(adapter_dir / WEIGHTS, staging / WEIGHTS, dtype)
+            if training_base is not None:
+                write_training_base(staging, training_base)
             files = {p.name: StoredFile(bytes=p.stat().st_size, sha256=sha256_file(p))
                      for p in sorted(staging.iterdir())}
             existing = self.versions(name)
@@ -288,7 +298,7 @@ class AdapterStore:
                     base_config_sha256=sha256_file(base_config) if base_config and base_config.is_file() else None,
                     r=info.r, alpha=info.alpha, target_modules=info.target_modules, dtype=dtype, files=files,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source_job=source_job,
-                    metrics=metrics)
+                    metrics=metrics, training_base=training_base)
                 write_json_atomic(staging / "manifest.json", manifest.model_dump())
                 staging.rename(self.path(name, version))
                 created = True
@@ -324,7 +334,7 @@ class AdapterStore:
             n: {"versions": self.versions(n), "aliases": self.aliases(n)} for n in self.names() if self.versions(n)}})
 
 
-def convert_weights(source: Path, target: Path, dtype: StoreDtype) -> None:
+def convert_weights(source: Path, target: Path, dtype: Dtype) -> None:
     """Rewrite the adapter weights in `dtype` (PEFT saves fp32; 16 bits halves them). Runs torch in a subprocess."""
     done = subprocess.run([sys.executable, "-m", "fts_mcp.edge.convert", str(source), str(target), dtype],
                           capture_output=True, text=True, timeout=600, check=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fts_mcp.http import free_port
+from fts_mcp.network import free_port
 from tests.conftest import FAST_TRAINING, SAMPLE_COMPLETION
 from tests.test_e2e import TERMINAL, call, connect, generate_all, until
 
@@ -190,7 +190,7 @@ async def test_killing_the_ray_jobs_process_ends_the_job_interrupted(ray_home, t
         await until(client, job["job_id"], lambda j: j["progress"]["step"] >= 1, 180, "training on the cluster")
         sid = json.loads((await client.read_resource(f"fts://jobs/{job['job_id']}")).contents[0].text)["ray_job_id"]
         assert client_for(cluster["address"]).get_job_status(sid) == "RUNNING"
-        drivers = [p for p in psutil.process_iter(["cmdline"]) if "fts_mcp.jobs.ray_entry" in (p.info["cmdline"] or [])
+        drivers = [p for p in psutil.process_iter(["cmdline"]) if "fts_mcp.jobs.ray.entry" in (p.info["cmdline"] or [])
                    and p.info["cmdline"][0] != "/bin/sh"]
         assert len(drivers) == 1, drivers  # the job's entrypoint process, started by Ray's job supervisor
         drivers[0].send_signal(signal.SIGKILL)
@@ -223,7 +223,7 @@ def test_ray_auth_token_reaches_the_cluster_as_a_bearer_token(tmp_path):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from fts_mcp.config import Settings
-    from fts_mcp.jobs.ray_runner import connect
+    from fts_mcp.jobs.ray.cluster import connect
 
     seen: list[str | None] = []
 

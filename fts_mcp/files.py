@@ -9,7 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fts_mcp.jobs.models import ArtifactFile
+from pydantic import BaseModel
+
+
+class ArtifactFile(BaseModel):
+    """One file of a finished artifact (a job's output, a store version): where, how big, its sha256."""
+
+    path: str
+    bytes: int
+    sha256: str
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fts_mcp.errors import FtsError
+from fts_mcp.files import ArtifactFile
 from fts_mcp.jobs.states import JobState
 
 JobKind = Literal["train", "merge", "generate", "eval", "runtime"]
@@ -34,42 +33,6 @@ class JobError(BaseModel):
     param: str | None = Field(None, description="the argument at fault, when there is one")
 
 
-def error_of(exc: BaseException) -> JobError:
-    """The job's error for an exception: an FtsError as it says (code, message, the argument at fault), anything
-    else as `unexpected_error` does."""
-    if isinstance(exc, FtsError):
-        return JobError(code=exc.code, message=exc.message, param=exc.param)
-    return unexpected_error(exc)
-
-
-PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket timeout")
-
-
-def peer_lost(exc: BaseException) -> bool:
-    """Whether a data-parallel rank failed because another rank is gone (a collective's connection broke), not by
-    a fault of its own: the job is then `interrupted` like any lost worker, not `failed`."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
-        return True
-    text = str(exc).lower()
-    return any(words in text for words in PEER_GONE)
-
-
-def unexpected_error(exc: BaseException) -> JobError:
-    """A job's error for an exception its recipe did not expect (the traceback goes to the job's log)."""
-    name = type(exc).__name__
-    if "OutOfMemoryError" in name:
-        return JobError(code="out_of_memory", message=f"{exc}. Lower training.micro_batch_size or "
-                        "training.max_seq_len, keep gradient_checkpointing on, or use quantization='nf4'")
-    return JobError(code="internal_error", message=f"{name}: {exc}")
-
-
-class ArtifactFile(BaseModel):
-    path: str
-    bytes: int
-    sha256: str
-
-
 class Verification(BaseModel):
     """How a merged model compares with base + adapter (unmerged) on fixed inputs."""
 
@@ -79,7 +42,8 @@ class Verification(BaseModel):
     inputs: int = Field(description="number of fixed probe inputs compared")
     passed: bool
     trained_base_max_abs_logit_diff: float | None = Field(
-        None, description="merged 16-bit model vs the 4-bit base + adapter it was trained on (QLoRA adapters)")
+        None, description="merged model vs the 4-bit base + adapter it was trained on (QLoRA adapters)")
+    merged_into: str | None = Field(None, description="the weights the adapter was merged into")
 
 
 class Artifacts(BaseModel):

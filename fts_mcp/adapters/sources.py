@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from pydantic import ValidationError
 
-from fts_mcp.edge.store import (
+from fts_mcp.adapters.store import (
     AdapterStore,
     CorruptAdapter,
     Manifest,
@@ -30,7 +30,7 @@ from fts_mcp.edge.store import (
     pick_version,
 )
 from fts_mcp.errors import FtsError, InvalidArgument
-from fts_mcp.io import sha256_file
+from fts_mcp.files import sha256_file
 
 TIMEOUT = 30
 INDEX_TTL_SECONDS = 5.0  # an HTTP store's index (aliases, versions) is re-read after this

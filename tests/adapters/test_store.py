@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fts_mcp.edge.store import AdapterStore, UnknownAdapter
+from fts_mcp.adapters.store import AdapterStore, UnknownAdapter
 from fts_mcp.errors import InvalidArgument
 from tests.conftest import make_adapter
 
@@ -88,8 +88,8 @@ def test_a_stored_version_carries_the_tokenizer_and_chat_template(store, fts_hom
 def test_one_corrupt_adapter_does_not_hide_the_others(store, fts_home, tiny_model, adapter_a, adapter_b):
     """A garbled aliases.json under one name: that name is reported corrupt, every other one still lists and
     resolves, locally and through a source (what the runtime's /v1/models uses)."""
-    from fts_mcp.edge.sources import StoreSource
-    from fts_mcp.edge.store import CorruptAdapter
+    from fts_mcp.adapters.sources import StoreSource
+    from fts_mcp.adapters.store import CorruptAdapter
 
     store.publish(adapter_a, "good")
     store.publish(adapter_b, "broken")

@@ -1,13 +1,14 @@
-"""`python -m fts_mcp.jobs.ray_entry`: one job on a Ray cluster, the entrypoint the server submits.
+"""`python -m fts_mcp.jobs.ray.entry`: one job on a Ray cluster, the entrypoint the server submits.
 
-It starts in the Ray job's working_dir, the package the server built (`fts_mcp.jobs.ray_runner.package`):
+It starts in the Ray job's working_dir, the package the server built (`fts_mcp.jobs.ray.runner.package`):
 `job.json` (the job's kind and spec, with its input paths made relative to the package), `inputs/` (the files
 and folders the spec names: dataset, local base model, adapters) and `work/` (a resumed job's checkpoint). The
 package is shared by every job on the node that has the same content, so the job works in a fresh folder of its
 own, never in the package, and never in the server's FTS_HOME: the cluster shares no filesystem with the server.
 
-Everything the server records comes back as frames in this job's log (`fts_mcp.jobs.frames`): progress as it
-happens, each checkpoint as it is saved, then the job's folder, a merge's output folder and the outcome.
+Everything the server records comes back as frames in this job's log (`fts_mcp.jobs.ray.frames`): progress as it
+happens, each checkpoint as it is saved, then the job's folder, a merge's output folder and the outcome. How the
+recipe's run ended is decided as for a local worker (`fts_mcp.jobs.outcome.run_recipe`).
 
 * One worker (every merge, generate and eval job, and `workers: 1` training): the recipe runs in this process,
   which the server asked the cluster to give the job's GPU. A stop request (SIGTERM, sent by `ray job stop`) asks
@@ -34,14 +35,12 @@ import traceback
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from fts_mcp.errors import FtsError
-from fts_mcp.io import artifact_file
-from fts_mcp.jobs.context import JobContext, Stop, StopSignal
-from fts_mcp.jobs.frames import Emit, Storage, encode, relative_artifacts, send_tree
-from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.models import JobError, error_of, peer_lost
+from fts_mcp.files import artifact_file
+from fts_mcp.jobs.context import JobContext, Stop, StopSignal, silent_context
+from fts_mcp.jobs.outcome import Outcome, run_recipe
+from fts_mcp.jobs.ray.frames import Emit, Storage, encode, relative_artifacts, send_tree
 
-log = logging.getLogger("fts_mcp.ray_entry")
+log = logging.getLogger("fts_mcp.jobs.ray.entry")  # also run as __main__
 STOP_POLL_SECONDS = 0.5
 TEXT_LIMIT = 16 * 2**20  # JSON and Markdown files up to this size get their paths put back in the server's terms
 
@@ -109,8 +108,7 @@ class Layout:
     def context(self, emit: Emit | None, stop: StopSignal) -> JobContext:
         """Rank 0's context sends everything; a silent one (other ranks) sends nothing."""
         if emit is None:
-            return JobContext(job_id=self.job["job_id"], workdir=self.work, stop=stop,
-                              checkpoint=lambda folder: None, report=lambda figures, event=True: None)
+            return silent_context(self.job["job_id"], self.work, stop)
 
         def checkpoint(folder: Path) -> None:
             dest = str(PurePosixPath("work", *Path(folder).relative_to(self.work).parts))
@@ -123,45 +121,33 @@ class Layout:
                                                                    "event": event}),
                           rewind=lambda step: emit({"t": "rewind", "step": step}))
 
-    def finish(self, emit: Emit, outcome: Any, error: JobError | None = None) -> None:
+    def finish(self, emit: Emit, outcome: Outcome) -> None:
         """Send the job's folder (its checkpoints went as they were saved), its output folder, then the outcome."""
         self.restore_paths(self.work, skip="checkpoints")  # those were put right as they were sent
         if self.output is not None and self.output.is_dir():
             self.restore_paths(self.output)
-        if outcome is not None and outcome.files:  # sizes and hashes of the files as they are sent
-            outcome = outcome.model_copy(update={"files": [artifact_file(Path(f.path)) for f in outcome.files]})
+        artifacts = outcome.artifacts
+        if artifacts is not None and artifacts.files:  # sizes and hashes of the files as they are sent
+            artifacts = artifacts.model_copy(update={"files": [artifact_file(Path(f.path)) for f in artifacts.files]})
         send_tree(emit, self.work, "work", skip=lambda p: p == Path("checkpoints"), storage=self.storage)
         if self.output is not None and self.output.is_dir():
             send_tree(emit, self.output, "output", storage=self.storage)
-        if error is not None:
-            emit({"t": "result", "state": "failed", "error": error.model_dump()})
-        elif outcome is None:
-            emit({"t": "result", "state": "stopped"})
-        else:
+        if outcome.state == "succeeded":
             emit({"t": "result", "state": "succeeded",
-                  "artifacts": relative_artifacts(outcome, self.work, self.output)})
-
-
-def run_recipe(layout: Layout, spec_data: dict[str, Any], ctx: JobContext) -> Any:
-    spec = KINDS[layout.job["kind"]].spec.model_validate(spec_data)
-    try:
-        return recipe(layout.job["kind"])(spec, ctx)
-    except Stop:
-        return None
+                  "artifacts": relative_artifacts(artifacts, self.work, self.output)})
+        elif outcome.state == "failed":
+            emit({"t": "result", "state": "failed", "error": outcome.error.model_dump()})
+        else:
+            emit({"t": "result", "state": "stopped"})
 
 
 def run_here(layout: Layout, spec: dict[str, Any]) -> None:
     """One worker: the recipe in this process; SIGTERM (a stop request) checkpoints and stops it."""
     stop = StopSignal()
     signal.signal(signal.SIGTERM, lambda *_: stop.set("cancel"))
-    try:
-        outcome, error = run_recipe(layout, spec, layout.context(print_frame, stop)), None
-    except Exception as exc:  # the process boundary, as a local worker's: recorded, traceback in the log
-        if not isinstance(exc, FtsError):
-            traceback.print_exc()
-        outcome, error = None, error_of(exc)
+    outcome = run_recipe(layout.job["kind"], spec, layout.context(print_frame, stop))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what is left is sending the results: let it finish
-    layout.finish(print_frame, outcome, error)
+    layout.finish(print_frame, outcome)
 
 
 # ---- several workers: Ray Train ---------------------------------------------------------------------------
@@ -217,20 +203,15 @@ def rank_loop(config: dict[str, Any]) -> None:
     threading.Thread(target=watch, daemon=True, name="stop-watch").start()
     emit = (lambda frame: ray.get(channel.put.remote(frame))) if rank == 0 else None
     try:
-        outcome = run_recipe(layout, spec, layout.context(emit, stop))
+        outcome = run_recipe(layout.job["kind"], spec, layout.context(emit, stop), peers=True)
+        if outcome.state == "lost":  # another worker died under a collective: the driver reports the loss
+            raise outcome.exception
         if emit is not None:
             layout.finish(emit, outcome)
-    except Exception as exc:  # the recipe's own error (a bad dataset, out of memory) is the job's outcome, any rank's
-        if not isinstance(exc, FtsError):
-            traceback.print_exc()
-        if peer_lost(exc):  # another worker died under a collective: the driver reports the loss
-            raise
-        error = error_of(exc)
-        if emit is not None:
-            layout.finish(emit, None, error)
-        else:
-            ray.get(channel.put.remote({"t": "result", "state": "failed", "error": error.model_dump()}))
-        raise
+        elif outcome.state == "failed":  # the recipe's own error (a bad dataset, out of memory): any rank's counts
+            ray.get(channel.put.remote({"t": "result", "state": "failed", "error": outcome.error.model_dump()}))
+        if outcome.state == "failed":  # the trainer fails too, and stops the other workers
+            raise outcome.exception
     finally:
         done.set()
         shutil.rmtree(layout.root, ignore_errors=True)

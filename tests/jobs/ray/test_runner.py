@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fts_mcp.config import Settings
-from fts_mcp.jobs.frames import encode, send_tree
-from fts_mcp.jobs.ray_runner import Follower, package
+from fts_mcp.jobs.ray.frames import encode, send_tree
+from fts_mcp.jobs.ray.runner import Follower, package
 from fts_mcp.jobs.states import JobState
 from fts_mcp.jobs.store import JobStore
 
@@ -95,7 +95,7 @@ def test_how_a_job_ended(follower, result, status, cancelled, state, code):
 
 
 def test_the_package_is_refused_before_anything_is_copied_when_too_large(store, tmp_path, monkeypatch):
-    import fts_mcp.jobs.ray_runner as ray_runner
+    import fts_mcp.jobs.ray.runner as ray_runner
     from fts_mcp.errors import FtsError
 
     data = tmp_path / "data.jsonl"
@@ -115,14 +115,14 @@ def test_the_package_is_refused_before_anything_is_copied_when_too_large(store, 
 
 
 def test_the_runtime_environment_carries_the_job_and_what_the_cluster_needs(tmp_path):
-    from fts_mcp.jobs.ray_runner import runtime_env
+    from fts_mcp.jobs.ray.runner import runtime_env
 
     added = {"pip": ["peft==0.18.0"], "env_vars": {"HF_TOKEN": "hf_x", "PYTHONUNBUFFERED": "0"}}
     settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_RUNNER": "ray", "FTS_RAY_ADDRESS": "http://h:8265",
                                   "FTS_CANCEL_GRACE_SECONDS": "0.5", "FTS_RAY_RUNTIME_ENV": json.dumps(added)})
     env = runtime_env(tmp_path / "package", settings)
     assert env["working_dir"] == str(tmp_path / "package") and env["pip"] == ["peft==0.18.0"]
-    assert Path(env["py_modules"][0], "jobs", "ray_entry.py").is_file()  # the server's own fts-mcp travels along
+    assert Path(env["py_modules"][0], "jobs", "ray", "entry.py").is_file()  # the server's own fts-mcp travels along
     assert env["env_vars"]["HF_TOKEN"] == "hf_x"
     assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"  # the job's own settings win
     assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "1"  # a grace under a second still leaves one

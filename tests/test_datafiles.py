@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fts_mcp.datasets import require_valid, validate_dataset
+from fts_mcp.datafiles import require_valid, validate_dataset
 from fts_mcp.errors import DatasetInvalid
 from tests.conftest import SAMPLE_CHAT, SAMPLE_COMPLETION, write_jsonl
 
@@ -135,7 +135,7 @@ def test_memory_stays_bounded_whatever_the_line(tmp_path, monkeypatch):
     """A 64 MiB single-line file is refused by line length, holding at most one bounded chunk in memory."""
     import tracemalloc
 
-    import fts_mcp.datasets as datasets
+    import fts_mcp.datafiles as datasets
 
     monkeypatch.setattr(datasets, "MAX_LINE_BYTES", 1 << 20)
     path = tmp_path / "huge.jsonl"
@@ -154,7 +154,7 @@ def test_memory_stays_bounded_whatever_the_line(tmp_path, monkeypatch):
 
 
 def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
-    import fts_mcp.datasets as datasets
+    import fts_mcp.datafiles as datasets
 
     monkeypatch.setattr(datasets, "MAX_FILE_BYTES", 100)
     report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 200}]))

@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from fts_mcp.training.data import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt, encode_prompt, encode_record
+from fts_mcp.models.prompts import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt, encode_prompt, encode_record
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`python -m fts_mcp.jobs.ray_runner JOB_ID`: the supervisor of a job that runs on a Ray cluster (FTS_RUNNER=ray).
+"""`python -m fts_mcp.jobs.ray.runner JOB_ID`: the supervisor of a job that runs on a Ray cluster (FTS_RUNNER=ray).
 
 It is to a Ray job what `fts_mcp.jobs.worker` is to a local one, started the same way by the same runner on the
 server's host, with the same duties:
@@ -9,21 +9,20 @@ server's host, with the same duties:
 2. submit it with Ray's Jobs API. The submission id is the job id and its attempt number, and it is recorded
    before the submit: the store's claim already gives each attempt to one server, and Ray refuses a second
    submit under the same id;
-3. follow the Ray job's log: ordinary lines go to the job's `worker.log`, frames (`fts_mcp.jobs.frames`) to the
+3. follow the Ray job's log: ordinary lines go to the job's `worker.log`, frames (`fts_mcp.jobs.ray.frames`) to the
    store (progress, loss curve) and into the job's folder (checkpoints, the adapter, a merge's output);
 4. pass a cancel (SIGTERM from `cancel_job`) on as `stop_job`: Ray sends the job SIGTERM, gives it
    FTS_CANCEL_GRACE_SECONDS to checkpoint, then kills it;
 5. record the outcome once the Ray job has ended: the job's own result frame, else `cancelled` (a cancel was
    asked) or `interrupted` with what Ray says happened (a killed driver, a lost node).
 
-A job whose supervisor dies is stopped on the cluster (`stop_abandoned`) and ends `interrupted`; resume_job
-submits it again from the last checkpoint that came back.
+A job whose supervisor dies is stopped on the cluster (by the local runner, through `fts_mcp.jobs.ray.cluster`) and
+ends `interrupted`; resume_job submits it again from the last checkpoint that came back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import math
 import os
@@ -39,16 +38,17 @@ from typing import Any
 import fts_mcp
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
-from fts_mcp.io import write_json_atomic
-from fts_mcp.jobs.frames import BadFrame, LineBuffer, Receiver, Storage, decode
-from fts_mcp.jobs.models import Artifacts, Job, JobError, Progress, error_of
-from fts_mcp.jobs.runner import Runner, settle
+from fts_mcp.files import write_json_atomic
+from fts_mcp.jobs.outcome import error_of, record_outcome, settle
+from fts_mcp.jobs.ray.cluster import bounded, connect, try_stop
+from fts_mcp.jobs.ray.frames import BadFrame, LineBuffer, Receiver, Storage, decode
+from fts_mcp.jobs.records import Artifacts, Job, JobError, Progress
+from fts_mcp.jobs.runner import Runner
 from fts_mcp.jobs.states import JobState, check_job_id
-from fts_mcp.jobs.store import RESULT_NAME, JobStore
-from fts_mcp.jobs.worker import record_outcome
+from fts_mcp.jobs.store import JobStore
 from fts_mcp.training.checkpoints import checkpoints, is_checkpoint, latest_checkpoint
 
-log = logging.getLogger("fts_mcp.ray_runner")
+log = logging.getLogger("fts_mcp.jobs.ray.runner")  # also run as __main__
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 PACKAGE = "ray-package"
@@ -56,35 +56,6 @@ MAX_PACKAGE_BYTES = 500 * 2**20  # Ray's working_dir limit is 512 MiB (its large
 INPUT_KEYS = frozenset({"base_model", "dataset", "resume_checkpoint", "path", "adapter_dir", "merged_dir"})
 CHECKPOINTS_KEPT = 2  # as the trainer keeps them (save_total_limit)
 UNREACHABLE_SECONDS = 120.0  # how long the cluster may not answer before the job is given up as interrupted
-
-
-class RayUnavailable(FtsError):
-    code = "ray_unavailable"
-
-
-def require_ray() -> None:
-    """FTS_RUNNER=ray needs Ray's job-submission client in the server's environment."""
-    if importlib.util.find_spec("ray") is None:
-        raise RayUnavailable("FTS_RUNNER=ray needs Ray: pip install 'fts-mcp[ray]' (or unset FTS_RUNNER to run jobs "
-                             "on this host)", param="FTS_RUNNER")
-
-
-def connect(settings: Settings):
-    """A Jobs API client for the cluster at FTS_RAY_ADDRESS, with RAY_AUTH_TOKEN as its bearer token if set."""
-    require_ray()
-    from ray.job_submission import JobSubmissionClient
-
-    token = settings.env.get("RAY_AUTH_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(settings.ray_address, headers=headers)
-
-
-def stop_abandoned(settings: Settings, submission_id: str) -> None:
-    """Stop a Ray job nobody follows any more (its supervisor died): its work could not come back."""
-    try:
-        bounded(lambda: connect(settings).stop_job(submission_id))
-    except Exception as exc:  # noqa: BLE001 - best effort: the cluster may be gone too
-        log.warning("could not stop abandoned Ray job %s: %s", submission_id, exc)
 
 
 # ---- the package --------------------------------------------------------------------------------------------
@@ -313,42 +284,9 @@ def check_result(frame: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-# ---- talking to the cluster ---------------------------------------------------------------------------------
+# ---- supervising the Ray job --------------------------------------------------------------------------------
 
 UNREACHABLE = "UNREACHABLE"
-CALL_SECONDS = 30.0  # Ray's client sets no timeout of its own
-
-
-def bounded(call, *args, timeout: float = CALL_SECONDS):
-    """`call(*args)` in a daemon thread, given up after `timeout` (TimeoutError): a cluster that stops answering
-    must not hang the supervisor, or a server's tick."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call(*args)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, daemon=True, name="ray-call")
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
-        raise TimeoutError(f"the Ray cluster did not answer within {timeout:.0f}s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
-
-
-def try_stop(client, sid: str) -> bool:
-    """Ask Ray to stop the job; whether it took the request."""
-    try:
-        bounded(client.stop_job, sid)
-        return True
-    except Exception as exc:  # noqa: BLE001 - best effort: it may have ended, or the cluster may be gone
-        log.warning("could not stop Ray job %s: %s", sid, exc)
-        return False
 
 
 def open_storage(settings: Settings, sid: str) -> Storage | None:
@@ -420,7 +358,7 @@ def supervise(job_id: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     signal.signal(signal.SIGINT, lambda *_: cancel.set())
     job = store.get(job_id, log_lines=0)
-    (store.job_dir(job_id) / RESULT_NAME).unlink(missing_ok=True)
+    store.result_path(job_id).unlink(missing_ok=True)
     sid = submission_id(job_id, store.raw(job_id)["attempts"])
     folder = store.job_dir(job_id) / PACKAGE
     client = storage = None
@@ -436,7 +374,7 @@ def supervise(job_id: str) -> int:
         single = description["workers"] == 1
         store.set_fields(job_id, ray_job_id=sid)  # before the submit: a lost supervisor's job is stopped by id
         bounded(lambda: client.submit_job(
-            entrypoint="python -m fts_mcp.jobs.ray_entry", submission_id=sid, runtime_env=runtime_env(folder, settings),
+            entrypoint="python -m fts_mcp.jobs.ray.entry", submission_id=sid, runtime_env=runtime_env(folder, settings),
             metadata={"fts_job_id": job_id}, entrypoint_num_cpus=1 if single else 0,
             entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0), timeout=600.0)
         store.update_progress(job_id, {"phase": "waiting_for_cluster"}, event=None)  # until it reports its own
