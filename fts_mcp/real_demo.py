@@ -77,8 +77,7 @@ async def drive_real(home: Path, examples: int) -> int:
             return 1
         say(f"      trained in {time.monotonic() - t0:.0f}s: {job['progress']['step']} steps, final loss "
             f"{job['progress']['loss']:.3f}; adapter {job['artifacts']['adapter_dir']}")
-        evaluation = await call(client, "evaluate_adapter", {"adapter": job["job_id"], "dataset": str(held_out),
-                                                             "samples": 3})
+        evaluation = await call(client, "evaluate_adapter", {"adapter": job["job_id"], "dataset": str(held_out)})
         evaluation = await follow(client, evaluation, "[4/4]")
         if evaluation["state"] != "succeeded":
             say(f"evaluation {evaluation['state']}: {(evaluation['error'] or {}).get('message')}")
@@ -100,6 +99,6 @@ def run_real_demo(home: Path, examples: int) -> int:
     say(f"fts-mcp demo --real: SmolLM2-135M-Instruct learns to turn orders into JSON (FTS_HOME={home})")
     try:
         return anyio.run(drive_real, home, examples)
-    except Refused as exc:
-        say(f"\na tool refused: {exc}")
+    except* Refused as group:  # raised inside the client's task group
+        say(f"\na tool refused: {group.exceptions[0]}")
         return 1

@@ -2,9 +2,11 @@
 the batch, epochs, learning rate and warm-up. Pure functions: plain values in, the choice and its reasons out.
 
 Agents start with 40-500 examples. With fixed defaults (3 epochs of 16-example steps) 40 examples are 8 optimiser
-steps, too few for an adapter to learn a format. So a small dataset gets smaller steps (each epoch still has
-several) and enough epochs for at least `MIN_STEPS` steps, with a warm-up of a tenth of them; a large one keeps
-the usual 3 epochs of 16. What the caller sets is kept as given.
+steps, too few for an adapter to learn a format, while 300 examples cost 900 example passes, minutes more on a CPU
+than the task needs. So the run gets at least `MIN_STEPS` optimiser steps and at least one pass over the data:
+the batch is the largest of 16, 8 or 4 examples that still gives an epoch `MIN_STEPS` steps (4 for small data),
+and a dataset too small for that gets more epochs (up to `MAX_AUTO_EPOCHS`); warm-up is a tenth of the steps.
+What the caller sets is kept as given.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from fts_mcp.training.spec import TrainingSpec
 
 MIN_STEPS = 30  # optimiser steps a run gets at least, raising the epochs of a small dataset
 MAX_AUTO_EPOCHS = 10  # ... up to this many passes over the data
-EPOCHS = 3.0
 LEARNING_RATE = 2e-4  # LoRA's usual peak rate (alpha = 2r); small batches do well with it too
 WARMUP_RATIO = 0.1
-FULL_BATCH = 16  # examples per optimiser step for datasets of FULL_BATCH * 10 or more
+BATCHES = (16, 8, 4)  # examples per optimiser step: the largest that gives an epoch MIN_STEPS steps
 CPU_COMPUTE_BYTES = 4  # the loader computes in float32 on a CPU
 MEMORY_HEADROOM = 0.6  # a 16-bit (fp32 on a CPU) base may take this share of memory, the rest is the run's
 
@@ -27,11 +28,12 @@ Quantization = Literal["nf4", "none"]
 
 
 def auto_batch(examples: int) -> int:
-    """Examples per optimiser step: 16, or fewer so a small dataset still has about ten steps an epoch."""
-    for size in (FULL_BATCH, 8, 4):
-        if examples >= size * 10:
+    """Examples per optimiser step: the largest of 16, 8, 4 that gives an epoch `MIN_STEPS` steps, else 4 (never
+    more than the data)."""
+    for size in BATCHES:
+        if examples >= size * MIN_STEPS:
             return size
-    return max(1, min(4, examples))
+    return max(1, min(BATCHES[-1], examples))
 
 
 def training_defaults(t: TrainingSpec, *, examples: int) -> tuple[TrainingSpec, list[str]]:
@@ -48,18 +50,17 @@ def training_defaults(t: TrainingSpec, *, examples: int) -> tuple[TrainingSpec, 
     steps_per_epoch = max(1, math.ceil(examples / batch))
     epochs = t.epochs
     if epochs is None and t.max_steps is None:
-        epochs = EPOCHS
-        if steps_per_epoch * EPOCHS < MIN_STEPS:
-            epochs = float(min(MAX_AUTO_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
+        epochs = float(min(MAX_AUTO_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
+        if epochs > 1:
             reasons.append(f"{epochs:g} epochs so a small dataset gets {int(epochs) * steps_per_epoch} steps "
                            f"(at least {MIN_STEPS} where {MAX_AUTO_EPOCHS} epochs allow)")
         else:
-            reasons.append(f"{epochs:g} epochs, {math.ceil(epochs * steps_per_epoch)} steps")
+            reasons.append(f"1 epoch, {steps_per_epoch} steps (at least {MIN_STEPS})")
     learning_rate = t.learning_rate if t.learning_rate is not None else LEARNING_RATE
     warmup = t.warmup_ratio if t.warmup_ratio is not None else WARMUP_RATIO
     if t.learning_rate is None:
         reasons.append(f"learning rate {learning_rate:g} with {warmup:.0%} warm-up")
-    chosen = t.model_copy(update={"batch_size": batch, "epochs": epochs if epochs is not None else EPOCHS,
+    chosen = t.model_copy(update={"batch_size": batch, "epochs": epochs if epochs is not None else 1.0,
                                   "learning_rate": learning_rate, "warmup_ratio": warmup})
     return chosen, reasons
 

@@ -38,12 +38,12 @@ class TrainingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: float | None = Field(None, gt=0, le=100, description="passes over the data (ignored when max_steps is "
-                                                                "set). null: 3, more for a small dataset so it "
-                                                                "gets at least 30 steps")
+                                                                "set). null: 1, more for a small dataset so it "
+                                                                "gets at least 30 steps (up to 10)")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; overrides epochs")
     batch_size: int | None = Field(None, ge=1, le=65_536, description="examples per optimizer step, all workers "
                                                                       "together. null: 16, or 8 / 4 for datasets "
-                                                                      "under 160 / 80 examples")
+                                                                      "under 480 / 240 examples")
     learning_rate: float | None = Field(None, gt=0, le=1.0, description="peak learning rate; null: 2e-4 (LoRA's "
                                                                         "usual; 1e-4-3e-4)")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"

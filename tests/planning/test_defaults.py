@@ -12,9 +12,9 @@ from fts_mcp.training.spec import TrainingSpec
     (40, 4, 3.0),      # 10 steps an epoch: 3 epochs give 30 steps
     (16, 4, 8.0),      # 4 steps an epoch: 8 epochs to reach 30 steps
     (3, 3, 10.0),      # tiny: one step an epoch, capped at 10 epochs
-    (100, 8, 3.0),     # 13 steps an epoch
-    (300, 16, 3.0),    # 19 steps an epoch: the usual 3 epochs of 16
-    (10_000, 16, 3.0),
+    (100, 4, 2.0),     # 25 steps an epoch
+    (300, 8, 1.0),     # 38 steps: one pass is enough
+    (10_000, 16, 1.0),  # 625 steps
 ])
 def test_small_datasets_get_smaller_steps_and_enough_of_them(examples, batch, epochs):
     chosen, reasons = training_defaults(TrainingSpec(), examples=examples)
@@ -22,7 +22,7 @@ def test_small_datasets_get_smaller_steps_and_enough_of_them(examples, batch, ep
     steps = math.ceil(examples / batch) * chosen.epochs
     assert steps >= MIN_STEPS or chosen.epochs == 10
     assert chosen.learning_rate == 2e-4 and chosen.warmup_ratio == 0.1
-    assert any("batch" in r for r in reasons) and any("epochs" in r for r in reasons)
+    assert any("batch" in r for r in reasons) and any("epoch" in r for r in reasons)
 
 
 def test_what_the_caller_sets_is_kept():
@@ -59,4 +59,4 @@ def test_an_explicit_quantization_is_kept():
 
 
 def test_auto_batch_never_exceeds_the_data():
-    assert [auto_batch(n) for n in (1, 2, 39, 40, 79, 80, 159, 160)] == [1, 2, 4, 4, 4, 8, 8, 16]
+    assert [auto_batch(n) for n in (1, 2, 40, 239, 240, 479, 480)] == [1, 2, 4, 4, 8, 8, 16]
