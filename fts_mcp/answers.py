@@ -18,6 +18,15 @@ from fts_mcp.edge.service import Deployment
 from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.states import JobState
 
+# A JSON object with any keys; `additionalProperties: true` is JSON Schema's default, so the schema leaves it out
+# (every tool's schema is in the agent's context on every turn).
+AnyObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object"})]
+# `{"type": [t, "null"]}` says what pydantic's `{"anyOf": [{"type": t}, {"type": "null"}]}` says, in fewer characters.
+NullableStr = Annotated[str | None, WithJsonSchema({"type": ["string", "null"]})]
+NullableFloat = Annotated[float | None, WithJsonSchema({"type": ["number", "null"]})]
+NullableObject = Annotated[dict[str, Any] | None, WithJsonSchema({"type": ["object", "null"]})]
+Steps = list[AnyObject]  # NextStep: {tool, arguments, why}
+
 
 class NextStep(BaseModel):
     tool: str
@@ -29,16 +38,16 @@ class JobView(BaseModel):
     job_id: str
     kind: str
     state: str  # validating, queued, running, succeeded, failed, cancelled or interrupted (jobs.states)
-    progress: dict[str, Any]
-    error: dict[str, Any] | None = None  # {code, message, param}
-    artifacts: dict[str, Any]
+    progress: AnyObject  # step, total_steps, loss, ...; `waiting` while queued: what it waits behind
+    error: NullableObject = None  # {code, message, param}
+    artifacts: AnyObject
     resumable: bool
-    spec: dict[str, Any]
-    process: dict[str, Any]  # pid, slot, attempts, exit_code, cancel_requested
-    times: dict[str, Any]  # created, started, updated, finished (ISO 8601, UTC)
+    spec: AnyObject
+    process: AnyObject  # pid, slot, attempts, exit_code, cancel_requested
+    times: AnyObject  # created, started, updated, finished (ISO 8601, UTC)
     log_tail: list[str] = []
-    next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
-    note: str | None = None  # e.g. that a long-poll was capped
+    next: Steps = []
+    note: NullableStr = None  # e.g. that a long-poll was capped
 
 
 class JobRow(BaseModel):
@@ -124,11 +133,16 @@ def eval_next(job: Job) -> list[dict[str, Any]]:
 
 
 def deploy_next(deployment: Deployment) -> list[dict[str, Any]]:
+    ask = {"messages": [{"role": "user", "content": "..."}]} if deployment.chat else {"prompt": "..."}
     if deployment.loaded:
-        return [_step("generate", "ask the runtime with this adapter", model=deployment.model, prompt="...",
-                      runtime_url="<the runtime_url you gave>")]
-    return [_step("generate", "try it with a one-shot job (or start `fts-mcp edge serve` and pass runtime_url)",
-                  model=deployment.model, prompt="...")]
+        steps = [_step("generate", "ask the runtime with this adapter", model=deployment.model, **ask,
+                       runtime_url="local" if deployment.runtime_job else deployment.runtime)]
+        if deployment.runtime_job:
+            steps.append(_step("cancel_job", "when done: stop the managed runtime (it keeps serving after this "
+                               "server exits)", job_id=deployment.runtime_job))
+        return steps
+    return [_step("generate", "try it with a one-shot job, or load it into a runtime: deploy_adapter(runtime_url="
+                  "'local')", model=deployment.model, **ask)]
 
 
 # ---- views -----------------------------------------------------------------------------------------------------
@@ -169,6 +183,8 @@ def _artifacts(job: Job) -> dict[str, Any]:
 
 def job_view(job: Job, *, detail: bool = False) -> JobView:
     progress = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in job.progress.model_dump().items()}
+    if job.waiting:
+        progress["waiting"] = job.waiting  # what a queued job waits behind, and how to free the slot
     return JobView(job_id=job.job_id, kind=job.kind, state=job.state, progress=progress,
                    error=job.error.model_dump() if job.error else None,
                    artifacts=_artifacts(job), resumable=job.resumable, spec=job.spec if detail else spec_summary(job),
@@ -196,20 +212,23 @@ class DeploymentView(BaseModel):
     uri: str
     sha256: str
     bytes: int
-    base_model: str | None
-    trained_on: str | None = None  # the base it was trained on, which runtimes should serve it on
+    base_model: NullableStr
+    trained_on: NullableStr = None  # the base it was trained on, which runtimes should serve it on
+    chat: bool  # trained on chats: ask with messages (/v1/chat/completions)
     loaded: bool
-    swap_ms: float | None = None
-    runtime: str | None = None
+    swap_ms: NullableFloat = None
+    runtime: NullableStr = None
+    runtime_job: NullableStr = None  # the managed runtime's job: cancel_job stops it
     curl: str
-    next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
+    next: Steps = []
 
 
 def deployment_view(d: Deployment) -> DeploymentView:
     return DeploymentView(model=d.model, name=d.name, version=d.version, created=d.created, uri=d.uri,
                           sha256=d.sha256, bytes=d.bytes, base_model=d.manifest.base_model, loaded=d.loaded,
                           trained_on=d.manifest.training_base.describe() if d.manifest.training_base else None,
-                          swap_ms=d.swap_ms, runtime=d.runtime, curl=d.curl, next=deploy_next(d))
+                          chat=d.chat, swap_ms=d.swap_ms, runtime=d.runtime, runtime_job=d.runtime_job,
+                          curl=d.curl, next=deploy_next(d))
 
 
 class AdapterRow(BaseModel):
@@ -232,12 +251,6 @@ def adapter_rows(entries: list[StoreEntry]) -> AdapterRows:
                                             bytes=e.latest.bytes if e.latest else None) for e in entries])
 
 
-# A JSON object with any keys; `additionalProperties: true` is JSON Schema's default, so the schema leaves it out
-# (every tool's schema is in the agent's context on every turn).
-AnyObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object"})]
-# `{"type": [t, "null"]}` says what pydantic's `{"anyOf": [{"type": t}, {"type": "null"}]}` says, in fewer characters.
-NullableStr = Annotated[str | None, WithJsonSchema({"type": ["string", "null"]})]
-NullableFloat = Annotated[float | None, WithJsonSchema({"type": ["number", "null"]})]
 
 
 class EstimateView(BaseModel):
@@ -279,8 +292,8 @@ class ReportView(BaseModel):
     errors: list[dict[str, Any]]
     error_count: int
     warnings: list[str]
-    token_stats: dict[str, Any] | None = None
-    next: list[dict[str, Any]] = []  # NextStep: {tool, arguments, why}
+    token_stats: NullableObject = None
+    next: Steps = []
 
 
 def report_view(report: BaseModel, base_model: str | None) -> ReportView:

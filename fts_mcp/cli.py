@@ -28,7 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fts_mcp.config import Settings
     from fts_mcp.server import mcp
 
-    announce_roots(Settings.from_env())
+    settings = Settings.from_env()
+    announce_roots(settings)
 
     if args.transport == "stdio":
         import anyio
@@ -40,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fts_mcp.network import serve_http
 
     serve_http(mcp, args.transport, args.host, args.port, args.token or os.environ.get("FTS_AUTH_TOKEN"),
-               args.allowed_host, args.allowed_origin)
+               args.allowed_host, args.allowed_origin, settings.http_sessions)
     return 0
 
 
@@ -83,7 +84,7 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     from fts_mcp.edge.api.config import RuntimeConfig
 
     config = RuntimeConfig(
-        base=args.base, store=args.store or str(settings.store), cache=settings.edge_cache, roots=settings.roots,
+        base=args.base, store=args.store or settings.store_location, cache=settings.edge_cache, roots=settings.roots,
         trust_remote_code=settings.trust_remote_code, quantize=args.quantize, max_cached_bytes=args.max_cached,
         max_rank=args.max_rank, max_loras=args.max_loras, max_batch=args.max_batch, host=args.host, port=args.port,
         token=args.token or (None if args.keys else os.environ.get("FTS_AUTH_TOKEN")), keys=args.keys,
@@ -199,8 +200,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.json:
         print(deployed.model_dump_json(indent=2))
     else:
-        print(f"{deployed.model}  {'published' if deployed.created else 'already published'}  {deployed.bytes:,} bytes"
-              f"  {deployed.uri}" + (f"  loaded in {deployed.swap_ms:.1f} ms" if deployed.loaded else ""))
+        pinned = f"{deployed.name}@{deployed.version}"
+        alias = f" (as {deployed.model})" if deployed.model != pinned else ""
+        print(f"{pinned}{alias}  {'published' if deployed.created else 'already published'}  {deployed.bytes:,} "
+              f"bytes  {deployed.uri}" + (f"  loaded in {deployed.swap_ms:.1f} ms" if deployed.loaded else ""))
         print(deployed.curl)
     return 0
 

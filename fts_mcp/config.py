@@ -4,14 +4,21 @@
 |---|---|---|
 | `FTS_HOME` | where jobs, the job store and outputs live | the per-user data folder (`platformdirs`) |
 | `FTS_ROOTS` | folders (`os.pathsep`) path arguments must be in, besides `FTS_HOME` | start folder (not `/`, `~`) |
-| `FTS_STORE` | the adapter store folder, the same for every command and tool | `FTS_HOME/store` |
+| `FTS_STORE` | the adapter store folder, the same for every tool and command (a URL: `edge serve`) | `FTS_HOME/store` |
 | `FTS_GPUS` | CUDA device indices to run jobs on (`0,1`), or `none` for the CPU slots | every visible CUDA device |
 | `FTS_CPU_SLOTS` | slots when there is no GPU (a training job with `workers: N` takes N) | 1 |
+| `FTS_RUNTIME_SLOTS` | managed edge runtimes at once without GPUs (`serve:N` slots, never a CPU slot) | 2 |
+| `FTS_CPU_TFLOPS` | this CPU's float32 TFLOP/s, for `estimate_resources` on a host without a GPU | measured (0.3 s) |
 | `FTS_TRUST_REMOTE_CODE` | `1` lets models run code shipped in their repository | off |
 | `FTS_CANCEL_GRACE_SECONDS` | how long a cancelled worker may take to checkpoint before SIGKILL | 60 |
+| `FTS_RUNTIME_HOSTS` | hosts (`gpu-1.lan,10.0.0.5`) `runtime_url` may name besides loopback and `local` | none |
+| `FTS_HTTP_MAX_SESSIONS` | HTTP sessions kept; when full, the least recently used idle one is closed | 64 |
+| `FTS_HTTP_MAX_SESSIONS_PER_CLIENT` | of those, sessions one client address may hold | 16 |
+| `FTS_HTTP_SESSION_IDLE_SECONDS` | an HTTP session with no request for this long is closed | 600 |
 | `FTS_RUNNER` | where jobs run: `local` (worker processes on this host) or `ray` (a Ray cluster's Jobs API) | `local` |
 | `FTS_RAY_ADDRESS` | the Ray cluster's job-submission address (`http://head:8265`); `RAY_ADDRESS` also works | |
-| `FTS_RAY_GPUS_PER_WORKER` | GPUs each Ray worker asks for (`0` on a CPU cluster) | 1 |
+| `FTS_RAY_GPUS_PER_WORKER` | GPUs each Ray worker asks for (`0` on a CPU cluster) | 1 if the cluster has GPUs, else 0 |
+| `FTS_RAY_START_TIMEOUT_SECONDS` | how long a Ray job may wait to start (busy cluster, runtime env), then fails | 600 |
 | `FTS_RAY_MAX_JOBS` | jobs submitted to the cluster at once (more wait `queued` here) | 8 |
 | `RAY_AUTH_TOKEN` | sent as a bearer token to a cluster started with token authentication | |
 | `FTS_RAY_STORAGE` | storage Ray jobs send folders back through instead of their log (`s3://b/p`, `/mnt/x`) | none |
@@ -20,8 +27,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -32,6 +41,7 @@ import platformdirs
 from fts_mcp.errors import InvalidArgument
 
 CPU_SLOT = "cpu"
+SERVE_SLOT = "serve"
 
 
 def _cpu_slots(env: dict[str, str]) -> tuple[str, ...]:
@@ -149,6 +159,57 @@ def _ray_storage(env: dict[str, str]) -> str | None:
     return raw
 
 
+HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def canonical_host(host: str) -> str | None:
+    """A host name lower-cased, or an IP address in its canonical form (IPv6 without brackets); None for anything
+    else (a port, a scheme, a path, a wildcard)."""
+    host = host.strip().lower()
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        return host if len(host) <= 253 and HOST_NAME_RE.fullmatch(host) else None
+
+
+def runtime_hosts(env: dict[str, str]) -> frozenset[str]:
+    """FTS_RUNTIME_HOSTS: the hosts besides loopback a `runtime_url` may name (comma-separated names or IPs)."""
+    hosts = set()
+    for given in (part.strip() for part in env.get("FTS_RUNTIME_HOSTS", "").split(",")):
+        if not given:
+            continue
+        if (host := canonical_host(given)) is None:
+            raise InvalidArgument(f"FTS_RUNTIME_HOSTS takes comma-separated host names or IP addresses, such as "
+                                  f"'gpu-1.internal,10.0.0.5' (no scheme, port or path); got {given[:100]!r}",
+                                  param="FTS_RUNTIME_HOSTS")
+        hosts.add(host)
+    return frozenset(hosts)
+
+
+@dataclass(frozen=True)
+class SessionBounds:
+    """How many streamable HTTP sessions the MCP server keeps, and for how long (the SDK's defaults let a flood of
+    `initialize` calls hold 10,000 sessions for 30 minutes each and lock every new client out)."""
+
+    total: int = 64
+    """Sessions open at once; a new one closes the least recently used idle one (503 only when all are busy)."""
+    per_client: int = 16
+    """Sessions one client address may hold; past it, its own least recently used idle one is closed."""
+    idle_seconds: float = 600.0
+    """A session with no request in flight for this long is closed; its client must initialize again."""
+
+
+def _session_bounds(env: dict[str, str]) -> SessionBounds:
+    total = int(_number_env(env, "FTS_HTTP_MAX_SESSIONS", 64, 1, 100_000, whole=True))
+    per_client = int(_number_env(env, "FTS_HTTP_MAX_SESSIONS_PER_CLIENT", 16, 1, 100_000, whole=True))
+    idle = _number_env(env, "FTS_HTTP_SESSION_IDLE_SECONDS", 600.0, 0, 86_400, low_open=True)
+    return SessionBounds(total=total, per_client=min(per_client, total), idle_seconds=idle)
+
+
+URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # what FTS_STORE holds when it is a URL, not a folder
+
+
 def default_roots(home: Path, cwd: Path, user_home: Path) -> tuple[Path, ...]:
     """FTS_HOME, and the folder the server started in unless that is `/`, the user's home or a folder above it:
     desktop clients often start servers there, and none may silently make the whole disk (or every dotfile)
@@ -171,10 +232,18 @@ class Settings:
     # A job claimed by a server that died before it could start the worker is interrupted after this long.
     start_timeout_seconds: float = 60.0
     runner: str = "local"
+    # Managed edge runtimes at once on a host without GPUs (serve:N slots; on a GPU host they take GPU slots).
+    runtime_slots: int = 2
+    # FTS_RAY_GPUS_PER_WORKER; when unset (not `_set`), each job's supervisor chooses it from the cluster's GPUs and
+    # this 1 stands only where the cluster cannot be asked (jobs.ray.placement.choose_gpus)
     ray_gpus_per_worker: float = 1.0
+    ray_gpus_per_worker_set: bool = False
+    ray_start_timeout_seconds: float = 600.0
     ray_max_jobs: int = 8
     ray_runtime_env: dict = field(default_factory=dict)
     ray_storage: str | None = None
+    runtime_hosts: frozenset[str] = frozenset()
+    http_sessions: SessionBounds = SessionBounds()
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -193,17 +262,38 @@ class Settings:
             trust_remote_code=env.get("FTS_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes"),
             cancel_grace_seconds=_number_env(env, "FTS_CANCEL_GRACE_SECONDS", 60.0, 0, 86_400, low_open=True),
             runner=_runner(env),
+            runtime_slots=int(_number_env(env, "FTS_RUNTIME_SLOTS", 2, 1, 64, whole=True)),
             ray_gpus_per_worker=_number_env(env, "FTS_RAY_GPUS_PER_WORKER", 1.0, 0.0, 64.0),
+            ray_gpus_per_worker_set=bool(env.get("FTS_RAY_GPUS_PER_WORKER", "").strip()),
+            ray_start_timeout_seconds=_number_env(env, "FTS_RAY_START_TIMEOUT_SECONDS", 600.0, 0, 86_400,
+                                                  low_open=True),
             ray_max_jobs=int(_number_env(env, "FTS_RAY_MAX_JOBS", 8, 1, 1024, whole=True)),
             ray_runtime_env=_ray_runtime_env(env),
             ray_storage=_ray_storage(env),
+            runtime_hosts=runtime_hosts(env),
+            http_sessions=_session_bounds(env),
             env=env,
         )
 
     @property
     def store(self) -> Path:
-        """The adapter store every command and tool publishes to and serves from."""
-        return Path(self.env.get("FTS_STORE") or self.home / "store").expanduser().resolve()
+        """The adapter store folder every command and tool publishes to and serves from. A URL is refused, naming
+        FTS_STORE: the server publishes into its store, and a store served over HTTP can only be read (as a path
+        it would become a folder named `http:` under the start folder, outside FTS_HOME and the roots)."""
+        given = self.env.get("FTS_STORE", "").strip()
+        if URL_RE.match(given):
+            raise InvalidArgument(f"FTS_STORE is {given[:200]!r}, a URL; the MCP server and `fts-mcp deploy` publish "
+                                  "into the store, so it must be a folder on this host: set FTS_STORE to the folder "
+                                  "that URL serves (an absolute path), and give the URL to `fts-mcp edge serve --store "
+                                  "URL`, which only reads", param="FTS_STORE")
+        return Path(given or self.home / "store").expanduser().resolve()
+
+    @property
+    def store_location(self) -> str:
+        """Where `fts-mcp edge serve` reads adapters by default: FTS_STORE as given when it is an http(s) URL (the
+        runtime reads such a store), else the store folder."""
+        given = self.env.get("FTS_STORE", "").strip()
+        return given if given.startswith(("http://", "https://")) else str(self.store)
 
     @property
     def edge_cache(self) -> Path:
@@ -213,6 +303,12 @@ class Settings:
     @property
     def ray_address(self) -> str | None:
         return self.env.get("FTS_RAY_ADDRESS") or self.env.get("RAY_ADDRESS")
+
+    @property
+    def serve_slots(self) -> tuple[str, ...]:
+        """Where managed edge runtimes run on a host without GPUs: `serve:0`, `serve:1`... (FTS_RUNTIME_SLOTS), apart
+        from the CPU slots jobs train and generate on, so a runtime serving for hours never holds those."""
+        return tuple(f"{SERVE_SLOT}:{n}" for n in range(self.runtime_slots))
 
     @property
     def ray_slots(self) -> tuple[str, ...]:

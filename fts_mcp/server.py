@@ -5,7 +5,6 @@ returns a pydantic model (structured output). Domain errors become tool errors t
 This module must stay light to import: no torch, transformers or huggingface-hub here.
 """
 
-import difflib
 import functools
 import inspect
 import json
@@ -15,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import anyio
+from mcp.server.apps import Apps
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
@@ -39,7 +39,7 @@ from fts_mcp.answers import (
     plain_view,
     report_view,
 )
-from fts_mcp.arguments import describe, parse
+from fts_mcp.arguments import closest, describe, parse
 from fts_mcp.config import Settings
 from fts_mcp.core import Core, Unavailable, open_core
 from fts_mcp.docs import DOC_TOPICS, read_doc
@@ -55,6 +55,7 @@ from fts_mcp.planning.diagnose import diagnose
 from fts_mcp.planning.estimate import RunSettings
 from fts_mcp.planning.service import Planning
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
+from fts_mcp.ui import VIEW_META, VIEW_URI, page
 
 log = logging.getLogger("fts_mcp.server")
 
@@ -168,19 +169,23 @@ class FtsServer(MCPServer):
                 tool.output_schema = compact_schema(tool.output_schema, ("title", "description"), answer=True)
         return tools
 
+    @staticmethod
+    def _hint(given: str, known: list[str], nested: list[str]) -> str:
+        close = closest(given, known)
+        if close is None and (inner := closest(given, [n.split(".")[1] for n in nested])) is not None:
+            close = next(n for n in nested if n.endswith(f".{inner}"))
+        return f"did you mean {close}?" if close else f"arguments: {', '.join(known)}"
+
     async def call_tool(self, name: str, arguments: dict[str, Any], context=None):
         tool = self._tool_manager.get_tool(name)
         if tool is not None and isinstance(arguments, dict):
             known = list(tool.parameters.get("properties", {}))
-            for given in arguments:
-                if given not in known:  # the SDK would drop it silently: say so, with the closest argument
-                    nested = [f"{outer}.{field}" for outer, model in NESTED.get(name, {}).items()
-                              for field in model.model_fields]
-                    close = difflib.get_close_matches(given, known, n=1, cutoff=0.5) or \
-                        difflib.get_close_matches(given, [n.split(".")[1] for n in nested], n=1, cutoff=0.5)
-                    close = [next((n for n in nested if n.endswith(f".{c}")), c) for c in close]
-                    hint = f"did you mean {close[0]}?" if close else f"arguments: {', '.join(known)}"
-                    raise ToolError(f"Error executing tool {name}: {given}: not a known argument; {hint}")
+            nested = [f"{outer}.{field}" for outer, model in NESTED.get(name, {}).items()
+                      for field in model.model_fields]
+            unknown = [f"{given}: not a known argument; {self._hint(given, known, nested)}"
+                       for given in arguments if given not in known]
+            if unknown:  # the SDK would drop them silently: name every one, each with the closest argument
+                raise ToolError(f"Error executing tool {name}: {'; '.join(unknown)}")
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -190,7 +195,25 @@ class FtsServer(MCPServer):
             raise
 
 
-mcp = FtsServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+# MCP Apps (`io.modelcontextprotocol/ui`, advertised in the server's capabilities.extensions): hosts that render apps
+# show the job view for the tools whose definitions carry VIEW_META; the others read the same answers as before.
+apps = Apps()
+apps.add_html_resource(VIEW_URI, page(), name="job-view", title="Fine-tuning job",
+                       description="A job live: state, loss curve, plan, errors with their fix; evaluations side by "
+                                   "side; cancel, resume, evaluate, merge and deploy buttons", prefers_border=True)
+
+
+async def handshake_extensions(ctx, call_next):
+    """The 2025-11-25 schema has no `capabilities.extensions`, so the SDK leaves it out of `initialize` for clients
+    on that wire; MCP Apps hosts on it read it there as on 2026-07-28 (SEP-1724, as ext-apps uses it): put it back."""
+    result = await call_next(ctx)
+    if ctx.method == "initialize" and isinstance(result, dict) and isinstance(result.get("capabilities"), dict):
+        result["capabilities"].setdefault("extensions", {apps.identifier: apps.settings()})
+    return result
+
+
+mcp = FtsServer("fts-mcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING",
+                extensions=[apps], middleware=[handshake_extensions])
 
 
 def _core(ctx: Context) -> Core:
@@ -269,7 +292,7 @@ def validate_dataset(
     return answer(report_view(_core(ctx).training.validate_dataset(path, base_model, max_seq_len), base_model))
 
 
-@mcp.tool(title="Start a QLoRA / LoRA fine-tuning job", annotations=LAUNCHES)
+@mcp.tool(title="Start a QLoRA / LoRA fine-tuning job", annotations=LAUNCHES, meta=VIEW_META)
 @agent_errors
 def start_qlora_job(
     base_model: Annotated[str, Field(description="model folder or .gguf file (list_models), or a cached hub id")],
@@ -301,7 +324,7 @@ def _has_progress_token(ctx: Context) -> bool:
     return bool((ctx.request_context.meta or {}).get("progress_token") is not None)
 
 
-@mcp.tool(title="Job status (long-poll)", annotations=READ_ONLY)
+@mcp.tool(title="Job status (long-poll)", annotations=READ_ONLY, meta=VIEW_META)
 @agent_errors
 async def job_status(
     job_id: JobId,
@@ -405,7 +428,7 @@ def list_models(ctx: Context) -> ModelRows:
                             roots=[str(r) for r in settings.roots]))
 
 
-@mcp.tool(title="Evaluate an adapter against its base", annotations=LAUNCHES)
+@mcp.tool(title="Evaluate an adapter against its base", annotations=LAUNCHES, meta=VIEW_META)
 @agent_errors
 def evaluate_adapter(
     ctx: Context,
@@ -455,7 +478,8 @@ def list_adapters(ctx: Context, name: Annotated[str | None, Field(description="o
 @mcp.tool(title="Generate with an adapter", annotations=REACHES_OUT)
 @agent_errors
 async def generate(
-    model: Annotated[str, Field(description="store reference (name, name@v2, name:prod) or 'base'")],
+    model: Annotated[str, Field(description="store reference (name, name@v2, name:prod), training job id, adapter "
+                                            "folder, or 'base'")],
     ctx: Context,
     prompt: str | None = None,
     messages: Annotated[list[dict[str, str]] | None, Field(description="a chat: [{role, content}]")] = None,
@@ -466,7 +490,8 @@ async def generate(
     = None,
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 300,
 ) -> Generation:
-    """Try an adapter through a runtime, or without runtime_url a one-shot job (slow: loads the model)."""
+    """Try an adapter: through runtime_url, or a managed runtime already serving its base; else a one-shot job
+    (slow: loads the model)."""
     return answer(await _core(ctx).edge.generate(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
                                                  temperature=temperature, runtime_url=runtime_url,
                                                  base_model=base_model, timeout=timeout_seconds))

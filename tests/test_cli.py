@@ -9,6 +9,7 @@ import pytest
 from fts_mcp.cli import main
 from fts_mcp.config import Settings
 from fts_mcp.core import Core
+from fts_mcp.errors import FtsError
 from tests.conftest import REPO, SAMPLE_CHAT
 
 
@@ -81,7 +82,7 @@ def test_deploy_adapters_and_merge_commands(fts_home, tiny_model, adapter_a, cap
     monkeypatch.setenv("FTS_STORE", str(store))
     assert main(["deploy", str(adapter_a), "support", "--alias", "prod"]) == 0
     out = capsys.readouterr().out
-    assert "support@v1  published" in out and "curl" in out and str(store) in out
+    assert "support@v1 (as support:prod)  published" in out and "curl" in out and str(store) in out
     assert (store / "support" / "v1" / "manifest.json").is_file() and not (fts_home / "store").exists()
     assert main(["deploy", str(adapter_a), "support"]) == 0
     assert "already published" in capsys.readouterr().out
@@ -106,3 +107,26 @@ def test_the_server_names_an_unreadable_job_database_at_start_up(fts_home):
                           timeout=60)
     assert str(fts_home / "jobs.sqlite3") in done.stderr and "fts-mcp jobs reindex" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/store", "https://cdn.example/store", "s3://bucket/store"])
+def test_a_store_url_in_fts_store_is_refused_by_what_publishes_and_kept_for_the_runtime(fts_home, adapter_a, capsys,
+                                                                                         monkeypatch, tmp_path, url):
+    """The server and `deploy` publish into the store: a URL there would become a folder named `http:` under the
+    start folder, outside FTS_HOME and the roots. They refuse it, naming FTS_STORE; `edge serve` reads it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FTS_STORE", url)
+    assert main(["deploy", str(adapter_a), "support"]) == 2
+    assert "FTS_STORE" in capsys.readouterr().err
+    assert main(["adapters"]) == 2
+    assert "FTS_STORE" in capsys.readouterr().err
+    assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))  # no `http:` folder anywhere
+    done = subprocess.run([sys.executable, "-m", "fts_mcp", "serve"], input="", capture_output=True, text=True,
+                          timeout=60)
+    assert "FTS_STORE" in done.stderr and "Traceback" not in done.stderr  # said at start-up
+    settings = Settings.from_env()
+    if url.startswith("http"):
+        assert settings.store_location == url  # `fts-mcp edge serve` without --store reads it
+    else:
+        with pytest.raises(FtsError, match="FTS_STORE"):
+            settings.store_location  # noqa: B018 - the property refuses it

@@ -92,6 +92,12 @@ async def test_list_jobs_costs_at_most_400_characters_a_job(fts_home):
      "batch_size: not a known argument; did you mean training.batch_size?"),
     ("start_qlora_job", {"base_model": "m", "dataset": "d", "zzz": 8}, "zzz: not a known argument; arguments:"),
     ("start_qlora_job", {"base_model": "m", "datset": "d"}, "datset: not a known argument; did you mean dataset?"),
+    ("start_qlora_job", {"base_modle": "m", "datset": "d"},  # every unknown argument in one answer
+     "base_modle: not a known argument; did you mean base_model?; datset: not a known argument; did you mean "
+     "dataset?"),
+    ("start_qlora_job", {"base_model": "m", "dataset": "d", "training": {"steps": 30, "lr": 1e-3}},
+     "training.steps: not a known argument; did you mean training.max_steps?; training.lr: not a known argument; "
+     "did you mean training.learning_rate?"),
     ("merge_adapter", {"adapters": [{"adapter": "a", "wieght": 2}]},
      "adapters[0].wieght: not a known argument; did you mean adapters[0].weight?"),
     ("list_jobs", {"limit": 0}, "limit: should be greater than or equal to 1; got 0"),

@@ -15,6 +15,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.anyio
+TOKEN = "s3cret-s3cret-s3cret"  # 16 characters at least, as every bearer token
 
 
 def free_port() -> int:
@@ -72,25 +73,63 @@ async def test_host_and_origin_checks_are_on(fts_home):
 
 
 async def test_bearer_token_is_required_when_set(fts_home):
-    with http_server("--transport", "http", "--token", "s3cret") as port:
+    with http_server("--transport", "http", "--token", TOKEN) as port:
         url = f"http://127.0.0.1:{port}/mcp"
         async with httpx2.AsyncClient() as http:
             denied = await http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
             assert denied.status_code == 401
-        async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret"}) as http:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
             async with Client(streamable_http_client(url, http_client=http)) as client:
                 assert (await client.call_tool("list_jobs", {})).structured_content["total"] == 0
 
 
-@pytest.mark.parametrize("token", [None, "   ", " s3cret"])
+async def test_http_sessions_are_bounded_by_closing_the_least_recently_used(fts_home, monkeypatch):
+    """The SDK's defaults kept 10,000 sessions for 30 minutes, then answered every newcomer 503; with
+    FTS_HTTP_MAX_SESSIONS=3 the fourth session closes the first, and nobody is locked out."""
+    monkeypatch.setenv("FTS_HTTP_MAX_SESSIONS", "3")
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    with http_server("--transport", "http") as port:
+        url = f"http://127.0.0.1:{port}/mcp"
+        async with httpx2.AsyncClient(timeout=20) as http:
+            sessions = []
+            for _ in range(6):
+                opened = await http.post(url, json=body, headers=headers)
+                assert opened.status_code == 200
+                sessions.append(opened.headers["mcp-session-id"])
+            listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+            statuses = [(await http.post(url, json=listing, headers={**headers, "mcp-session-id": s,
+                                                                     "mcp-protocol-version": "2025-11-25"})).status_code
+                        for s in sessions]
+        assert statuses == [404, 404, 404, 200, 200, 200]
+        async with Client(url, mode="legacy") as client:  # a newcomer still gets in
+            assert (await client.call_tool("list_jobs", {})).structured_content["total"] == 0
+
+
+@pytest.mark.parametrize("token", [None, "   ", " s3cret", "a"])
 @pytest.mark.parametrize("command", [["serve", "--transport", "http"], ["edge", "serve", "--base", "unused"]])
 def test_binding_beyond_loopback_without_a_real_token_is_refused(fts_home, monkeypatch, command, token):
-    """A blank (or whitespace-padded) token is refused like a missing one, for the MCP server and the runtime."""
+    """A blank, whitespace-padded or short token is refused like a missing one, for the MCP server and the runtime."""
     monkeypatch.delenv("FTS_AUTH_TOKEN", raising=False)
     args = [*command, "--host", "0.0.0.0", "--port", str(free_port()), *(["--token", token] if token else [])]
     done = subprocess.run([sys.executable, "-m", "fts_mcp", *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert ("--host" in done.stderr and "token" in done.stderr) or "--token" in done.stderr
+
+
+@pytest.mark.parametrize("token", ["a", "s3cret", "x" * 15])
+def test_a_token_shorter_than_the_tenant_keys_is_refused(token):
+    """As short a secret as 'a' guards nothing: a bearer token needs the 16 characters the runtime's keys need."""
+    from fts_mcp.errors import InvalidArgument
+    from fts_mcp.network import check_bind
+    from fts_mcp.tokens import clean_token
+
+    for refuse in (lambda: clean_token(token), lambda: check_bind("0.0.0.0", token)):
+        with pytest.raises(InvalidArgument) as refused:
+            refuse()
+        assert refused.value.param == "--token" and "16 characters" in refused.value.message
+    assert clean_token("x" * 16) == "x" * 16
 
 
 def test_stdio_stdout_carries_protocol_messages_only(fts_home):

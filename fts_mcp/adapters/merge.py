@@ -7,10 +7,16 @@ dequantized (`base_weights='trained'`), so the merged model is the model that wa
 adapter it was trained on is reported, not hidden. `run(spec, ctx)` runs in a job's work horse and knows nothing
 of the job store. Memory: one 16-bit copy of the base; PEFT merges in place. The merged folder carries the
 tokenizer and chat template the adapter was trained with (saved beside it), so `apply_chat_template` works on it.
+
+Safe to run again (resume_job, or a fresh job for the same inputs): everything is written and hashed in a staging
+folder, `merge.json` (with each file's size and sha256) last, then one rename publishes it. A run that finds the
+output of the same inputs already published reuses it (`published`) instead of merging again; one of the same
+inputs with a file missing or cut short is replaced.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,7 +27,7 @@ from peft import PeftModel
 
 from fts_mcp.adapters.spec import MergeJobSpec
 from fts_mcp.errors import FtsError
-from fts_mcp.files import artifact_files, write_bytes_atomic, write_json_atomic
+from fts_mcp.files import ArtifactFile, artifact_file, artifact_files, write_bytes_atomic, write_json_atomic
 from fts_mcp.jobs.context import JobContext
 from fts_mcp.jobs.records import Artifacts, Verification
 from fts_mcp.models import loading
@@ -33,6 +39,7 @@ TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (2e-2, 1e-2), "bfloat16": (1e-1
 PROBES = ["The quick brown fox jumps over the lazy dog.", "def fibonacci(n):\n    return",
           "Question: what does a LoRA adapter change?\nAnswer:", "Code word for apple:"]
 MAX_SHARD = "5GB"
+MANIFEST = "merge.json"
 
 
 class VerificationFailed(FtsError):
@@ -130,10 +137,65 @@ def tokenizer_source(spec: MergeJobSpec) -> str:
     return str(first) if any(f.name.startswith("tokenizer") for f in companion_files(first)) else spec.base_model
 
 
+def published(spec: MergeJobSpec) -> Artifacts | None:
+    """The output of these inputs, when a run (this job's last attempt, or an identical earlier merge) published it
+    complete: its merge.json has this spec's inputs_key, verification did not fail, and every file it lists is there
+    with its recorded size. None when there is no output yet, or when one of these inputs is incomplete (it is
+    removed: this run merges again). An output of other inputs, or without a readable merge.json, is not ours to
+    replace: that is an error naming the folder."""
+    out = Path(spec.output_dir)
+    if not out.exists():
+        return None
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("inputs_key") != spec.inputs_key:
+        what = "holds a merge of different inputs" if isinstance(manifest, dict) else \
+            f"was not written by a merge (no readable {MANIFEST})"
+        raise FtsError(f"{out} already exists and {what}; nothing was overwritten. Merge again with another "
+                       "output_name", param="output_name")
+    try:
+        verification = Verification.model_validate(manifest["verification"]) if manifest.get("verification") \
+            else None
+        if spec.verify and verification is not None and not verification.passed:
+            raise ValueError("its verification failed")
+        files = recorded_files(out, manifest)
+    except (OSError, ValueError) as exc:  # a pydantic ValidationError is a ValueError
+        log.warning("%s holds an incomplete merge of these inputs (%s); merging again", out, exc)
+        shutil.rmtree(out)
+        return None
+    log.info("%s already holds this merge (by %s); reusing it", out, manifest.get("job_id"))
+    return Artifacts(output_dir=str(out), verification=verification, files=files)
+
+
+def recorded_files(out: Path, manifest: dict) -> list[ArtifactFile]:
+    """The published folder's files as merge.json recorded them (hashed before the folder was published), each
+    checked to be there with its recorded size, and merge.json itself. A merge.json from before the record was kept
+    lists none: then every file is hashed now."""
+    recorded = manifest.get("files")
+    if recorded is None:
+        return artifact_files(out)
+    if not isinstance(recorded, list):
+        raise ValueError(f"{MANIFEST}'s files is not a list")
+    files = []
+    for entry in recorded:
+        file = ArtifactFile.model_validate(entry)
+        path = out / file.path
+        if Path(file.path).name != file.path or file.path in ("", ".", "..", MANIFEST):
+            raise ValueError(f"{MANIFEST} lists {file.path!r}, which is not a file name in the folder")
+        if not path.is_file() or path.stat().st_size != file.bytes:
+            raise ValueError(f"{path.name} is missing or not {file.bytes} bytes")
+        files.append(file.model_copy(update={"path": str(path)}))
+    return sorted([*files, artifact_file(out / MANIFEST)], key=lambda f: f.path)
+
+
 def run(spec: MergeJobSpec, ctx: JobContext) -> Artifacts:
     out = Path(spec.output_dir)
     staging = out.parent / f".{out.name}.{ctx.job_id}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # what an earlier attempt of this job left unpublished
+    if (reused := published(spec)) is not None:
+        return reused
     ctx.phase("loading_model")
     tokenizer = loading.load_tokenizer(tokenizer_source(spec), trust_remote_code=spec.trust_remote_code)
     base = load_base(spec)
@@ -174,12 +236,16 @@ def run(spec: MergeJobSpec, ctx: JobContext) -> Artifacts:
             merged.save_pretrained(staging, max_shard_size=MAX_SHARD, safe_serialization=True)
             tokenizer.save_pretrained(staging)
         write_bytes_atomic(staging / "README.md", model_card(spec, verification, spec.training_metrics).encode())
-        write_json_atomic(staging / "merge.json", {"job_id": ctx.job_id, "inputs_key": spec.inputs_key,
-                                                   "spec": spec.model_dump(),
-                                                   "verification": verification.model_dump() if verification else None})
+        ctx.phase("hashing")  # before publishing: a run killed here leaves only the staging folder
+        files = [file.model_copy(update={"path": Path(file.path).name}) for file in artifact_files(staging)]
+        write_json_atomic(staging / MANIFEST, {"job_id": ctx.job_id, "inputs_key": spec.inputs_key,
+                                               "spec": spec.model_dump(),
+                                               "verification": verification.model_dump() if verification else None,
+                                               "files": [file.model_dump() for file in files]})
         if ctx.stop:
             raise FtsError("cancelled before the result was published", param="job_id")
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Artifacts(output_dir=str(out), verification=verification, files=artifact_files(out))
+    return Artifacts(output_dir=str(out), verification=verification, files=recorded_files(out, json.loads(
+        (out / MANIFEST).read_text())))

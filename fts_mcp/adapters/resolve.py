@@ -40,7 +40,7 @@ def resolve_adapter(ref: str, settings: Settings, jobs: Jobs, *, param: str = "a
                     store: bool = True) -> ResolvedAdapter:
     """The folder an adapter argument names, checked: a job must be a succeeded training job, a store version
     is verified against its manifest, a folder must lie inside the roots."""
-    if JOB_ID_RE.match(ref):
+    if JOB_ID_RE.fullmatch(ref):
         with about(param, instead_of=("job_id",)):
             job = jobs.get(ref, log_lines=0)
         if job.kind != "train" or job.state != JobState.SUCCEEDED or not job.artifacts.adapter_dir:

@@ -26,7 +26,7 @@ from fts_mcp.adapters.spec import (
 )
 from fts_mcp.config import Settings
 from fts_mcp.datafiles import require_valid
-from fts_mcp.errors import FtsError, InvalidArgument
+from fts_mcp.errors import FtsError, InvalidArgument, JobNotFound
 from fts_mcp.files import sha256_file
 from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.service import Jobs
@@ -35,6 +35,8 @@ from fts_mcp.models.architecture import from_config, read_config
 from fts_mcp.models.refs import hub_offline, resolve_model_argument
 from fts_mcp.names import check_output_name
 from fts_mcp.paths import resolve_inside
+
+IN_FLIGHT = (JobState.VALIDATING, JobState.QUEUED, JobState.RUNNING)
 
 
 class Merging:
@@ -113,22 +115,30 @@ class Merging:
         return metrics
 
     def _existing(self, out: Path, key: str) -> Job | None:
-        """The job behind an identical earlier merge (finished or in flight); a different one under the name
-        is refused."""
+        """The job behind an identical earlier merge (succeeded or in flight); a different one under the name
+        is refused. An identical output whose job did not succeed (killed after publishing it, or no longer on
+        record) is not the answer: a fresh job reuses that output (`merge.published`)."""
+        published = False
         if (out / "merge.json").is_file():
             manifest = json.loads((out / "merge.json").read_text())
-            if manifest.get("inputs_key") == key:
-                return self.jobs.get(manifest["job_id"])
-            raise InvalidArgument(f"{out} already holds a merge of different inputs; choose another output_name",
-                                  param="output_name")
-        for job_id in self.jobs.ids_in(JobState.VALIDATING, JobState.QUEUED, JobState.RUNNING):
+            if manifest.get("inputs_key") != key:
+                raise InvalidArgument(f"{out} already holds a merge of different inputs; choose another output_name",
+                                      param="output_name")
+            try:
+                earlier = self.jobs.get(manifest.get("job_id"), log_lines=0)
+            except (InvalidArgument, JobNotFound):  # not a job id, or not on record (a rebuilt database...)
+                earlier = None
+            if earlier is not None and earlier.state in (JobState.SUCCEEDED, *IN_FLIGHT):
+                return earlier
+            published = True
+        for job_id in self.jobs.ids_in(*IN_FLIGHT):
             job = self.jobs.get(job_id, log_lines=0)
             if job.kind == "merge" and job.spec["output_dir"] == str(out):
                 if job.spec["inputs_key"] == key:
                     return job
                 raise InvalidArgument(f"merge job {job_id} is already writing {out} from different inputs; choose "
                                       "another output_name", param="output_name")
-        if out.exists():
+        if out.exists() and not published:
             raise InvalidArgument(f"{out} exists and was not written by a merge; choose another output_name",
                                   param="output_name")
         return None
@@ -208,7 +218,7 @@ class Evaluating:
         for i, entry in enumerate(recorded):
             label = f"adapters[{i}]"
             job_id = entry.get("job_id") if isinstance(entry, dict) else None
-            if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+            if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
                 path = entry.get("path") if isinstance(entry, dict) else None
                 skipped.append(f"{label} ({path}) was merged from a folder or store reference: no training job on "
                                "record to take its data from")

@@ -16,8 +16,12 @@ are read-modified-written under a file lock, so several processes may publish at
 conversion to 16 bits happens in a short-lived subprocess (`fts_mcp.edge.convert`), torch never loads here.
 
 The store's own files are untrusted input too: every reference is checked against the name, version and
-alias grammar where it enters (`parse_ref`), every path is proven to lie inside the store, and a manifest
-whose name or version disagrees with its folder is refused as corrupt.
+alias grammar where it enters (`parse_ref`, whole-string matches: no trailing newline slips through), every path
+is proven to lie inside the store, and a manifest whose name or version disagrees with its folder, or that
+declares files larger than an adapter's, is refused as corrupt. `base` is no adapter's name: a runtime reads it
+as the base model.
+
+Files are written 0644 and folders 0755 (less the umask), so any static HTTP server can serve the store.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fts_mcp.adapters.inspect import CONFIG, WEIGHTS, read_adapter
 from fts_mcp.errors import FtsError, InvalidArgument
-from fts_mcp.files import sha256_file, write_json_atomic
+from fts_mcp.files import match_new_file_mode, sha256_file, write_json_atomic
 from fts_mcp.models.base import FILE as BASE_FILE
 from fts_mcp.models.base import TrainingBase, read_training_base, write_training_base
 from fts_mcp.models.dtypes import Dtype
@@ -46,9 +50,14 @@ from fts_mcp.models.refs import COMPANION_FILES, companion_files
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^v[1-9][0-9]{0,8}$")
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# Whole-string grammars: always `fullmatch` (`$` would let a trailing newline through).
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+VERSION_RE = re.compile(r"v[1-9][0-9]{0,8}")
+ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+BASE = "base"  # what a request's `model` calls the base model; never an adapter's name
+RESERVED_NAMES = frozenset({BASE})
+MAX_ADAPTER_BYTES = 4 << 30  # the largest weights file a manifest may declare (a runtime may set its own)
+MAX_SIDE_FILE_BYTES = 64 << 20  # each other file of a version: config, tokenizer, chat template, training base
 # The only files a stored version may hold: PEFT's two, the tokenizer files saved beside them, the training base.
 ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, *COMPANION_FILES, BASE_FILE})
 REF_FORMS = ("a store reference is name, name@v3 or name:alias; names are 1-64 lowercase letters, digits, '.', "
@@ -105,6 +114,11 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 80 else value[:77] + "...")
 
 
+def is_name(name: str) -> bool:
+    """Whether `name` may name an adapter: the store's grammar, and not a name reserved for the base model."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and name not in RESERVED_NAMES
+
+
 def parse_ref(ref: str, *, param: str = "model") -> tuple[str, str | None, str | None]:
     """'name', 'name@v3' or 'name:prod' -> (name, version, alias), each checked against its grammar."""
     if not isinstance(ref, str) or not ref:
@@ -112,13 +126,15 @@ def parse_ref(ref: str, *, param: str = "model") -> tuple[str, str | None, str |
     name, version, alias = ref, None, None
     if "@" in ref:
         name, version = ref.split("@", 1)
-        if not VERSION_RE.match(version):
+        if not VERSION_RE.fullmatch(version):
             raise InvalidArgument(f"{_shown(ref)}: versions look like v1, v2, ...", param=param)
     elif ":" in ref:
         name, alias = ref.split(":", 1)
-        if not ALIAS_RE.match(alias):
+        if not ALIAS_RE.fullmatch(alias):
             raise InvalidArgument(f"{_shown(ref)}: aliases are lowercase words such as prod or latest", param=param)
-    if not NAME_RE.match(name):
+    if name in RESERVED_NAMES:
+        raise InvalidArgument(f"{_shown(ref)}: {name!r} is the base model, not an adapter of the store", param=param)
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(f"{_shown(ref)} is not a store reference; {REF_FORMS}", param=param)
     return name, version, alias
 
@@ -148,14 +164,16 @@ def version_key(version: str) -> int:
 
 def check_aliases(raw: object, source: str) -> dict[str, str]:
     """An aliases mapping read from a store file or index: alias -> version, both well formed."""
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and ALIAS_RE.match(k) and isinstance(v, str)
-                                            and VERSION_RE.match(v) for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and ALIAS_RE.fullmatch(k) and isinstance(v, str)
+                                            and VERSION_RE.fullmatch(v) for k, v in raw.items()):
         raise CorruptAdapter(f"{source} is not a mapping of aliases to versions", param="model")
     return raw
 
 
-def check_manifest(manifest: Manifest, name: str, version: str, source: str) -> Manifest:
-    """A manifest must describe the folder it sits in and list only an adapter's own files, by plain name."""
+def check_manifest(manifest: Manifest, name: str, version: str, source: str, *,
+                   max_adapter_bytes: int = MAX_ADAPTER_BYTES) -> Manifest:
+    """A manifest must describe the folder it sits in, list only an adapter's own files, by plain name, and declare
+    sizes an adapter can have: the weights at most `max_adapter_bytes`, each other file MAX_SIDE_FILE_BYTES."""
     if manifest.name != name or manifest.version != version:
         raise CorruptAdapter(f"{source} says it is {manifest.name}@{manifest.version}, but it is stored as "
                              f"{name}@{version}; refused", param="model")
@@ -163,6 +181,13 @@ def check_manifest(manifest: Manifest, name: str, version: str, source: str) -> 
     if strange or CONFIG not in manifest.files or WEIGHTS not in manifest.files:
         raise CorruptAdapter(f"{source} lists {', '.join(map(_shown, strange)) or 'no adapter weights'}; a stored "
                              f"version holds {CONFIG}, {WEIGHTS} and tokenizer files only", param="model")
+    for file_name, stored in manifest.files.items():
+        limit = max_adapter_bytes if file_name == WEIGHTS else MAX_SIDE_FILE_BYTES
+        shown = f"{limit:,} bytes" if limit < 1 << 20 else f"{limit >> 20:,} MiB"
+        if not 0 <= stored.bytes <= limit:
+            raise CorruptAdapter(f"{source} declares {file_name} as {stored.bytes:,} bytes; it may hold at most "
+                                 f"{shown} (a larger adapter needs a runtime with a higher max_adapter_bytes); "
+                                 "refused", param="model")
     return manifest
 
 
@@ -172,7 +197,7 @@ class AdapterStore:
 
     def path(self, name: str, version: str | None = None) -> Path:
         """The folder of a name (or one version), proven to lie inside the store."""
-        if not NAME_RE.match(name) or (version is not None and not VERSION_RE.match(version)):
+        if not is_name(name) or (version is not None and not VERSION_RE.fullmatch(version)):
             raise InvalidArgument(f"{_shown(name if version is None else f'{name}@{version}')} is not a store "
                                   f"reference; {REF_FORMS}", param="model")
         folder = (self.root / name / (version or "")).resolve()
@@ -192,13 +217,13 @@ class AdapterStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if NAME_RE.match(p.name) and not p.is_symlink() and p.is_dir())
+                      if is_name(p.name) and not p.is_symlink() and p.is_dir())
 
     def versions(self, name: str) -> list[str]:
         folder = self.path(name)
         if not folder.is_dir():
             return []
-        return sorted((p.name for p in folder.iterdir() if VERSION_RE.match(p.name) and not p.is_symlink()
+        return sorted((p.name for p in folder.iterdir() if VERSION_RE.fullmatch(p.name) and not p.is_symlink()
                        and p.is_dir()), key=version_key)
 
     def aliases(self, name: str) -> dict[str, str]:
@@ -257,15 +282,22 @@ class AdapterStore:
                 ) -> tuple[Manifest, bool]:
         """Publish an adapter folder. Returns (manifest, created); the same bytes again return created=False.
         `training_base`: the base it was trained on, when the folder does not record it itself."""
-        if not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise InvalidArgument(f"{name!r}: names are 1-64 lowercase letters, digits, '.', '_' or '-'", param="name")
-        if version is not None and not VERSION_RE.match(version):
+        if name in RESERVED_NAMES:
+            raise InvalidArgument(f"{name!r} is what a runtime calls the base model; choose another name",
+                                  param="name")
+        if version is not None and not VERSION_RE.fullmatch(version):
             raise InvalidArgument(f"{version!r}: versions look like v1, v2, ... (or leave it out for the next one)",
                                   param="version")
-        if alias is not None and (not ALIAS_RE.match(alias) or alias == "latest"):
+        if alias is not None and (not ALIAS_RE.fullmatch(alias) or alias == "latest"):
             raise InvalidArgument(f"{alias!r}: aliases are lowercase words such as prod or staging ('latest' moves by "
                                   "itself)", param="alias")
         info = read_adapter(adapter_dir, param="adapter")
+        if info.base_model and name == Path(info.base_model).name:
+            raise InvalidArgument(f"{name!r} is the name of the base model this adapter was trained on "
+                                  f"({info.base_model}); a runtime serving that base reads it as the base model: "
+                                  "choose another name", param="name")
         training_base = read_training_base(adapter_dir) or training_base
         self.root.mkdir(parents=True, exist_ok=True)
         self.path(name).mkdir(exist_ok=True)
@@ -277,6 +309,7 @@ class AdapterStore:
             for companion in companion_files(adapter_dir):  # the tokenizer and chat template it was trained with
                 shutil.copyfile(companion, staging / companion.name)
             convert_weights(adapter_dir / WEIGHTS, staging / WEIGHTS, dtype)
+            match_new_file_mode(staging / WEIGHTS)  # safetensors writes it 0600: a web server must read it
             if training_base is not None:
                 write_training_base(staging, training_base)
             files = {p.name: StoredFile(bytes=p.stat().st_size, sha256=sha256_file(p))
@@ -313,7 +346,7 @@ class AdapterStore:
         return manifest, created
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        if not ALIAS_RE.match(alias):
+        if not ALIAS_RE.fullmatch(alias):
             raise InvalidArgument(f"{_shown(alias)}: aliases are lowercase words such as prod or staging",
                                   param="alias")
         with self.lock():

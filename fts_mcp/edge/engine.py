@@ -8,7 +8,9 @@ only once no running request holds it — so an answer never uses another reques
 started on an adapter version finishes on it even if an alias moves meanwhile.
 
 `model` may also stack adapters: `support+tone` serves the sum of both adapters' deltas, `0.7*support+0.3*tone`
-weighs them — exactly, as one slot holding both adapters' factors side by side (ranks add up).
+weighs them — exactly, as one slot holding both adapters' factors side by side (ranks add up). `base` (or the base
+model's own name) is the base: alone, or in a stack where it adds nothing. `parse_model` is the one reading of a
+`model`, for the tenant check and the resolver alike.
 
 `max_batch=1` serves one request at a time (the runtime's earlier behaviour; the benchmark's baseline).
 Figures are kept with `prometheus_client`, one registry per engine.
@@ -23,7 +25,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +40,9 @@ from transformers import DynamicCache
 
 from fts_mcp.adapters.inspect import LORA_KEY, WEIGHTS, read_adapter, read_adapter_config
 from fts_mcp.adapters.sources import StoreSource
-from fts_mcp.adapters.store import CorruptAdapter
+from fts_mcp.adapters.store import BASE, CorruptAdapter, parse_ref
 from fts_mcp.edge.bank import BASE_SLOT, LoraBank
-from fts_mcp.errors import FtsError, InvalidArgument, about
+from fts_mcp.errors import FtsError, InvalidArgument, PathNotAllowed, about
 from fts_mcp.models import loading
 from fts_mcp.models.base import TrainingBase, read_training_base
 from fts_mcp.models.prompts import encode_chat_prompt, encode_prompt
@@ -50,7 +52,10 @@ SWAP_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_STACKED = 8
-TERM = re.compile(r"^\s*(?:(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<ref>[^*+\s]+)\s*$")
+MAX_WEIGHT = 100.0
+# One term of a stack, whole (fullmatch): an optional weight and `*`, then a reference; spaces around them only.
+TERM = re.compile(r" *(?:(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?) *\* *)?(?P<ref>[^*+\s]+) *")
+STACK_FORMS = "stack adapters as 'a+b' or '0.7*a+0.3*b'"
 
 
 @dataclass
@@ -59,6 +64,54 @@ class Cached:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r) x scaling), host
     rank: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a request's `model`: an adapter reference and its weight, or the base model (`ref` None)."""
+
+    weight: float
+    ref: str | None
+    name: str | None  # the adapter's name, which a tenant's patterns are matched against
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+def parse_model(model: str, base_names: Collection[str]) -> list[Term]:
+    """A request's `model` as its terms, each checked: an adapter (`a`, `a@v2`, `a:prod`, or a name given to
+    load_lora_adapter), a stack (`a+b`, `0.7*a+0.3*b`, at most MAX_STACKED, weights within +-MAX_WEIGHT), or the
+    base model by any of `base_names`, which has no versions or aliases and adds nothing to a stack. The tenant
+    check and the resolver both read `model` through this, so what a key is allowed is what is served."""
+    if model in base_names:
+        return [Term(1.0, None, None)]
+    if "+" not in model and "*" not in model:
+        texts, single = [model], True
+    else:
+        texts, single = model.split("+"), False
+    if len(texts) > MAX_STACKED:
+        raise InvalidArgument(f"at most {MAX_STACKED} adapters can be stacked", param="model")
+    terms = []
+    for text in texts:
+        match = None if single else TERM.fullmatch(text)
+        if not single and match is None:
+            raise InvalidArgument(f"{_shown(text.strip())} in {_shown(model)} is not an adapter or weight*adapter; "
+                                  f"{STACK_FORMS}", param="model")
+        ref = text if single else match["ref"]
+        weight = 1.0 if single or match["weight"] is None else float(match["weight"])
+        if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+            raise InvalidArgument(f"the weight {match['weight']} in {_shown(model)} must be a number between "
+                                  f"{-MAX_WEIGHT:g} and {MAX_WEIGHT:g}", param="model")
+        if ref in base_names:
+            terms.append(Term(weight, None, None))
+            continue
+        name = ref.split("@", 1)[0].split(":", 1)[0]
+        if name in base_names:
+            raise InvalidArgument(f"{_shown(ref)}: {name} is the base model, which has no versions or aliases",
+                                  param="model")
+        terms.append(Term(weight, ref, parse_ref(ref, param="model")[0]))
+    return terms
 
 
 class DeadlineExceeded(FtsError):
@@ -170,13 +223,15 @@ class Row:
 
 class Engine:
     def __init__(self, base: str, source: StoreSource, *, quantize: str = "auto", max_rank: int = 64,
-                 max_cached_bytes: int = 2 << 30, roots: tuple[Path, ...] = (), trust_remote_code: bool = False,
-                 max_loras: int = 8, max_batch: int = 32) -> None:
+                 max_cached_bytes: int = 2 << 30, roots: tuple[Path, ...] = (), private: tuple[Path, ...] = (),
+                 trust_remote_code: bool = False, max_loras: int = 8, max_batch: int = 32) -> None:
         if max_loras < 1 or max_batch < 1:
             raise InvalidArgument("max_loras and max_batch must be at least 1", param="max_loras")
         self.base_name = base
+        self.base_names = frozenset({base, Path(base).name, BASE})  # what a `model` may call the base
         self.source = source
         self.roots = roots  # folders load_lora_adapter may read besides the store
+        self.private = tuple(Path(p).resolve() for p in private)  # ... and never, but through the store (FTS_HOME)
         self.max_rank = max_rank
         self.max_cached_bytes = max_cached_bytes
         self.max_batch = max_batch
@@ -309,58 +364,56 @@ class Engine:
             self._remember(entry)
         return entry
 
+    def terms(self, model: str) -> list[Term]:
+        """`model` read as `parse_model` reads it for this runtime's base."""
+        return parse_model(model, self.base_names)
+
     def resolve(self, model: str) -> tuple[str, Any] | None:
         """What a request's `model` names: (key, loader) — key an adapter version, a loaded name or a stack — or
         None for the base model itself. Unknown names raise (404); a weight that is not a number, 400."""
-        if model in (self.base_name, Path(self.base_name).name, "base"):
+        terms = self.terms(model)
+        adapters = [t for t in terms if t.ref is not None]  # the base adds nothing: 'base+a' is a stack of a alone
+        if not adapters:
             return None
-        if "+" not in model and "*" not in model:
-            key, folder = self._one(model)
+        if len(terms) == 1 and "*" not in model:
+            key, folder = self._one(adapters[0].ref)
             return key, lambda: self._cached(key, folder)
-        terms = model.split("+")
-        if len(terms) > MAX_STACKED:
-            raise InvalidArgument(f"at most {MAX_STACKED} adapters can be stacked", param="model")
-        parts = []
-        for term in terms:
-            match = TERM.match(term)
-            if not match:
-                raise InvalidArgument(f"{term.strip()!r} in {model!r} is not an adapter or weight*adapter; stack "
-                                      "adapters as 'a+b' or '0.7*a+0.3*b'", param="model")
-            weight = float(match["weight"]) if match["weight"] is not None else 1.0
-            if not math.isfinite(weight) or abs(weight) > 100:
-                raise InvalidArgument(f"the weight {match['weight']} in {model!r} must be a number between -100 and "
-                                      "100", param="model")
-            key, folder = self._one(match["ref"])
-            parts.append((weight, key, folder))
+        parts = [(t.weight, *self._one(t.ref)) for t in adapters]
         key = "+".join(f"{w:g}*{k}" for w, k, _ in parts)
         return key, lambda: self._stacked(key, parts)
 
-    def base_warning(self, model: str) -> str | None:
+    def base_warning(self, model: str, *, fetch: bool = True) -> str | None:
         """Why `model`'s answers may differ from its evaluation: an adapter in it was trained on another base (NF4
         vs 16-bit) than this runtime serves. Such adapters are served anyway, with this warning in /v1/models and
-        in each answer. None for the base, an unknown model and adapters without a record."""
+        in each answer. None for the base, an unknown model and adapters without a record. `fetch` off: only what
+        is known without asking an HTTP store (a listing of every adapter must not fetch every manifest)."""
         try:
-            target = self.resolve(model)
+            terms = self.terms(model)
         except FtsError:
             return None
-        if target is None:
-            return None
-        refs = [m["ref"] for term in model.split("+") if (m := TERM.match(term))] if ("+" in model or "*" in model) \
-            else [model]
-        for ref in refs:
+        for term in terms:
+            if term.ref is None:
+                continue
             try:
-                _, folder = self._one(ref)
-                if folder not in self.trained_on:
-                    self.trained_on[folder] = read_training_base(folder, param="model")
+                trained = self._trained_on(term.ref, fetch=fetch)
             except FtsError:
                 continue
-            trained = self.trained_on[folder]
             if trained is not None and trained.quantization != self.quantization:
                 served = "the 4-bit NF4 base" if self.quantization == "nf4" else "the 16-bit base"
-                return (f"{ref} was trained on {trained.describe()}, and this runtime serves {served}: its answers "
-                        f"may differ from its evaluation; serve it from a runtime started with --quantize "
+                return (f"{term.ref} was trained on {trained.describe()}, and this runtime serves {served}: its "
+                        f"answers may differ from its evaluation; serve it from a runtime started with --quantize "
                         f"{trained.quantization}")
         return None
+
+    def _trained_on(self, ref: str, *, fetch: bool) -> TrainingBase | None:
+        """The base an adapter was trained on, as its folder (a loaded name) or its manifest records it."""
+        if ref in self.named:
+            folder = self.named[ref]
+            if folder not in self.trained_on:
+                self.trained_on[folder] = read_training_base(folder, param="model")
+            return self.trained_on[folder]
+        manifest = self.source.resolve(ref) if fetch else self.source.peek(ref)
+        return manifest.training_base if manifest is not None else None
 
     def _one(self, model: str) -> tuple[str, Path]:
         if model in self.named:  # keyed by its load: a reload is another adapter, never the old slot's weights
@@ -371,8 +424,10 @@ class Engine:
     def load_named(self, name: str, path: str) -> float:
         """vLLM's load_lora_adapter: a store reference or a version's folder in this runtime's store (verified
         against its manifest), or an adapter folder inside the roots this runtime was given (checked like any
-        adapter before it is read). Returns load ms."""
+        adapter before it is read), under `name` — a store reference's form, never the base's name. Returns load
+        ms."""
         started = time.perf_counter()
+        self._check_name(name)
         with about("lora_path"):
             folder = self._named_folder(path)
         with self.lock:
@@ -384,21 +439,37 @@ class Engine:
             self.named[name] = folder
         return (time.perf_counter() - started) * 1000
 
+    def _check_name(self, name: str) -> None:
+        """A loaded adapter's name follows the store's rule (`name`, `name@v3`, `name:prod`), so a request's `model`
+        reads it the one way; `base` and the base model's own names stay the base."""
+        adapter = parse_ref(name, param="lora_name")[0]
+        if adapter in self.base_names:
+            raise InvalidArgument(f"{_shown(name)}: {adapter} is this runtime's base model; choose another name",
+                                  param="lora_name")
+
     def _named_folder(self, path: str) -> Path:
+        """The folder `lora_path` names: a store reference, a version folder of the store (either verified against
+        its manifest), or an adapter folder inside a root — never inside a private folder (FTS_HOME) but through
+        the store, whatever a root covers. Every path is resolved (links, `..`) before it is judged."""
         if not path.startswith(("/", ".", "~")):
             return self.source.folder(self.source.resolve(path, param="lora_path"))
         store = self.source.local
-        resolved = Path(path).expanduser().resolve()
-        if store is not None and resolved.is_relative_to(store.root):
-            parts = resolved.relative_to(store.root).parts
-            if len(parts) != 2:
-                raise InvalidArgument(f"{path!r} is inside the store but is not a version folder (name/vN)",
-                                      param="lora_path")
-            return self.source.folder(store.manifest(*parts))
-        if not self.roots:
+        readable = ((store.root,) if store is not None else ()) + tuple(self.roots)
+        if not readable:
             raise InvalidArgument("this runtime loads adapters from its store only; give a store reference "
                                   "such as name@v1", param="lora_path")
-        folder = resolve_inside(path, self.roots, param="lora_path")
+        folder = resolve_inside(path, readable, param="lora_path")
+        if store is not None and folder.is_relative_to(store.root):
+            parts = folder.relative_to(store.root).parts
+            if len(parts) != 2:
+                raise InvalidArgument(f"{_shown(path)} is inside the store but is not a version folder (name/vN)",
+                                      param="lora_path")
+            return self.source.folder(store.manifest(*parts))
+        for private in self.private:
+            if folder.is_relative_to(private):
+                raise PathNotAllowed(f"{_shown(path)} resolves to {_shown(str(folder))}, inside FTS_HOME ({private}), "
+                                     "whose jobs and caches this runtime does not read; publish the adapter to the "
+                                     "store (deploy_adapter) and load it by reference", param="lora_path")
         read_adapter(folder, param="lora_path")
         return folder
 

@@ -12,22 +12,25 @@ import anyio
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
+from fts_mcp.adapters.inspect import read_adapter_config
 from fts_mcp.adapters.resolve import resolve_adapter, store_source, training_base
 from fts_mcp.adapters.store import AdapterStore, Manifest, StoreEntry
 from fts_mcp.config import Settings
 from fts_mcp.edge.client import check_url, post_generate, post_load
 from fts_mcp.edge.spec import GenerateJobSpec, RuntimeJobSpec
-from fts_mcp.errors import FtsError, InvalidArgument, about
+from fts_mcp.errors import FtsError, InvalidArgument, JobNotFound, about
+from fts_mcp.jobs.records import Job
 from fts_mcp.jobs.service import Jobs
-from fts_mcp.jobs.states import JobState
+from fts_mcp.jobs.states import JOB_ID_RE, JobState
 from fts_mcp.jobs.watch import watch
 from fts_mcp.models.base import Quantization
 from fts_mcp.models.dtypes import Dtype
-from fts_mcp.models.refs import resolve_model_argument
+from fts_mcp.models.refs import looks_like_path, resolve_model_argument
 from fts_mcp.network import free_port
 
 LOCAL = "local"  # runtime_url for this host's managed runtime
 RUNTIME_START_SECONDS = 180.0
+QUEUE_PATIENCE_SECONDS = 30.0  # a one-shot job still queued after this is cancelled, naming what it waited behind
 
 
 def quantization_of(manifest: Manifest) -> Quantization:
@@ -43,12 +46,23 @@ class Deployment(BaseModel):
     uri: str = Field(description="the version's folder in the store")
     sha256: str = Field(description="sha256 of adapter_model.safetensors")
     bytes: int
-    model: str = Field(description="the string to put in a request's `model`")
+    model: str = Field(description="the string to put in a request's `model`: the alias reference when an alias "
+                                   "was moved (it follows the alias), else the version")
+    chat: bool = Field(description="trained on chats: ask it through /v1/chat/completions with messages")
     loaded: bool = Field(description="loaded into runtime_url")
     swap_ms: float | None = Field(None, description="time the runtime took to load it (ms)")
-    runtime: str | None = Field(None, description="the runtime it was loaded into (a managed one: its job too)")
+    runtime: str | None = Field(None, description="the runtime's URL it was loaded into")
+    runtime_job: str | None = Field(None, description="the managed runtime's job: cancel_job stops it")
     curl: str
     manifest: Manifest
+
+
+def sample_request(runtime: str, model: str, chat: bool) -> str:
+    """A curl line that asks `model` the way it was trained: a chat through /v1/chat/completions, else a prompt."""
+    body = (f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 64}}'
+            if chat else f'{{"model": "{model}", "prompt": "Hello", "max_tokens": 32}}')
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    return f"curl {runtime}{path} -H 'Content-Type: application/json' -d '{body}'"
 
 
 class Generation(BaseModel):
@@ -70,7 +84,8 @@ class Edge:
                runtime_url: str | None = None, dtype: Dtype = "bfloat16") -> Deployment:
         """Publish; with `runtime_url`, load it there — `"local"`: into this host's managed runtime for the
         adapter's base, started as a `runtime` job when none runs."""
-        runtime = check_url(runtime_url) if runtime_url and runtime_url != LOCAL else None
+        runtime = check_url(runtime_url, allowed=self.settings.runtime_hosts) \
+            if runtime_url and runtime_url != LOCAL else None
         source = resolve_adapter(adapter, self.settings, self.jobs, store=False)
         job = source.job
         metrics, base_config = None, None
@@ -85,20 +100,30 @@ class Edge:
             manifest, created = self.store.publish(source.folder, name, version=version, alias=alias, dtype=dtype,
                                                    base_config=base_config, source_job=job.job_id if job else None,
                                                    metrics=metrics, training_base=trained)
-        model = f"{manifest.name}@{manifest.version}"
+        pinned = f"{manifest.name}@{manifest.version}"
+        model = f"{manifest.name}:{alias}" if alias else pinned  # what the caller asked to serve, echoed
         uri = self.store.path(manifest.name, manifest.version)
         loaded, swap_ms, runtime_job = False, None, None
         if runtime_url == LOCAL:
             runtime, runtime_job = self.local_runtime(manifest.base_model, quantization_of(manifest))
         if runtime:
-            swap_ms = post_load(runtime, model, str(uri))  # a folder: what vLLM takes too
+            swap_ms = post_load(runtime, pinned, str(uri))  # a folder: what vLLM takes too
             loaded = True
-        curl = (f"curl {runtime or 'http://127.0.0.1:8001'}/v1/completions -H 'Content-Type: application/json' "
-                f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 32}}'")
+        chat = self._chat_trained(job, manifest)
         return Deployment(name=manifest.name, version=manifest.version, created=created, uri=str(uri),
                           sha256=manifest.files["adapter_model.safetensors"].sha256, bytes=manifest.bytes,
-                          model=model, loaded=loaded, swap_ms=swap_ms, curl=curl, manifest=manifest,
-                          runtime=f"{runtime_job} at {runtime}" if runtime_job else runtime)
+                          model=model, chat=chat, loaded=loaded, swap_ms=swap_ms, manifest=manifest,
+                          curl=sample_request(runtime or "http://127.0.0.1:8001", model, chat), runtime=runtime,
+                          runtime_job=runtime_job)
+
+    def _chat_trained(self, job: Job | None, manifest: Manifest) -> bool:
+        """Whether the adapter learned from chats (its training job says; a store version names that job)."""
+        if job is None and manifest.source_job:
+            try:
+                job = self.jobs.get(manifest.source_job, log_lines=0)
+            except JobNotFound:
+                return False
+        return job is not None and job.spec.get("dataset_format") == "chat"
 
     def local_runtime(self, base_model: str | None, quantization: Quantization = "none", *,
                       wait_seconds: float = RUNTIME_START_SECONDS) -> tuple[str, str]:
@@ -116,10 +141,7 @@ class Edge:
             raise FtsError("another deploy has held the managed-runtime lock for a minute; try again",
                            param="runtime_url") from None
         try:
-            live = (self.jobs.get(i, log_lines=0) for i in
-                    self.jobs.ids_in(JobState.RUNNING, JobState.QUEUED, JobState.VALIDATING))
-            job = next((j for j in live if j.kind == "runtime" and j.spec["base_model"] == base
-                        and j.spec.get("quantization", "none") == quantization), None)
+            job = self._find_runtime(base, quantization)
             if job is None:
                 spec = RuntimeJobSpec(base_model=base, store=str(self.settings.store),
                                       cache=str(self.settings.edge_cache), port=(port := free_port()),
@@ -130,6 +152,8 @@ class Edge:
             lock.release()
         deadline = time.monotonic() + wait_seconds
         while (job := self.jobs.get(job.job_id, log_lines=0)).progress.url is None:
+            if job.state == JobState.QUEUED and job.waiting not in (None, "starting"):  # say so now, not later
+                raise FtsError(f"the managed runtime {job.job_id} is queued: {job.waiting}", param="runtime_url")
             if job.state.terminal:
                 why = job.error.message if job.error else job.state
                 raise FtsError(f"the managed runtime {job.job_id} ended before it listened: {why}",
@@ -147,17 +171,13 @@ class Edge:
     async def generate(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
                        max_tokens: int = 64, temperature: float = 0.0, runtime_url: str | None = None,
                        base_model: str | None = None, timeout: float = 600) -> Generation:
-        """Through a runtime, or a one-shot job that is cancelled if it outlives `timeout` or its caller."""
+        """Through a runtime: the one at `runtime_url`, `"local"` (this host's managed runtime for the model's base),
+        or, with no `runtime_url`, a managed runtime already serving that base. Otherwise a one-shot job, which is
+        cancelled if it outlives `timeout` or its caller; it also takes a training job id or an adapter folder."""
         if (prompt is None) == (messages is None):
             raise InvalidArgument("give prompt (text) or messages (a chat), exactly one", param="prompt")
-        if runtime_url == LOCAL:
-            manifest = None if model == "base" else \
-                store_source(self.settings).resolve(model.split("+")[-1].split("*")[-1], param="model")
-            base = base_model if manifest is None else manifest.base_model
-            quantization = quantization_of(manifest) if manifest is not None else "none"
-            runtime_url, _ = await anyio.to_thread.run_sync(lambda: self.local_runtime(base, quantization))
-        if runtime_url:
-            runtime = check_url(runtime_url)
+        runtime = await anyio.to_thread.run_sync(lambda: self._runtime_for(model, runtime_url, base_model))
+        if runtime is not None:
             answer = await anyio.to_thread.run_sync(
                 lambda: post_generate(runtime, model, prompt, messages, max_tokens, temperature, timeout))
             return Generation(model=model, via="runtime", **answer)
@@ -166,6 +186,13 @@ class Edge:
         job = await anyio.to_thread.run_sync(lambda: self.jobs.submit("generate", spec, model=spec.base_model))
         finished = False
         try:
+            if job.state == JobState.QUEUED:  # behind other work: wait a little, then say behind what
+                job = await watch(lambda: self.jobs.get(job.job_id, log_lines=0),
+                                  wait_seconds=min(timeout, QUEUE_PATIENCE_SECONDS))
+                if job.state == JobState.QUEUED:
+                    raise FtsError(f"generate job {job.job_id} is {job.waiting or 'queued'}; it was cancelled rather "
+                                   "than wait. deploy_adapter(runtime_url='local') serves tries from a runtime",
+                                   param="model")
             job = await watch(lambda: self.jobs.get(job.job_id, log_lines=0), wait_seconds=timeout,
                               until_terminal=True)
             finished = job.state.terminal
@@ -174,25 +201,69 @@ class Edge:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.jobs.cancel, job.job_id)
         if not finished:
-            raise FtsError(f"generate job {job.job_id} did not finish within {timeout:g}s and was cancelled; start "
-                           "an edge runtime (fts-mcp edge serve) for repeated tries", param="timeout_seconds")
+            where = f" ({job.waiting})" if job.state == JobState.QUEUED and job.waiting else ""
+            raise FtsError(f"generate job {job.job_id} was still {job.state}{where} after {timeout:g}s and was "
+                           "cancelled; deploy_adapter(runtime_url='local') serves repeated tries from a runtime",
+                           param="timeout_seconds")
         if job.state != JobState.SUCCEEDED:
             message = job.error.message if job.error else job.state
             raise FtsError(f"generate job {job.job_id} {job.state}: {message}", param="model")
         return Generation(text=job.artifacts.text or "", model=model, finish_reason=job.artifacts.finish_reason,
                           via="job", job_id=job.job_id)
 
+    def _runtime_for(self, model: str, runtime_url: str | None, base_model: str | None) -> str | None:
+        """The runtime URL to ask, or None for a one-shot job."""
+        if runtime_url not in (None, LOCAL):
+            return check_url(runtime_url, allowed=self.settings.runtime_hosts)
+        one_shot_only = JOB_ID_RE.fullmatch(model) is not None or looks_like_path(model)
+        if one_shot_only:
+            if runtime_url == LOCAL:
+                raise InvalidArgument(f"a runtime serves adapters from the store; publish {model} with "
+                                      "deploy_adapter(runtime_url='local') first, or leave runtime_url out for a "
+                                      "one-shot job", param="runtime_url")
+            return None
+        if model == "base":
+            base, quantization = base_model, "none"
+        else:  # a store reference, or a stack of them: the runtime for the base its last term was trained on
+            manifest = store_source(self.settings).resolve(model.split("+")[-1].split("*")[-1].strip(), param="model")
+            base, quantization = base_model or manifest.base_model, quantization_of(manifest)
+        if runtime_url == LOCAL:
+            if base is None:
+                running = [j for j in self._running_runtimes() if j.progress.url]
+                if len(running) != 1:
+                    bases = ", ".join(j.spec["base_model"] for j in running) or "none runs"
+                    raise InvalidArgument(f"model 'base' needs base_model to choose a managed runtime ({bases})",
+                                          param="base_model")
+                return running[0].progress.url
+            return self.local_runtime(base, quantization)[0]
+        if base is None:
+            return None
+        serving = self._find_runtime(resolve_model_argument(base, self.settings), quantization)
+        return serving.progress.url if serving is not None and serving.state == JobState.RUNNING else None
+
+    def _running_runtimes(self) -> list[Job]:
+        return [j for j in (self.jobs.get(i, log_lines=0) for i in self.jobs.ids_in(JobState.RUNNING))
+                if j.kind == "runtime"]
+
+    def _find_runtime(self, base: str, quantization: Quantization) -> Job | None:
+        """The managed runtime job (running, or about to) serving `base` loaded as `quantization`."""
+        live = (self.jobs.get(i, log_lines=0) for i in
+                self.jobs.ids_in(JobState.RUNNING, JobState.QUEUED, JobState.VALIDATING))
+        return next((j for j in live if j.kind == "runtime" and j.spec["base_model"] == base
+                     and j.spec.get("quantization", "none") == quantization), None)
+
     def _generate_spec(self, model: str, prompt: str | None, messages: list[dict] | None, max_tokens: int,
                        temperature: float, base_model: str | None) -> GenerateJobSpec:
         adapter_dir, base, quantization = None, base_model, "none"
-        if model != "base":
-            source = store_source(self.settings)
-            manifest = source.resolve(model, param="model")
-            adapter_dir = str(source.folder(manifest))
-            base = base or manifest.base_model
-            quantization = quantization_of(manifest)
+        if model != "base":  # a store reference, a training job id or an adapter folder
+            source = resolve_adapter(model, self.settings, self.jobs, param="model")
+            adapter_dir = str(source.folder)
+            base = base or source.base_model or read_adapter_config(source.folder, param="model").base_model
+            trained = training_base(source, self.jobs, param="model")
+            quantization = trained.quantization if trained is not None else "none"
         if base is None:
-            raise InvalidArgument("model 'base' needs base_model", param="base_model")
+            raise InvalidArgument("model 'base' needs base_model" if model == "base" else
+                                  f"{model} does not name its base model; pass base_model", param="base_model")
         return GenerateJobSpec(base_model=resolve_model_argument(base, self.settings), adapter_dir=adapter_dir,
                                model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
                                temperature=temperature, quantization=quantization,

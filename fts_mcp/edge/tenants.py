@@ -10,7 +10,9 @@
 
 A key sees only the adapters its patterns match (shell-style, on the adapter's name: `acme-*` covers
 `acme-support@v3` and `acme-support:prod`) in `/v1/models`, and gets 403 for any other; a stack is allowed when
-every adapter in it is; `base` (or `*`) lets it use the base model alone. `load_lora_adapter`,
+every adapter in it is; `base` (or `*`) lets it use the base model alone — which is also what a stack whose
+weights are all zero (`0*acme-support`) answers. The runtime reads a `model` for this check exactly as it resolves
+it (`fts_mcp.edge.engine.parse_model`). `load_lora_adapter`,
 `unload_lora_adapter` and `/metrics` need an admin key. Requests without a known key get 401.
 """
 
@@ -82,11 +84,3 @@ class Tenants:
                 found = key
         return found
 
-
-def adapter_names(model: str) -> list[str]:
-    """The adapter names a request's `model` uses: one, or each in a stack ('0.7*a+0.3*b@v2' -> ['a', 'b'])."""
-    names = []
-    for term in model.split("+"):
-        ref = term.split("*")[-1].strip()
-        names.append(ref.split("@")[0].split(":")[0])
-    return names

@@ -13,7 +13,6 @@ A Ray job imports this module on the cluster, where there is no job store: it mu
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import traceback
@@ -27,7 +26,7 @@ from fts_mcp.errors import FtsError
 from fts_mcp.files import write_json_atomic
 from fts_mcp.jobs.context import JobContext, Stop
 from fts_mcp.jobs.kinds import KINDS, recipe
-from fts_mcp.jobs.records import Artifacts, JobError
+from fts_mcp.jobs.records import Artifacts, JobError, JobResult
 from fts_mcp.jobs.states import JobState, StaleState
 
 if TYPE_CHECKING:  # only for the annotation: see the module's last paragraph
@@ -138,27 +137,23 @@ def death_error(exit_code: int | None, *, cancelled: bool = False) -> JobError:
 def record_outcome(store: JobStore, job_id: str, state: JobState, error: JobError | None,
                    artifacts: Artifacts | None = None) -> None:
     """Leave the job's outcome in its folder (result.json); `settle` records it once the work has stopped."""
-    write_json_atomic(store.result_path(job_id), {
-        "state": state.value, "error": error.model_dump() if error else None,
-        "artifacts": artifacts.model_dump() if artifacts else None})
+    write_json_atomic(store.result_path(job_id), JobResult(state=state.value, error=error, artifacts=artifacts)
+                      .model_dump(mode="json"))
 
 
 def settle(store: JobStore, job_id: str, exit_code: int | None) -> None:
     """Record how a job ended, once its work horse has exited (so its GPU memory is already free).
 
-    The work horse's own result file wins; without one, a requested cancel reads `cancelled` and anything
-    else `interrupted`, with the exit code or signal.
+    The work horse's own result file wins (an unreadable one is set aside and reads `interrupted`, naming the
+    file: `JobStore.read_result`); without one, a requested cancel reads `cancelled` and anything else
+    `interrupted`, with the exit code or signal.
     """
     raw = store.raw(job_id)
     if raw["state"] != JobState.RUNNING:
         return
-    result_file = store.result_path(job_id)
     artifacts = None
-    if result_file.exists():
-        result = json.loads(result_file.read_text())
-        state = JobState(result["state"])
-        error = JobError(**result["error"]) if result.get("error") else None
-        artifacts = Artifacts(**result["artifacts"]) if result.get("artifacts") else None
+    if (result := store.read_result(job_id)) is not None:
+        state, error, artifacts = JobState(result.state), result.error, result.artifacts
     elif raw["cancel_requested_at"] is not None:
         state, error = JobState.CANCELLED, None
     else:

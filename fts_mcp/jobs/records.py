@@ -21,7 +21,8 @@ class Progress(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = Field(None, description="trained tokens per second over recent steps")
     eta_seconds: float | None = Field(None, description="estimated seconds until the last step")
-    phase: str | None = Field(None, description="what the worker is doing: loading_model, tokenizing, training, saving")
+    phase: str | None = Field(None, description="what the worker is doing: loading_model, tokenizing, training, "
+                                                "merging, saving, hashing")
     url: str | None = Field(None, description="where a runtime job listens")
     plan: str | None = Field(None, description="the run's speed choices (micro-batch, checkpointing, padding-free) and "
                                                "the memory estimate behind them")
@@ -80,6 +81,18 @@ class Job(BaseModel):
     cancel_requested: bool = False
     resumable: bool = Field(False, description="true when resume_job can continue it from a checkpoint")
     log_tail: list[str] = Field(default_factory=list, description="last lines of the worker log")
+    waiting: str | None = Field(None, description="queued jobs only: what it waits behind (the jobs holding the "
+                                                  "slots it needs, earlier queued jobs), or 'starting' when a slot "
+                                                  "is free for it")
+
+
+class JobResult(BaseModel):
+    """How a job ended, as its folder's `result.json` keeps it: left by the work horse for its supervisor to
+    record, and rewritten by the store once the job is terminal (the database is rebuilt from it)."""
+
+    state: Literal["succeeded", "failed", "cancelled", "interrupted"]
+    error: JobError | None = None
+    artifacts: Artifacts | None = None
 
 
 class JobList(BaseModel):

@@ -4,10 +4,12 @@ supervisors that died without recording how their job ended.
 A job's supervisor is either a local worker (`fts_mcp.jobs.worker`, on this host's GPU or CPU slots) or, with
 `FTS_RUNNER=ray`, a Ray job's supervisor (`fts_mcp.jobs.ray.runner`, on a `ray:N` slot) that submits the job to a
 Ray cluster and brings its progress, log and artifacts back. Either way the job looks the same to its callers.
-Runtime jobs (a managed edge runtime listening on this host's loopback) always run locally.
+Runtime jobs (a managed edge runtime listening on this host's loopback) always run locally, on slots of their own
+when the host has no GPU (`store.pools` says which slots each kind takes).
 
 Every server process runs `tick()` about once a second. All decisions go through the store's atomic
-transitions and claims, so any number of servers can share one FTS_HOME.
+transitions and claims, so any number of servers can share one FTS_HOME. Trouble with one job is logged once and
+never stops the tick from checking the others and starting queued jobs.
 """
 
 from __future__ import annotations
@@ -27,12 +29,9 @@ from fts_mcp.errors import InvalidArgument
 from fts_mcp.jobs.outcome import settle
 from fts_mcp.jobs.records import Job, JobError
 from fts_mcp.jobs.states import JobState, StaleState
-from fts_mcp.jobs.store import LOG_NAME, JobStore
+from fts_mcp.jobs.store import LOG_NAME, JobStore, StoreUnavailable, pools
 
 log = logging.getLogger(__name__)
-
-LOCAL_ONLY_KINDS = frozenset({"runtime"})
-CLUSTER_KINDS = frozenset({"train", "merge", "generate", "eval"})
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -52,6 +51,7 @@ class Runner:
         self.settings = settings
         self.store = store
         self._lock = threading.Lock()  # the monitor loop and tool calls may tick at once
+        self._troubles: dict[str, str] = {}  # running job -> the unexpected error last logged for it
 
     # ---- operations the tools call -------------------------------------------------------------------------
 
@@ -95,19 +95,29 @@ class Runner:
     def tick(self) -> None:
         """Declare dead workers, enforce the cancel grace period, start queued jobs on free slots."""
         with self._lock:
-            for job_id in self.store.ids_in(JobState.RUNNING):
-                try:
-                    self._check_running(job_id)
-                except StaleState:
-                    pass
-            if self.settings.runner == "ray":
-                while (claim := self.store.claim_next(self.settings.ray_slots, CLUSTER_KINDS, True)) is not None:
+            running = self.store.ids_in(JobState.RUNNING)
+            self._troubles = {job_id: said for job_id, said in self._troubles.items() if job_id in running}
+            for job_id in running:
+                self._check_guarded(job_id)
+            for pool in pools(self.settings):
+                while (claim := self.store.claim_next(pool.slots, pool.kinds, pool.one_slot_each)) is not None:
                     self._spawn(*claim)
-                local_kinds: frozenset[str] | None = LOCAL_ONLY_KINDS
-            else:
-                local_kinds = None
-            while (claim := self.store.claim_next(self.settings.slots, local_kinds)) is not None:
-                self._spawn(*claim)
+
+    def _check_guarded(self, job_id: str) -> None:
+        """Check one running job; an error about it is logged (once, until it changes) and the tick goes on."""
+        try:
+            self._check_running(job_id)
+        except StaleState:
+            pass  # another process moved it on first
+        except StoreUnavailable:
+            raise  # the whole store, not this job: the caller reports it
+        except Exception as exc:  # a boundary: one job's trouble must not stop every other job (see the module)
+            said = f"{type(exc).__name__}: {exc}"
+            if self._troubles.get(job_id) != said:
+                log.exception("job %s could not be checked (%s); the other jobs go on", job_id, said)
+                self._troubles[job_id] = said
+            return
+        self._troubles.pop(job_id, None)
 
     def _check_running(self, job_id: str) -> None:
         raw = self.store.raw(job_id)

@@ -64,11 +64,11 @@ def check_transition(job_id: str, current: JobState, target: JobState) -> None:
                                 f"(allowed from {current}: {allowed})", param="job_id")
 
 
-JOB_ID_RE = re.compile(r"^job-[0-9a-f]{12}$")
+JOB_ID_RE = re.compile(r"job-[0-9a-f]{12}")  # use with fullmatch: `$` would let a trailing newline in
 
 
 def check_job_id(job_id: str, param: str = "job_id") -> str:
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise InvalidArgument(f"{job_id!r} is not a job id; job ids look like 'job-' followed by 12 hex digits "
                               "(list_jobs shows them)", param=param)
     return job_id

@@ -12,7 +12,7 @@ from fts_mcp.errors import InvalidArgument, ModelUnavailable
 from fts_mcp.models import gguf
 from fts_mcp.paths import resolve_inside
 
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")  # fullmatch, not $
 
 
 def looks_like_path(value: str) -> bool:
@@ -38,7 +38,7 @@ def resolve_model_argument(value: str, settings: Settings, *, param: str = "base
             raise InvalidArgument(f"{folder} has no config.json; expected a model folder written by save_pretrained",
                                   param=param)
         return str(folder)
-    if not HUB_ID_RE.match(value) or ".." in value:
+    if not HUB_ID_RE.fullmatch(value) or ".." in value:
         raise InvalidArgument(f"{value!r} is neither a folder inside the allowed roots nor a hub id such as "
                               "'meta-llama/Llama-3.2-1B'", param=param)
     return value

@@ -1,8 +1,9 @@
 """`recommend_ft_vs_rag`: is fine-tuning the right tool? One verdict and reason per criterion, then a decision.
 
 The framework: knowledge that changes often -> RAG; a specific output format -> fine-tune; domain jargon ->
-either or both; factual accuracy with sources -> RAG; a custom reasoning style -> fine-tune; a tight budget ->
-start with RAG; maximum quality -> both. Fine-tuning needs data: 100-500 high-quality examples to teach a
+either or both; factual accuracy with sources -> RAG; a custom reasoning style -> fine-tune; maximum quality ->
+both. Budget is a tie-breaker, not a vote: it orders the work (RAG first when both are needed) and sizes the run,
+but never recommends a method the task does not need. Fine-tuning needs data: 100-500 high-quality examples to teach a
 style, 1K-10K for robust task learning, diminishing returns past ~50K; quality beats quantity.
 """
 
@@ -98,9 +99,9 @@ def _verdicts(c: Criteria) -> list[CriterionVerdict]:
           "rag" if c.factual_accuracy_with_sources else "neutral",
           "retrieval grounds answers in documents it can cite; fine-tuned facts cannot be traced or updated"
           if c.factual_accuracy_with_sources else "citations are not required"),
-        v("budget", c.budget, "rag" if c.budget == "tight" else "neutral",
-          "with a tight budget start with RAG: no training run, and the index is cheap to change"
-          if c.budget == "tight" else f"a {c.budget} budget allows a training run"),
+        v("budget", c.budget, "neutral",
+          "a tie-breaker, not a vote: when both are needed start with the cheaper RAG; a QLoRA adapter on a small "
+          "base costs little" if c.budget == "tight" else f"a {c.budget} budget allows a training run"),
         v("maximum_quality", c.maximum_quality, "both" if c.maximum_quality else "neutral",
           "the best results combine a fine-tuned model (behaviour) with retrieval (knowledge)"
           if c.maximum_quality else "good-enough quality is the aim"),
@@ -192,11 +193,15 @@ def _summary(rec: Recommendation, ft, rag, too_little_data: bool, c: Criteria) -
         if too_little_data:
             return (f"Not yet: {c.labelled_examples} examples cannot teach a model reliably. Prompt-engineer "
                     f"(few-shot) now and collect {MIN_USEFUL_EXAMPLES}-{STYLE_RANGE[1]} high-quality examples.")
-        return "Nothing here calls for fine-tuning or retrieval yet: try prompting first, or answer more criteria."
+        return ("Nothing here calls for fine-tuning or retrieval yet: try prompting first, or answer more criteria "
+                "(what must change: a format or style, or knowledge?)" +
+                ("; a budget alone does not choose a method." if c.budget is not None else "."))
     if rec == "rag" and ft and too_little_data:
         return "RAG now for the knowledge; fine-tune later, once enough examples exist for the behaviour."
     return {
-        "fine_tune": "Fine-tune: what must change is behaviour (format, style, latency), which training teaches.",
+        "fine_tune": "Fine-tune: what must change is behaviour (format, style, latency), which training teaches"
+                     + ("; with a tight budget, QLoRA on a small base (0.5-3B) costs little and nothing needs "
+                        "retrieving." if c.budget == "tight" else "."),
         "rag": "RAG: what matters is knowledge that changes or must be cited, which retrieval serves better.",
         "both": "Both: retrieval for knowledge that changes or must be cited, a fine-tune for behaviour"
                 + ("; with a tight budget start with RAG and add a QLoRA adapter after" if c.budget == "tight"

@@ -162,9 +162,11 @@ def _auto_reason(asked: bool | Literal["auto"], plan: BatchPlan) -> str:
 def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tuple[Method, ...], settings: RunSettings,
              gpu: Gpu | None, gpu_memory_gb: float | None, price_per_gpu_hour: float | None,
              training_tokens: int | None, utilization: float | None,
-             tokens_per_example: float | None = None) -> ResourceEstimate:
+             tokens_per_example: float | None = None,
+             cpu_utilization: dict[str, float] | None = None) -> ResourceEstimate:
     """`training_tokens` are real tokens; with padded batches the time adds the padding (padded_tokens), using
-    the mean `tokens_per_example` when known."""
+    the mean `tokens_per_example` when known. `cpu_utilization`: the device is a CPU, which reaches these shares
+    of its matmul rate per method (unless `utilization` is given)."""
     if settings.seq_len * settings.micro_batch > 64 * 1024 * 1024:
         raise InvalidArgument("seq_len x micro_batch is over 64M tokens per step; use realistic values",
                               param="micro_batch")
@@ -191,8 +193,9 @@ def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tupl
                                     "not out of memory)")
         if gpu is not None:
             price = price_per_gpu_hour if price_per_gpu_hour is not None else gpu.usd_per_hour
+            util = utilization if utilization is not None or cpu_utilization is None else cpu_utilization[method]
             result.throughput = throughput(arch, method, gpu, result.gpus_needed or 1, on, training_tokens, price,
-                                           utilization, computed_tokens=computed, workers=settings.workers)
+                                           util, computed_tokens=computed, workers=settings.workers)
             if not gpu.bf16:
                 result.notes.append(f"{gpu.name} has no bf16: training runs in fp16 with loss scaling")
         if method == "qlora":
@@ -202,14 +205,16 @@ def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tupl
     return ResourceEstimate(
         model=model, parameters=arch.params, architecture=arch, shape_source=shape_source,
         gpu=gpu.name if gpu else None, gpu_memory_gb=memory_gb, settings=settings, estimates=estimates,
-        suggestions=suggestions, recommended_method=_recommended(suggestions),
+        suggestions=suggestions,
+        recommended_method=_recommended(suggestions, adapters_first=cpu_utilization is not None),
         notes=assumptions(settings, methods) + _notes(arch, estimates))
 
 
-def _recommended(suggestions: list[Suggestion]) -> Method | None:
-    """Full fine-tuning only if it fits as asked; else LoRA if it fits; else QLoRA if it fits."""
+def _recommended(suggestions: list[Suggestion], *, adapters_first: bool = False) -> Method | None:
+    """Full fine-tuning only if it fits as asked (never first on a CPU, `adapters_first`: it trains every weight
+    at a fraction of a GPU's speed); else LoRA if it fits; else QLoRA if it fits."""
     fitting = {s.method: s for s in suggestions if s.fits}
-    if "full" in fitting and not fitting["full"].changes:
+    if "full" in fitting and not fitting["full"].changes and not adapters_first:
         return "full"
     return next((m for m in ("lora", "qlora", "full") if m in fitting), None)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d{1,12})$")
+CHECKPOINT = re.compile(r"checkpoint-(\d{1,12})")  # fullmatch: `$` lets a trailing newline in
 
 
 def is_checkpoint(path: Path) -> bool:
     """A `checkpoint-N` folder that the trainer finished writing."""
-    return CHECKPOINT.match(path.name) is not None and (path / "trainer_state.json").is_file()
+    return CHECKPOINT.fullmatch(path.name) is not None and (path / "trainer_state.json").is_file()
 
 
 def checkpoints(folder: Path) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,16 @@ from fts_mcp.training.spec import LoraSpec, TrainingSpec, TrainJobSpec
 
 # A new job may start from the checkpoint of one that stopped or ended.
 RESUMABLE_FROM = (JobState.CANCELLED, JobState.INTERRUPTED, JobState.SUCCEEDED, JobState.FAILED)
+
+
+def _how_it_ended(returncode: int) -> str:
+    """A child process's end in words: its exit status, or the signal that stopped it (SIGABRT, SIGKILL...)."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"was stopped by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was stopped by signal {-returncode}"
 
 
 class Training:
@@ -62,7 +73,14 @@ class Training:
             raise ModelUnavailable(f"loading the tokenizer of {model!r} took over 10 minutes", param="base_model") \
                 from exc
         lines = done.stdout.strip().splitlines()
-        answer = json.loads(lines[-1]) if lines else {"ok": False, "message": done.stderr.strip()[-500:]}
+        try:
+            answer = json.loads(lines[-1]) if lines else None
+        except ValueError:  # something else wrote last on its stdout
+            answer = None
+        if not isinstance(answer, dict):  # it died: a tokenizer out of the capped memory aborts (SIGABRT), or crashed
+            raise ModelUnavailable(f"counting tokens with the tokenizer of {model!r} failed: the process "
+                                   f"{_how_it_ended(done.returncode)} (its memory is capped); "
+                                   f"{done.stderr.strip()[-300:]}", param="base_model")
         if not answer["ok"]:
             raise ModelUnavailable(f"cannot load the tokenizer of {model!r}: {answer['message']}", param="base_model")
         return TokenStats(**answer["stats"]), [tuple(e) for e in answer.get("line_errors", [])]

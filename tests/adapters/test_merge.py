@@ -220,3 +220,109 @@ def test_merged_model_carries_the_chat_template_it_was_trained_with(service, tin
     assert merged.apply_chat_template(messages, tokenize=False) == "[user] hi\n"
     assert merged.apply_chat_template(messages, tokenize=False) == \
         trained.apply_chat_template(messages, tokenize=False)
+
+
+# ---- a merge killed after (or while) publishing its output: resume reuses it, an identical request runs again -----
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs, not even `except Exception`."""
+
+
+def merge_spec(service, adapter_a, tiny_model, name="resumed"):
+    """A merge job left queued (no worker starts it), and its spec: the test runs the recipe in this process."""
+    from fts_mcp.adapters.spec import MergeJobSpec
+
+    service.jobs.runner.tick = lambda: None
+    job = service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype="float32", output_name=name)
+    return job, MergeJobSpec(**job.spec)
+
+
+def context(service, job):
+    from fts_mcp.jobs.context import recording_context
+
+    return recording_context(service.jobs.store.job_dir(job.job_id), job.job_id)[0]
+
+
+def assert_complete(artifacts):
+    """Every file of the output is listed, with the size and sha256 it has on disk."""
+    from fts_mcp.files import artifact_files
+
+    out = Path(artifacts.output_dir)
+    assert {"config.json", "model.safetensors", "merge.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert artifacts.files == artifact_files(out)
+    assert artifacts.verification is not None and artifacts.verification.passed
+
+
+def test_a_merge_killed_while_hashing_its_output_resumes(service, tiny_model, adapter_a, monkeypatch):
+    from fts_mcp import files
+    from fts_mcp.adapters.merge import run
+
+    job, spec = merge_spec(service, adapter_a, tiny_model)
+    hash_file = files.sha256_file
+
+    def killed_while_hashing(path):
+        raise Killed(str(path))
+
+    monkeypatch.setattr(files, "sha256_file", killed_while_hashing)
+    with pytest.raises(Killed):
+        run(spec, context(service, job))
+    monkeypatch.setattr(files, "sha256_file", hash_file)
+    assert_complete(run(spec, context(service, job)))  # resume_job runs the recipe again in the same folder
+    out = Path(spec.output_dir)
+    assert not list(out.parent.glob(f".{out.name}*"))  # no staging folder left behind
+
+
+def test_a_published_output_is_reused_not_merged_again(service, tiny_model, adapter_a, monkeypatch):
+    """Killed after the output was renamed into place but before the job recorded it: the output is complete
+    (merge.json is written last, then one rename publishes the folder), so the resumed job reuses it."""
+    from fts_mcp.adapters import merge
+
+    job, spec = merge_spec(service, adapter_a, tiny_model)
+    first = merge.run(spec, context(service, job))
+
+    def no_second_merge(spec):
+        raise AssertionError("the base was loaded again for an output that is already there")
+
+    monkeypatch.setattr(merge, "load_base", no_second_merge)
+    again = merge.run(spec, context(service, job))
+    assert again == first
+    assert_complete(again)
+
+
+def test_an_incomplete_output_of_the_same_merge_is_replaced(service, tiny_model, adapter_a):
+    from fts_mcp.adapters.merge import run
+
+    job, spec = merge_spec(service, adapter_a, tiny_model)
+    out = Path(run(spec, context(service, job)).output_dir)
+    (out / "model.safetensors").write_bytes(b"half a model")
+    assert_complete(run(spec, context(service, job)))
+    assert (out / "model.safetensors").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("earlier", ["failed", "interrupted", "forgotten"])
+def test_an_identical_merge_whose_earlier_job_did_not_succeed_runs_again(service, tiny_model, adapter_a,
+                                                                        monkeypatch, earlier):
+    """The output is on disk, but the job that wrote it failed (a resume that tripped over it), was interrupted
+    or is no longer on record: asking again starts a fresh job, which reuses the output, instead of answering
+    with the failed job forever."""
+    from fts_mcp.adapters import merge
+    from fts_mcp.jobs.records import JobError
+    from fts_mcp.jobs.states import JobState
+
+    job, spec = merge_spec(service, adapter_a, tiny_model)
+    merge.run(spec, context(service, job))
+    store = service.jobs.store
+    if earlier == "forgotten":
+        manifest = json.loads((Path(spec.output_dir) / "merge.json").read_text())
+        (Path(spec.output_dir) / "merge.json").write_text(json.dumps({**manifest, "job_id": "job-0123456789ab"}))
+        store.transition(job.job_id, JobState.CANCELLED)
+    else:
+        store.claim_next(service.settings.slots)
+        store.transition(job.job_id, JobState(earlier), error=JobError(code="internal_error", message="x"))
+    fresh = service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype="float32",
+                                  output_name="resumed")
+    assert fresh.job_id != job.job_id and fresh.state == "queued"
+    assert service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype="float32",
+                                 output_name="resumed").job_id == fresh.job_id  # in flight: the same job
+    monkeypatch.setattr(merge, "load_base", lambda spec: pytest.fail("merged again"))
+    assert_complete(merge.run(merge.MergeJobSpec(**fresh.spec), context(service, fresh)))

@@ -1,9 +1,12 @@
 import json
+import os
+import stat
 
 import pytest
 
 from fts_mcp.adapters.store import AdapterStore, UnknownAdapter
 from fts_mcp.errors import InvalidArgument
+from fts_mcp.files import write_json_atomic
 from tests.conftest import make_adapter
 
 
@@ -47,12 +50,40 @@ def test_versions_are_immutable(store, fts_home, tiny_model, adapter_a, adapter_
 @pytest.mark.parametrize("kwargs, param", [
     ({"name": "Bad Name"}, "name"), ({"name": "ok", "version": "1"}, "version"),
     ({"name": "ok", "alias": "latest"}, "alias"), ({"name": "ok", "alias": "Prod!"}, "alias"),
+    ({"name": "nl\n"}, "name"), ({"name": "ok", "version": "v1\n"}, "version"),
+    ({"name": "ok", "alias": "prod\n"}, "alias"),
 ])
 def test_bad_publish_arguments(store, fts_home, adapter_a, kwargs, param):
     with pytest.raises(InvalidArgument) as info:
         store.publish(adapter_a, **kwargs)
     assert info.value.param == param
     assert not store.names()
+
+
+def test_base_is_not_an_adapter_name(store, fts_home, tiny_model, adapter_a):
+    """`base`, and the base model's own folder name, are what a runtime calls the base model: never an adapter."""
+    for name in ("base", tiny_model.name):
+        with pytest.raises(InvalidArgument, match="base model") as info:
+            store.publish(adapter_a, name)
+        assert info.value.param == "name"
+    assert not store.names()
+
+
+def test_store_files_are_readable_by_a_web_server_running_as_another_user(store, fts_home, adapter_a):
+    """Files 0644 and folders 0755 (under the usual umask 022), so any static server can serve the store; the
+    atomic writer creates files as open() does, not private as a temp file."""
+    previous = os.umask(0o022)
+    try:
+        store.publish(adapter_a, "support", alias="prod")
+        write_json_atomic(fts_home / "anything.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(store.root)): stat.S_IMODE(p.stat().st_mode) for p in store.root.rglob("*")}
+    assert {"index.json", "support/aliases.json", "support/v1/manifest.json",
+            "support/v1/adapter_model.safetensors"} <= set(modes)
+    assert {p: oct(m) for p, m in modes.items() if m != (0o755 if (store.root / p).is_dir() else 0o644)} == {}
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o755
+    assert stat.S_IMODE((fts_home / "anything.json").stat().st_mode) == 0o644
 
 
 def test_unknown_references(store, fts_home, adapter_a):

@@ -160,28 +160,27 @@ def test_slots_and_caches_are_counted(world, tiny_model):
 
 
 def test_an_alias_moved_on_an_http_store_is_served_once_the_index_is_read_again(world, tiny_model, references,
-                                                                                  monkeypatch, tmp_path):
+                                                                                  tmp_path):
+    from dataclasses import replace
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from fts_mcp.adapters import sources
+    from fts_mcp.adapters.sources import FetchLimits
 
     root, store = world
     store.publish(store.path("fb", "v1"), "moving")  # moving@v1: fb's weights
     store.set_alias("moving", "prod", "v1")
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(store.root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(sources, "INDEX_TTL_SECONDS", 600)
     try:
-        engine = Engine(str(tiny_model), StoreSource(f"http://127.0.0.1:{server.server_port}", tmp_path / "cache"),
-                        max_rank=16)
+        engine = Engine(str(tiny_model), StoreSource(f"http://127.0.0.1:{server.server_port}", tmp_path / "cache",
+                                                     limits=FetchLimits(index_ttl=600)), max_rank=16)
         ask = lambda: engine.generate("moving:prod", prompt=PROMPTS[0], max_tokens=TOKENS)["text"]  # noqa: E731
         assert ask() == references["fb"][PROMPTS[0]]
         moved, _ = store.publish(store.path("fc", "v1"), "moving")
         store.set_alias("moving", "prod", moved.version)
         assert ask() == references["fb"][PROMPTS[0]]  # the index read a moment ago still holds
-        monkeypatch.setattr(sources, "INDEX_TTL_SECONDS", 0.05)  # ... until it is older than the TTL
-        time.sleep(0.1)
+        engine.source.limits = replace(engine.source.limits, index_ttl=0.0)  # ... until it is older than the TTL
         assert ask() == references["fc"][PROMPTS[0]]
     finally:
         server.shutdown()

@@ -15,7 +15,7 @@ from fts_mcp.adapters.sources import StoreSource
 from fts_mcp.edge.api.access import MAX_BODY_BYTES
 from fts_mcp.edge.api.config import RuntimeConfig
 from fts_mcp.edge.api.routes import build_app
-from fts_mcp.edge.engine import DeadlineExceeded, Engine, Metrics, Ticket
+from fts_mcp.edge.engine import DeadlineExceeded, Engine, Metrics, Ticket, parse_model
 from fts_mcp.errors import InvalidArgument
 from tests.conftest import wait_for
 from tests.test_transports import free_port, port_open
@@ -26,6 +26,7 @@ class SlowEngine:
     engine's scheduler does."""
 
     base_name = "slow-base"
+    base_names = frozenset({"slow-base", "base"})
     named: dict = {}
     cache: dict = {}
     device = "cpu"
@@ -33,7 +34,10 @@ class SlowEngine:
     def __init__(self) -> None:
         self.metrics = Metrics()
         self.cancelled = threading.Event()
-        self.source = type("NoStore", (), {"catalogue": staticmethod(lambda: {})})()
+        self.source = type("NoStore", (), {"catalogue": staticmethod(lambda wait=None: {})})()
+
+    def terms(self, model):
+        return parse_model(model, self.base_names)
 
     def resolve(self, model):
         return None

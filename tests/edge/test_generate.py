@@ -40,3 +40,20 @@ async def test_a_client_that_gives_up_leaves_no_job_behind(fts_home, tiny_model)
             assert anyio.current_time() < deadline
             await anyio.sleep(0.2)
         assert current == "cancelled"
+
+
+@pytest.mark.slow
+async def test_a_one_shot_generate_takes_an_adapter_folder_and_says_it_needs_a_store_for_a_runtime(fts_home,
+                                                                                                  tiny_model):
+    from tests.conftest import make_adapter
+
+    adapter = make_adapter(tiny_model, fts_home.parent / "folder-adapter", r=4, seed=3)
+    async with Client(mcp) as client:
+        answer = await client.call_tool("generate", {"model": str(adapter), "prompt": "hi", "max_tokens": 3})
+        assert not answer.is_error, answer.content[0].text
+        assert answer.structured_content["via"] == "job"
+        (row,) = await jobs_of_kind(client, "generate")
+        job = (await client.call_tool("job_status", {"job_id": row["job_id"], "detail": True})).structured_content
+        assert job["spec"]["adapter_dir"] == str(adapter) and job["spec"]["base_model"] == str(tiny_model)
+        refused = await client.call_tool("generate", {"model": str(adapter), "prompt": "hi", "runtime_url": "local"})
+        assert refused.is_error and "deploy_adapter" in refused.content[0].text

@@ -17,17 +17,25 @@ async def test_the_managed_runtime_starts_serves_survives_a_restart_and_stops(ft
     async with Client(server_params(fts_home)) as client:
         deployed = await call(client, "deploy_adapter", adapter=str(first), name="first", runtime_url="local")
         assert deployed["loaded"] is True
-        job_id, _, url = deployed["runtime"].partition(" at ")
+        job_id, url = deployed["runtime_job"], deployed["runtime"]
         assert url.startswith("http://127.0.0.1:") and url in deployed["curl"]
+        stop = next(step for step in deployed["next"] if step["tool"] == "cancel_job")  # how to stop it, said
+        assert stop["arguments"] == {"job_id": job_id}
         rows = (await call(client, "list_jobs"))["jobs"]
         assert [(r["job_id"], r["state"]) for r in rows if r["kind"] == "runtime"] == [(job_id, "running")]
         answer = await call(client, "generate", model="first@v1", prompt="hi", max_tokens=4, runtime_url="local")
+        assert answer["via"] == "runtime"
+        # no runtime_url: the managed runtime already serving the adapter's base answers, not a one-shot job
+        answer = await call(client, "generate", model="first@v1", prompt="hi", max_tokens=4)
+        assert answer["via"] == "runtime"
+        # 'base' through the managed runtime means its base: no base_model needed
+        answer = await call(client, "generate", model="base", prompt="hi", max_tokens=4, runtime_url="local")
         assert answer["via"] == "runtime"
 
     # a new server process (the old one is gone): the runtime job still serves, and is found again
     async with Client(server_params(fts_home)) as client:
         again = await call(client, "deploy_adapter", adapter=str(second), name="second", runtime_url="local")
-        assert again["runtime"] == deployed["runtime"]
+        assert (again["runtime"], again["runtime_job"]) == (url, job_id)
         models = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
         assert {"first", "second"} <= models
         for model in ("first@v1", "second@v1"):

@@ -258,7 +258,8 @@ async def test_deploy_and_generate_through_mcp(edge):
                                                              "alias": "prod", "runtime_url": edge.url})
         assert not deployed.is_error, deployed.content[0].text
         d = deployed.structured_content
-        assert d["model"] == "fwd@v1" and d["loaded"] and d["swap_ms"] >= 0 and d["created"]
+        assert d["model"] == "fwd:prod" and d["version"] == "v1"  # the alias asked for, echoed: it follows the alias
+        assert d["loaded"] and d["swap_ms"] >= 0 and d["created"]
         stored = Path(d["uri"]) / "adapter_model.safetensors"
         assert d["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest() and "curl" in d["curl"]
         assert d["base_model"] and d["next"][0]["tool"] == "generate"

@@ -147,3 +147,98 @@ def test_settle_records_how_the_work_horse_ended(fts_home, exit_code, cancel, ex
     assert (job.state, job.error.code if job.error else None, job.exit_code) == \
         (expected_state, expected_code, exit_code)
     store.close()
+
+
+# ---- an unreadable result.json: a worker death naming the file, never a monitor stuck on one job ----------------
+
+UNREADABLE_RESULTS = {
+    "torn JSON": b'{"state": "succeeded", "artif',
+    "not an object": b"[1, 2]",
+    "not a terminal state": b'{"state": "running"}',
+    "unknown state": b'{"state": "exploded"}',
+    "artifacts of the wrong shape": b'{"state": "succeeded", "artifacts": {"files": 3}}',
+    "error of the wrong shape": b'{"state": "failed", "error": "boom"}',
+    "not text": b"\xff\xfe\x00garbage",
+}
+
+
+@pytest.mark.parametrize("content", UNREADABLE_RESULTS.values(), ids=UNREADABLE_RESULTS.keys())
+def test_an_unreadable_result_is_a_worker_death_naming_the_file(fts_home, content):
+    from fts_mcp.jobs.outcome import settle
+    from fts_mcp.jobs.store import JobStore
+
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    job_id = running_job(store, settings, supervisor_pid=dead_pid(), pid=dead_pid())
+    result = store.result_path(job_id)
+    result.write_bytes(content)
+    settle(store, job_id, 0)
+    job = store.get(job_id)
+    assert job.state == "interrupted" and job.resumable and job.error.code == "result_unreadable"
+    assert str(result) in job.error.message and "resume_job" in job.error.message
+    aside = list(store.job_dir(job_id).glob("result.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content and aside[0].name in job.error.message
+    store.close()
+
+
+def test_the_monitor_settles_a_job_with_an_unreadable_result_and_starts_the_next(fts_home, monkeypatch):
+    """The job whose result.json is torn becomes interrupted (and resumable); the queued one behind it starts."""
+    import time
+
+    from fts_mcp.jobs.runner import Runner
+    from fts_mcp.jobs.states import JobState
+    from fts_mcp.jobs.store import JobStore
+
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    broken = running_job(store, settings, supervisor_pid=dead_pid(), pid=dead_pid(), heartbeat_at=time.time() - 60)
+    store.result_path(broken).write_text('{"state": "succ')
+    waiting = store.create("train", {"output_name": "next"})
+    store.transition(waiting.job_id, JobState.QUEUED)
+    runner = Runner(settings, store)
+    started = []
+    monkeypatch.setattr(runner, "_spawn", lambda job_id, slot: started.append((job_id, slot)))
+    runner.tick()
+    assert store.get(broken).state == "interrupted" and store.get(broken).error.code == "result_unreadable"
+    assert started == [(waiting.job_id, "cpu")]
+    resumed = runner.resume(broken)  # resumable: queued again, behind the job now running
+    assert resumed.state == "queued"
+    store.close()
+
+
+def test_one_jobs_unexpected_error_is_logged_once_and_never_stops_the_monitor(fts_home, monkeypatch, caplog):
+    """Whatever goes wrong with one running job, the others are still checked and queued jobs still start; the
+    trouble is logged once, not every second."""
+    import logging
+    import time
+
+    from fts_mcp.jobs.runner import Runner
+    from fts_mcp.jobs.states import JobState
+    from fts_mcp.jobs.store import JobStore
+
+    monkeypatch.setenv("FTS_CPU_SLOTS", "3")
+    settings = Settings.from_env()
+    store = JobStore(settings)
+    troubled = running_job(store, settings, supervisor_pid=dead_pid(), pid=dead_pid(), heartbeat_at=time.time())
+    lost = running_job(store, settings, supervisor_pid=dead_pid(), pid=dead_pid(), heartbeat_at=time.time() - 60)
+    waiting = store.create("train", {"output_name": "next"})
+    store.transition(waiting.job_id, JobState.QUEUED)
+    runner = Runner(settings, store)
+    checked = runner._check_running
+
+    def check(job_id):
+        if job_id == troubled:
+            raise RuntimeError("something nobody expected")
+        checked(job_id)
+
+    started = []
+    monkeypatch.setattr(runner, "_check_running", check)
+    monkeypatch.setattr(runner, "_spawn", lambda job_id, slot: started.append(job_id))
+    with caplog.at_level(logging.ERROR, logger="fts_mcp.jobs.runner"):
+        for _ in range(3):
+            runner.tick()
+    assert store.get(lost).state == "interrupted"  # checked after the troubled one
+    assert started == [waiting.job_id]
+    told = [r for r in caplog.records if troubled in r.getMessage()]
+    assert len(told) == 1 and "something nobody expected" in told[0].getMessage()
+    store.close()

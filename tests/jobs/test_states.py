@@ -42,7 +42,8 @@ def test_one_rule_for_resuming(state, has_checkpoint, expected):
     assert not expected or JobState.QUEUED in TRANSITIONS[JobState(state)]
 
 
-@pytest.mark.parametrize("bad", ["", "job-", "job-XYZ", "job-0123456789abc", "../job-0123456789ab", "JOB-0123456789ab"])
+@pytest.mark.parametrize("bad", ["", "job-", "job-XYZ", "job-0123456789abc", "../job-0123456789ab", "JOB-0123456789ab",
+                                 "job-0123456789ab\n"])
 def test_job_ids_are_validated(bad):
     with pytest.raises(InvalidArgument, match="not a job id"):
         check_job_id(bad)

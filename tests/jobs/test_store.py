@@ -168,6 +168,8 @@ def test_a_database_from_before_the_ray_runner_gains_its_column(tmp_path):
     ({"FTS_CANCEL_GRACE_SECONDS": "0"}, "FTS_CANCEL_GRACE_SECONDS"),
     ({"FTS_RAY_STORAGE": "relative/folder"}, "FTS_RAY_STORAGE"),
     ({"FTS_RAY_STORAGE": "ftp://host/x"}, "FTS_RAY_STORAGE"),
+    ({"FTS_RUNTIME_SLOTS": "0"}, "FTS_RUNTIME_SLOTS"),
+    ({"FTS_RUNTIME_SLOTS": "two"}, "FTS_RUNTIME_SLOTS"),
 ])
 def test_runner_settings_are_checked_and_named(tmp_path, env, param):
     from fts_mcp.errors import InvalidArgument
@@ -175,3 +177,78 @@ def test_runner_settings_are_checked_and_named(tmp_path, env, param):
     with pytest.raises(InvalidArgument) as bad:
         Settings.from_env({"FTS_HOME": str(tmp_path), **env})
     assert bad.value.param == param
+
+
+# ---- serving slots and what a queued job waits behind ----------------------------------------------------------
+
+def queue(store: JobStore, kind: str, spec: dict | None = None) -> str:
+    job = store.create(kind, spec or {"output_name": kind})
+    store.transition(job.job_id, JobState.QUEUED)
+    return job.job_id
+
+
+def ticked(settings: Settings, store: JobStore, monkeypatch) -> list[tuple[str, str]]:
+    """One monitor tick; the workers it would start are recorded instead (job id, slots)."""
+    from fts_mcp.jobs.runner import Runner
+
+    runner = Runner(settings, store)
+    started: list[tuple[str, str]] = []
+    monkeypatch.setattr(runner, "_spawn", lambda job_id, slot: started.append((job_id, slot)))
+    runner.tick()
+    return started
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+@pytest.mark.parametrize("later", ["generate", "train"])
+def test_a_runtime_on_a_cpu_host_never_holds_the_compute_slot(tmp_path, monkeypatch, runner, later):
+    """A managed runtime serves until it is cancelled: on a host without GPUs it takes a serving slot of its own,
+    so a later one-shot generate or training job still starts (on this host, or on the cluster)."""
+    settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_GPUS": "none", "FTS_RUNNER": runner,
+                                  "FTS_RAY_ADDRESS": "http://127.0.0.1:8265"})
+    store = JobStore(settings)
+    runtime = queue(store, "runtime")
+    assert ticked(settings, store, monkeypatch) == [(runtime, "serve:0")]
+    job = queue(store, later)
+    assert ticked(settings, store, monkeypatch) == [(job, "ray:0" if runner == "ray" else "cpu")]
+    store.close()
+
+
+def test_serving_slots_are_bounded_by_fts_runtime_slots(tmp_path, monkeypatch):
+    settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_GPUS": "none", "FTS_RUNTIME_SLOTS": "2"})
+    store = JobStore(settings)
+    runtimes = [queue(store, "runtime") for _ in range(3)]
+    assert ticked(settings, store, monkeypatch) == [(runtimes[0], "serve:0"), (runtimes[1], "serve:1")]
+    third = store.get(runtimes[2])
+    assert third.state == "queued" and runtimes[0] in third.waiting and "serve:0" in third.waiting
+    assert "cancel_job" in third.waiting
+    store.close()
+
+
+def test_on_a_gpu_host_a_runtime_still_loads_its_model_on_a_gpu_slot(tmp_path, monkeypatch):
+    settings = Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_GPUS": "0"})
+    store = JobStore(settings)
+    runtime = queue(store, "runtime")
+    assert ticked(settings, store, monkeypatch) == [(runtime, "cuda:0")]
+    later = store.get(queue(store, "generate"))
+    assert later.waiting == f"queued behind runtime {runtime} on cuda:0; a runtime serves until it is cancelled: " \
+                           f"cancel_job {runtime} to free its slot"
+    store.close()
+
+
+def test_a_queued_job_says_what_it_waits_behind(store):
+    first, second, third = queued(store, 3)
+    assert store.get(first).waiting == "starting"  # a free slot: the next tick starts it
+    assert store.get(second).waiting == "queued behind 1 earlier queued job (first in, first out)"
+    store.claim_next(("cpu",))
+    running = store.get(first)
+    assert running.state == "running" and running.waiting is None
+    frees = f"it starts when a slot frees (sooner if you cancel_job {first})"
+    assert store.get(second).waiting == f"queued behind train {first} (running on cpu); {frees}"
+    assert store.get(third).waiting == f"queued behind train {first} (running on cpu) and 1 earlier queued job; {frees}"
+    listed = {j.job_id: j.waiting for j in store.list().jobs}
+    assert listed[third] == store.get(third).waiting and listed[first] is None
+
+
+def test_a_job_asking_for_more_slots_than_the_host_has_says_it_will_never_start(store):
+    job_id = queue(store, "train", {"training": {"workers": 4}})
+    assert "will never start" in store.get(job_id).waiting and "cpu" in store.get(job_id).waiting

@@ -109,3 +109,73 @@ def test_reindex_moves_a_corrupt_database_aside_and_recovers_every_job(settings,
     assert main(["jobs", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["jobs"]
     assert {j["job_id"]: j["state"] for j in listed} == states
+
+
+def forget_the_database(settings: Settings) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        settings.db_path.with_name(settings.db_path.name + suffix).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("content", [b'{"state": "succ', b'{"state": "succeeded", "artifacts": ["x"]}',
+                                     b'{"state": "queued"}', b"[]"])
+def test_reindex_reads_an_unreadable_result_as_an_interrupted_job_naming_the_file(settings, content):
+    states = three_jobs(settings)
+    broken = next(i for i, s in states.items() if s == "succeeded")
+    result = settings.job_dir(broken) / "result.json"
+    result.write_bytes(content)
+    forget_the_database(settings)
+    store = JobStore(settings)  # a fresh database reindexes itself
+    job = store.get(broken)
+    assert job.state == "interrupted" and job.resumable and job.error.code == "result_unreadable"
+    assert str(result) in job.error.message
+    aside = list(settings.job_dir(broken).glob("result.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    assert {j.job_id: j.state for j in store.list(limit=10).jobs} == {**states, broken: "interrupted"}
+    store.close()
+
+
+def trained_job_with_metrics(settings: Settings) -> str:
+    """A succeeded training job whose folder holds metrics.json as the training recipe writes it (the trainer's
+    log history: losses, an evaluation, the closing summary)."""
+    store = JobStore(settings)
+    job = store.create("train", {"output_name": "t"})
+    store.transition(job.job_id, JobState.QUEUED)
+    store.claim_next(settings.slots)
+    folder = settings.job_dir(job.job_id)
+    history = [{"loss": 2.5, "grad_norm": 1.0, "learning_rate": 0.01, "epoch": 0.5, "step": 5},
+               {"loss": 1.5, "grad_norm": 0.8, "learning_rate": 0.01, "epoch": 1.0, "step": 10},
+               {"eval_loss": 1.7, "eval_runtime": 0.1, "epoch": 1.0, "step": 10},
+               {"loss": 0.5, "grad_norm": 0.5, "learning_rate": 0.005, "epoch": 2.0, "step": 20},
+               {"train_runtime": 10.0, "train_loss": 1.4, "epoch": 2.0, "step": 20}]
+    (folder / "metrics.json").write_text(json.dumps({
+        "steps": 20, "epochs": 2.0, "train_loss": 1.4, "final_loss": 0.5, "eval_loss": 1.6, "tokens_seen": 5000,
+        "train_runtime_seconds": 10.0, "log_history": history}))
+    store.transition(job.job_id, JobState.SUCCEEDED, artifacts=Artifacts(metrics=str(folder / "metrics.json")))
+    store.close()
+    return job.job_id
+
+
+def test_reindex_restores_progress_and_the_loss_history_from_metrics(settings):
+    job_id = trained_job_with_metrics(settings)
+    forget_the_database(settings)
+    store = JobStore(settings)
+    job = store.get(job_id)
+    assert (job.state, job.progress.step, job.progress.total_steps) == ("succeeded", 20, 20)
+    assert (job.progress.loss, job.progress.eval_loss, job.progress.epoch) == (0.5, 1.6, 2.0)
+    assert job.progress.learning_rate == 0.005 and job.progress.tokens_per_second == 500.0
+    points = store.events(job_id, kind="progress")
+    assert [(p["step"], p.get("loss"), p.get("eval_loss")) for p in points] == \
+        [(5, 2.5, None), (10, 1.5, None), (10, None, 1.7), (20, 0.5, None)]
+    assert all(p["logged"] for p in points if "loss" in p)  # what the loss curve draws
+    store.close()
+
+
+@pytest.mark.parametrize("metrics", ['{"steps": "many", "log_history": [1, {"loss": "x", "step": 2}]}', "{", "[]"])
+def test_reindex_skips_what_it_cannot_read_in_metrics(settings, metrics):
+    job_id = trained_job_with_metrics(settings)
+    (settings.job_dir(job_id) / "metrics.json").write_text(metrics)
+    forget_the_database(settings)
+    store = JobStore(settings)
+    job = store.get(job_id)
+    assert job.state == "succeeded" and job.progress.step == 0 and store.events(job_id, kind="progress") == []
+    store.close()

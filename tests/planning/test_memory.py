@@ -5,7 +5,7 @@ import pytest
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError, InvalidArgument, ModelUnavailable
 from fts_mcp.models.architecture import from_config, likely_tied
-from fts_mcp.planning.estimate import REFERENCE_SHAPES, RunSettings
+from fts_mcp.planning.estimate import REFERENCE_SHAPES, RunSettings, estimate, shape_for_params
 from fts_mcp.planning.families import FAMILIES
 from fts_mcp.planning.gpus import find_gpu
 from fts_mcp.planning.memory import lora_params, memory
@@ -293,7 +293,6 @@ def test_padding_free_changes_time_not_memory(planner, padding_free, per_example
 @pytest.mark.parametrize("params, gpu, checkpointing, words", [
     (1_000_000_000, "H100", False, "fits in"),  # room to spare: no recompute
     (70_000_000_000, "H100", True, "without it even micro-batch 4 needs"),
-    (1_000_000_000, None, True, "no GPU given"),  # no budget to decide by: the safe assumption, said
 ])
 def test_checkpointing_auto_follows_the_recipes_rule(planner, params, gpu, checkpointing, words):
     settings = SETTINGS.model_copy(update={"gradient_checkpointing": "auto"})
@@ -331,3 +330,13 @@ def test_data_parallel_workers_divide_time_by_the_stated_efficiency_not_memory(p
     assert t.hours == pytest.approx(single.throughput.hours / (workers * t.scaling_efficiency), rel=1e-3)
     assert t.cost_usd == pytest.approx(t.hours * workers * 4.0, abs=0.01)  # every GPU is paid for
     assert any(f"data parallel over {workers} GPUs" in n and f"{t.scaling_efficiency}" in n for n in many.notes)
+
+
+def test_checkpointing_auto_without_a_device_is_the_safe_assumption_said():
+    """The pure estimator given no device (no budget to decide by) assumes checkpointing on, and says why."""
+    arch, _ = shape_for_params(1_000_000_000)
+    settings = SETTINGS.model_copy(update={"gradient_checkpointing": "auto"})
+    (qlora,) = estimate(arch, model="1B", shape_source="test", methods=("qlora",), settings=settings, gpu=None,
+                        gpu_memory_gb=None, price_per_gpu_hour=None, training_tokens=None,
+                        utilization=None).estimates
+    assert qlora.gradient_checkpointing is True and "no GPU given" in qlora.notes[0]

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.sources import FetchLimits, StoreSource
 from fts_mcp.adapters.store import AdapterStore, CorruptAdapter, parse_ref
 from fts_mcp.errors import FtsError, InvalidArgument
 from tests.conftest import make_adapter
 
 BAD_REFS = ["/etc/passwd", "../../etc", "..", "a/../../b", "name@../v1", "name:../x", "name@v1/../../x", "UPPER",
-            "", "x" * 300, "name\x00", "name@v0", "name:", "a b", "~root", "name@v1@v2"]
+            "", "x" * 300, "name\x00", "name@v0", "name:", "a b", "~root", "name@v1@v2", "nl\n", "name@v1\n",
+            "name:prod\n", "\nname", "base", "base@v1"]
 
 
 @pytest.mark.parametrize("ref", BAD_REFS)
@@ -113,7 +114,8 @@ def test_a_url_store_index_with_a_dotdot_name_is_ignored(http_store, tmp_path):
 
 def test_a_url_store_file_is_verified_before_it_is_kept(http_store, tmp_path, tiny_model):
     """Bytes that do not match the manifest's sha256 never land under their name; more bytes than declared are
-    refused while streaming."""
+    refused while streaming. (Each try asks the store again here: by default a file that proved corrupt is not
+    downloaded again for a minute.)"""
     root, url = http_store
     store = AdapterStore(root)
     store.publish(make_adapter(tiny_model, tmp_path / "src", r=4, seed=1), "support")
@@ -121,7 +123,7 @@ def test_a_url_store_file_is_verified_before_it_is_kept(http_store, tmp_path, ti
     original = weights.read_bytes()
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # same size, other bytes
     cache = tmp_path / "cache"
-    source = StoreSource(url, cache)
+    source = StoreSource(url, cache, limits=FetchLimits(corrupt_retry_after=0))
     with pytest.raises(CorruptAdapter, match="sha256"):
         source.folder(source.resolve("support"))
     assert not (cache / "support" / "v1" / "adapter_model.safetensors").exists()

@@ -79,3 +79,32 @@ def test_fts_home_stays_a_root_when_fts_roots_is_set(tmp_path):
 
     settings = Settings.from_env({"FTS_HOME": str(tmp_path / "home"), "FTS_ROOTS": str(tmp_path / "data")})
     assert settings.roots == ((tmp_path / "home").resolve(), (tmp_path / "data").resolve())
+
+
+@pytest.mark.parametrize("check, value", [
+    ("output_name", "nlname\n"),
+    ("output_name", "merged\r\n"),
+    ("hub_id", "org/name\n"),
+    ("hub_id", "gpt2\n"),
+    ("module", "q_proj\n"),
+])
+def test_names_with_a_trailing_newline_are_refused(tmp_path, check, value):
+    """`$` also matches before a final newline: every name check must match the whole string."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from fts_mcp.config import Settings
+    from fts_mcp.errors import InvalidArgument
+    from fts_mcp.models.refs import resolve_model_argument
+    from fts_mcp.names import check_output_name
+    from fts_mcp.training.spec import ModuleName
+
+    if check == "module":
+        with pytest.raises(ValidationError):
+            TypeAdapter(ModuleName).validate_python(value)
+        return
+    with pytest.raises(InvalidArgument) as refused:
+        if check == "output_name":
+            check_output_name(value)
+        else:
+            resolve_model_argument(value, Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_GPUS": "none"}))
+    assert refused.value.param == ("output_name" if check == "output_name" else "base_model")

@@ -2,9 +2,14 @@
 
 import json
 import shutil
+import signal
+import subprocess
+
+import pytest
 
 from fts_mcp.config import Settings
 from fts_mcp.core import Core
+from fts_mcp.errors import ModelUnavailable
 from tests.conftest import write_jsonl
 
 RAISING_TEMPLATE = (
@@ -32,3 +37,57 @@ def test_a_line_the_chat_template_rejects_is_reported_with_its_number(fts_home, 
     assert report.errors[0].line == 2 and "refuses the word FORBIDDEN" in report.errors[0].message
     assert "Traceback" not in report.errors[0].message
     assert report.token_stats is not None and report.token_stats.total_tokens > 0  # the other lines still count
+
+
+def model_with_template(tiny_model, folder, template: str):
+    """The tiny model with `template` as its chat template (a model folder is outside input, as any dataset)."""
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "chat_template"}))
+    return folder
+
+
+def chats(contents: list[str]) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": c}, {"role": "assistant", "content": "answer"}]}
+            for c in contents]
+
+
+def test_a_template_that_renders_an_example_past_the_line_bound_is_refused_before_tokenizing(fts_home, tiny_model,
+                                                                                             tmp_path):
+    """One line rendered to 300 MB once took 207 s and 11 GB to tokenize: a rendered example may hold no more than
+    a line of the dataset (8 MiB), and one that does is a line error naming the model's template."""
+    model = model_with_template(tiny_model, tmp_path / "expanding-model", (
+        "{% for m in messages %}<|{{ m['role'] }}|>{% if 'EXPAND' in m['content'] %}{{ m['content'] * 1000000 }}"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"))
+    data = write_jsonl(tmp_path / "chat.jsonl", chats(["question", "EXPAND this", "another question"]))
+    with Core(Settings.from_env()) as core:
+        report = core.training.validate_dataset(str(data), base_model=str(model))
+    assert not report.ok and [e.line for e in report.errors] == [2]
+    assert str(model) in report.errors[0].message and "8 MiB" in report.errors[0].message
+    assert report.token_stats.max < 100  # the other two lines were counted; the expanded one was never tokenized
+
+
+def test_the_token_statistics_process_has_a_memory_cap(fts_home, tiny_model, tmp_path):
+    """A template that asks for more memory than the cap gets a line error naming the model, not the host's RAM."""
+    model = model_with_template(tiny_model, tmp_path / "hungry-model", (
+        "{% for m in messages %}{% if 'HUNGRY' in m['content'] %}{{ m['content'] * 322122548 }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"))  # 15 characters x 322,122,548: 4.5 GiB, over the cap
+    data = write_jsonl(tmp_path / "chat.jsonl", chats(["question", "HUNGRY question"]))
+    with Core(Settings.from_env()) as core:
+        report = core.training.validate_dataset(str(data), base_model=str(model))
+    assert not report.ok and [e.line for e in report.errors] == [2]
+    assert str(model) in report.errors[0].message and "4 GiB" in report.errors[0].message
+
+
+def test_a_token_statistics_process_that_dies_is_reported_by_how_it_ended(fts_home, tiny_model, tmp_path,
+                                                                          monkeypatch):
+    """A Rust tokenizer that hits the memory cap aborts instead of raising: the answer says so, naming the model."""
+    data = write_jsonl(tmp_path / "chat.jsonl", chats(["question"]))
+    aborted = subprocess.CompletedProcess([], -signal.SIGABRT, stdout="",
+                                          stderr="memory allocation of 5000000000 bytes failed")
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: aborted)
+    with Core(Settings.from_env()) as core, pytest.raises(ModelUnavailable) as failed:
+        core.training.validate_dataset(str(data), base_model=str(tiny_model))
+    assert "SIGABRT" in failed.value.message and str(tiny_model) in failed.value.message
+    assert "memory allocation" in failed.value.message

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fts_mcp.adapters.store import MAX_ADAPTER_BYTES
 from fts_mcp.errors import InvalidArgument
 
 
@@ -22,6 +23,15 @@ class RuntimeConfig:
     """Where adapters fetched from an HTTP store are kept."""
     roots: tuple[Path, ...] = ()
     """Folders `load_lora_adapter` may read besides the store."""
+    home: Path | None = None
+    """FTS_HOME: the server's jobs, caches and database, which `load_lora_adapter` never reads (but the store, when
+    it lies there) even where a root covers it. None: FTS_HOME as the environment sets it."""
+    store_deadline: float = 15.0
+    """Seconds one fetch from an HTTP store may take, start to end (an adapter file: 1 s more per MiB)."""
+    store_retry_after: float = 5.0
+    """Seconds a failed fetch from an HTTP store is remembered and answered at once; the last good index serves."""
+    max_adapter_bytes: int = MAX_ADAPTER_BYTES
+    """The largest weights file a store manifest may declare; a larger adapter is refused before any download."""
     trust_remote_code: bool = False
     """Run the base model's own code from the hub (only for a base you trust)."""
     quantize: Literal["auto", "nf4", "none"] = "auto"

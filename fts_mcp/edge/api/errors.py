@@ -3,7 +3,7 @@ handler and written out by the app's exception handler."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -36,16 +36,23 @@ async def answer_error(request: Request, exc: ApiError) -> JSONResponse:
     return exc.response()
 
 
-def failure(exc: FtsError, available: Callable[[], list[str]], tenant: bool = False) -> ApiError:
-    """The answer to a generation that failed. `available`: what the caller may use (a tenant's own adapters only;
-    the store's own message, which names every adapter, is not passed on to tenants)."""
+async def answer_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The app's last resort: an error no handler expected is still an answer in OpenAI's shape (500), never a bare
+    text page; the server logs it with its traceback."""
+    return ApiError(500, f"the runtime failed: {type(exc).__name__}", kind="server_error").response()
+
+
+def failure(exc: FtsError, available: Sequence[str] = (), tenant: bool = False) -> ApiError:
+    """The answer to a generation that failed. `available`: what the caller may use, for an unknown model's answer
+    (a tenant's own adapters only; the store's own message, which names every adapter, is not passed on to
+    tenants)."""
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, exc.message, param=exc.param, kind=exc.code)
     if isinstance(exc, CorruptAdapter):
         return ApiError(502, exc.message, param="model", kind="corrupt_adapter")
     if isinstance(exc, UnknownAdapter):
         message = "no such model" if tenant else exc.message
-        return ApiError(404, f"{message}. Available models: {', '.join(available())}", param="model",
+        return ApiError(404, f"{message}. Available models: {', '.join(available)}", param="model",
                         kind="model_not_found")
     if isinstance(exc, InvalidArgument):
         return ApiError(400, exc.message, param=exc.param)

@@ -1,7 +1,7 @@
 """A completion or chat request through the engine: admitted to the queue, queued as one ticket per choice
 (prompts x n), then answered whole or streamed as server-sent events (`data: [DONE]` last). However it ends —
 answered, failed, past its deadline, or its client gone — its tickets are cancelled and its queue places given
-back."""
+back. Its model is resolved on the store's threads (`RuntimeState.resolve`); the base needs none."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from fts_mcp.edge.api.access import state_of
-from fts_mcp.edge.api.errors import failure
+from fts_mcp.edge.api.errors import ApiError
 from fts_mcp.edge.api.protocol import (
     AdapterInfo,
     ChatChoice,
@@ -44,8 +44,10 @@ DISCONNECT_POLL_SECONDS = 0.1
 class Choices:
     """The tickets of one request (prompts x n) and what each has sent so far, for answers and stream chunks."""
 
-    def __init__(self, tickets: list[Ticket], engine: Engine, stops: list[str], n: int) -> None:
+    def __init__(self, tickets: list[Ticket], engine: Engine, stops: list[str], n: int,
+                 warning: str | None = None) -> None:
         self.tickets, self.engine, self.n = tickets, engine, n  # prompts x n tickets, prompt-major
+        self.warning = warning  # the model's base warning (`Engine.base_warning`), read with its resolution
         self.hold = max((len(s) for s in stops), default=1) - 1  # characters that might start a stop sequence
         self.sent = [""] * len(tickets)  # text sent so far
         self.seen = [0] * len(tickets)  # tokens turned into text so far
@@ -151,9 +153,10 @@ class Stream(StreamingResponse):
             self.release()
 
 
-def start(engine: Engine, body: CompletionRequest | ChatRequest, timeout: float) -> Choices:
-    """Resolve, encode and queue every choice (raising what the client must hear before anything runs)."""
-    target = engine.resolve(body.model)
+def start(engine: Engine, body: CompletionRequest | ChatRequest, timeout: float, target: tuple[str, Any] | None,
+          warning: str | None = None) -> Choices:
+    """Encode and queue every choice for `target` (`engine.resolve(body.model)`), raising what the client must
+    hear before anything runs."""
     if isinstance(body, ChatRequest):
         prompts = [engine.prompt_ids(None, [m.model_dump(exclude_none=True) for m in body.messages], body.limit)]
     else:
@@ -163,14 +166,14 @@ def start(engine: Engine, body: CompletionRequest | ChatRequest, timeout: float)
                              stop=body.stop, seed=None if body.seed is None else (body.seed + j) % 2**63,
                              deadline=deadline, target=target)
                for ids in prompts for j in range(body.n)]
-    return Choices(tickets, engine, body.stop, body.n)
+    return Choices(tickets, engine, body.stop, body.n, warning)
 
 
 def answer(body: CompletionRequest | ChatRequest, choices: Choices, ident: str, created: int) -> JSONResponse:
     """The whole answer, once every choice is done."""
     snapshots = [ticket.snapshot() for ticket in choices.tickets]
     common = {"id": ident, "created": created, "model": body.model, "usage": choices.usage(),
-              "fts": AdapterInfo(adapter=choices.tickets[0].key, warning=choices.engine.base_warning(body.model))}
+              "fts": AdapterInfo(adapter=choices.tickets[0].key, warning=choices.warning)}
     if isinstance(body, ChatRequest):
         items = [ChatChoice(index=i, finish_reason=finish, message=ChatMessage(content=text))
                  for i, (_, finish, text, _) in enumerate(snapshots)]
@@ -181,7 +184,8 @@ def answer(body: CompletionRequest | ChatRequest, choices: Choices, ident: str, 
 
 
 async def events(body: CompletionRequest | ChatRequest, choices: Choices, ident: str, created: int,
-                 visible: Callable[[], list[str]], tenant: bool, release: Callable[[], None]) -> AsyncIterator[bytes]:
+                 refuse: Callable[[FtsError], Awaitable[ApiError]],
+                 release: Callable[[], None]) -> AsyncIterator[bytes]:
     """The streamed answer: a chunk per new piece of each choice's text, an error event if generation fails, the
     usage last when asked for, then `[DONE]`."""
     chat = isinstance(body, ChatRequest)
@@ -201,7 +205,7 @@ async def events(body: CompletionRequest | ChatRequest, choices: Choices, ident:
                              if chat else CompletionChoice(index=i, finish_reason=finish, text=delta)])
             problem = choices.failure()
             if problem is not None:  # as OpenAI streams an error: one event with the error object
-                yield f"data: {json.dumps(failure(problem, visible, tenant).body())}\n\n".encode()
+                yield f"data: {json.dumps((await refuse(problem)).body())}\n\n".encode()
                 break
             if choices.done and all(choices.closed):
                 if include_usage:
@@ -219,15 +223,17 @@ async def generate(request: Request, body: CompletionRequest | ChatRequest, key:
     count = body.sequences
     state.admission.enter(count)
 
-    def visible() -> list[str]:
-        return state.visible(key)
+    async def refuse(exc: FtsError) -> ApiError:
+        return await state.refusal(exc, key)
 
     streaming = False
     try:
-        try:  # resolving may read an HTTP store and hash files: off the event loop
-            choices = await anyio.to_thread.run_sync(start, state.engine, body, state.config.request_timeout)
+        try:  # resolving may read an HTTP store and hash files, encoding is CPU work: both off the event loop
+            target, warning = await state.resolve(body.model)
+            choices = await anyio.to_thread.run_sync(start, state.engine, body, state.config.request_timeout, target,
+                                                     warning)
         except FtsError as exc:
-            raise failure(exc, visible, tenant=key is not None) from exc
+            raise await refuse(exc) from exc
         ident = f"{'chatcmpl' if isinstance(body, ChatRequest) else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.stream:
@@ -240,7 +246,7 @@ async def generate(request: Request, body: CompletionRequest | ChatRequest, key:
                     choices.cancel()
                     state.admission.leave(count)
 
-            return Stream(events(body, choices, ident, created, visible, key is not None, release), release,
+            return Stream(events(body, choices, ident, created, refuse, release), release,
                           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             await choices.wait(request)
@@ -248,7 +254,7 @@ async def generate(request: Request, body: CompletionRequest | ChatRequest, key:
             choices.cancel()
         problem = choices.failure()
         if problem is not None:
-            raise failure(problem, visible, tenant=key is not None)
+            raise await refuse(problem)
         return answer(body, choices, ident, created)
     finally:
         if not streaming:

@@ -1,9 +1,9 @@
 """One handler per endpoint, and `build_app`, which puts them together. With tenants, every call but /health needs a
-known key, each key reaches only its adapters, and the admin calls (and /metrics) need an admin key."""
+known key, each key reaches only its adapters, and the admin calls (and /metrics) need an admin key. Nothing here
+reads the store on the event loop: /health and the base answer whatever the store does."""
 
 from __future__ import annotations
 
-import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -13,9 +13,9 @@ from starlette.routing import Route
 from fts_mcp.adapters.store import CorruptAdapter
 from fts_mcp.edge.api.access import RuntimeState, admit, authenticate, is_admin, state_of
 from fts_mcp.edge.api.config import RuntimeConfig
-from fts_mcp.edge.api.errors import ApiError, answer_error
+from fts_mcp.edge.api.errors import ApiError, answer_error, answer_unexpected
 from fts_mcp.edge.api.generation import generate
-from fts_mcp.edge.api.protocol import ChatRequest, CompletionRequest, Health, LoraAdapterRequest, ModelCard, ModelList
+from fts_mcp.edge.api.protocol import ChatRequest, CompletionRequest, Health, LoraAdapterRequest, ModelList
 from fts_mcp.edge.engine import Engine
 from fts_mcp.edge.tenants import Tenants
 from fts_mcp.errors import FtsError
@@ -37,21 +37,23 @@ async def list_models(request: Request) -> Response:
     """GET /v1/models: what the caller's key may use."""
     key = authenticate(request)
     state = state_of(request)
-    cards = [ModelCard(id=m, warning=state.engine.base_warning(m)) for m in state.visible(key)]
+    cards = await state.off_loop(state.cards, key)
     return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
 
 
 async def load_lora_adapter(request: Request) -> Response:
-    """POST /v1/load_lora_adapter {lora_name, lora_path}: an adapter folder or store reference, under a name."""
+    """POST /v1/load_lora_adapter {lora_name, lora_path}: an adapter folder or store reference, under a name
+    (a store reference's form). A refusal names the field at fault."""
     _, body = await admit(request, LoraAdapterRequest, admin=True)
     if not body.lora_path:
         raise ApiError(400, "lora_path is required: an adapter folder or a store reference", param="lora_path")
+    state = state_of(request)
     try:
-        ms = await anyio.to_thread.run_sync(state_of(request).engine.load_named, body.lora_name, body.lora_path)
+        ms = await state.off_loop(state.engine.load_named, body.lora_name, body.lora_path)
     except CorruptAdapter as exc:
         raise ApiError(502, exc.message, param="lora_path", kind="corrupt_adapter") from exc
     except FtsError as exc:
-        raise ApiError(400, exc.message, param="lora_path") from exc
+        raise ApiError(400, exc.message, param=exc.param if exc.param == "lora_name" else "lora_path") from exc
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.",
                              headers={"x-fts-load-ms": f"{ms:.3f}"})
 
@@ -92,6 +94,6 @@ ROUTES = [
 def build_app(engine: Engine, config: RuntimeConfig, tenants: Tenants | None = None) -> Starlette:
     """The runtime's routes over `engine`, bounded by `config`'s queue and timeout. `tenants`: the keys file
     `config.keys` names, already loaded (None: no per-tenant keys)."""
-    app = Starlette(routes=ROUTES, exception_handlers={ApiError: answer_error})
+    app = Starlette(routes=ROUTES, exception_handlers={ApiError: answer_error, Exception: answer_unexpected})
     app.state.runtime = RuntimeState(engine, config, tenants)
     return app

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import uvicorn
 
-from fts_mcp.adapters.sources import StoreSource
+from fts_mcp.adapters.sources import FetchLimits, StoreSource
+from fts_mcp.config import Settings
 from fts_mcp.edge.api.config import RuntimeConfig
 from fts_mcp.edge.api.routes import build_app
 from fts_mcp.edge.engine import Engine
@@ -14,10 +15,15 @@ from fts_mcp.network import BearerAuth, HostOriginGuard, check_bind, clean_token
 
 
 def open_engine(config: RuntimeConfig) -> Engine:
-    """The base model, loaded once, serving the adapters of `config.store`."""
-    return Engine(config.base, StoreSource(config.store, config.cache), quantize=config.quantize,
+    """The base model, loaded once, serving the adapters of `config.store`; `load_lora_adapter` reads the roots
+    but not FTS_HOME."""
+    limits = FetchLimits(deadline=config.store_deadline, retry_after=config.store_retry_after,
+                         max_adapter_bytes=config.max_adapter_bytes)
+    home = config.home or (Settings.from_env().home if config.roots else None)
+    return Engine(config.base, StoreSource(config.store, config.cache, limits=limits), quantize=config.quantize,
                   max_rank=config.max_rank, max_cached_bytes=config.max_cached_bytes, roots=config.roots,
-                  trust_remote_code=config.trust_remote_code, max_loras=config.max_loras, max_batch=config.max_batch)
+                  private=(home,) if home else (), trust_remote_code=config.trust_remote_code,
+                  max_loras=config.max_loras, max_batch=config.max_batch)
 
 
 def serve(config: RuntimeConfig) -> None:

@@ -1,8 +1,9 @@
-"""Talking to a Ray cluster through its Jobs API: the client, calls that cannot hang, stopping a job.
+"""Talking to a Ray cluster through its Jobs API: the client, calls that cannot hang, what the cluster has, stopping
+a job.
 
 Ray itself is imported here only when a client is made (`connect`): the server checks it is installed
 (`require_ray`) without loading it, and the local runner stops an abandoned Ray job (`stop_abandoned`) through this
-module alone.
+module alone. Nothing here joins the cluster (`ray.init`): every call is an HTTP request to the head's dashboard.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+import time
 from typing import Any
 
 from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
+from fts_mcp.jobs.ray.placement import Cluster, NotReported, from_status
 
 log = logging.getLogger(__name__)
 CALL_SECONDS = 30.0  # Ray's client sets no timeout of its own
@@ -38,6 +41,28 @@ def connect(settings: Settings):
     token = settings.env.get("RAY_AUTH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     return JobSubmissionClient(settings.ray_address, headers=headers)
+
+
+def read_resources(client, *, wait: float = 15.0) -> Cluster:
+    """What the cluster's nodes have and have free, from the dashboard's cluster status (what `ray status` prints),
+    asked with the Jobs API client's own address, token and TLS settings. A head that has just started has not
+    reported yet: asked again for up to `wait` seconds. ValueError when the answer cannot be read."""
+    deadline = time.monotonic() + wait
+    while True:
+        # the client's own request path (its address, headers, cookies, TLS); Ray has no public call for this
+        response = client._do_request("GET", "/api/cluster_status", timeout=CALL_SECONDS)
+        if response.status_code != 200:
+            raise ValueError(f"the dashboard answered {response.status_code} for its cluster status")
+        try:
+            status = response.json()["data"]["clusterStatus"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError("the dashboard's cluster status is not the JSON Ray sends") from None
+        try:
+            return from_status(status)
+        except NotReported:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)
 
 
 def bounded(call, *args, timeout: float = CALL_SECONDS):

@@ -3,17 +3,22 @@
 It is to a Ray job what `fts_mcp.jobs.worker` is to a local one, started the same way by the same runner on the
 server's host, with the same duties:
 
-1. build the job's package: its spec, with every input path (dataset, local base model, adapters) replaced by a
+1. check the job fits the cluster (`fts_mcp.jobs.ray.placement`): GPUs and CPUs per worker, and workers, against
+   what its nodes have. A job it could never hold fails at once, naming the numbers and the setting to change;
+   with FTS_RAY_GPUS_PER_WORKER unset, the GPUs per worker are chosen from the cluster here (0 on a CPU cluster);
+2. build the job's package: its spec, with every input path (dataset, local base model, adapters) replaced by a
    copy inside the package, and the last checkpoint of a resumed job. The cluster shares no filesystem with the
    server; the package travels as the Ray job's `working_dir`, this version of fts-mcp as a `py_module`;
-2. submit it with Ray's Jobs API. The submission id is the job id and its attempt number, and it is recorded
+3. submit it with Ray's Jobs API. The submission id is the job id and its attempt number, and it is recorded
    before the submit: the store's claim already gives each attempt to one server, and Ray refuses a second
-   submit under the same id;
-3. follow the Ray job's log: ordinary lines go to the job's `worker.log`, frames (`fts_mcp.jobs.ray.frames`) to the
+   submit under the same id. Until the job reports its own progress its phase says what it waits for (busy
+   resources with the numbers, its runtime environment) and for how long; past FTS_RAY_START_TIMEOUT_SECONDS the
+   Ray job is stopped and the job fails with that reason;
+4. follow the Ray job's log: ordinary lines go to the job's `worker.log`, frames (`fts_mcp.jobs.ray.frames`) to the
    store (progress, loss curve) and into the job's folder (checkpoints, the adapter, a merge's output);
-4. pass a cancel (SIGTERM from `cancel_job`) on as `stop_job`: Ray sends the job SIGTERM, gives it
+5. pass a cancel (SIGTERM from `cancel_job`) on as `stop_job`: Ray sends the job SIGTERM, gives it
    FTS_CANCEL_GRACE_SECONDS to checkpoint, then kills it;
-5. record the outcome once the Ray job has ended: the job's own result frame, else `cancelled` (a cancel was
+6. record the outcome once the Ray job has ended: the job's own result frame, else `cancelled` (a cancel was
    asked) or `interrupted` with what Ray says happened (a killed driver, a lost node).
 
 A job whose supervisor dies is stopped on the cluster (by the local runner, through `fts_mcp.jobs.ray.cluster`) and
@@ -40,8 +45,9 @@ from fts_mcp.config import Settings
 from fts_mcp.errors import FtsError
 from fts_mcp.files import write_json_atomic
 from fts_mcp.jobs.outcome import error_of, record_outcome, settle
-from fts_mcp.jobs.ray.cluster import bounded, connect, try_stop
+from fts_mcp.jobs.ray.cluster import bounded, connect, read_resources, try_stop
 from fts_mcp.jobs.ray.frames import BadFrame, LineBuffer, Receiver, Storage, decode
+from fts_mcp.jobs.ray.placement import Ask, choose_gpus, free_resources, never_fits, waiting_for
 from fts_mcp.jobs.records import Artifacts, Job, JobError, Progress
 from fts_mcp.jobs.runner import Runner
 from fts_mcp.jobs.states import JobState, check_job_id
@@ -56,6 +62,8 @@ MAX_PACKAGE_BYTES = 500 * 2**20  # Ray's working_dir limit is 512 MiB (its large
 INPUT_KEYS = frozenset({"base_model", "dataset", "resume_checkpoint", "path", "adapter_dir", "merged_dir"})
 CHECKPOINTS_KEPT = 2  # as the trainer keeps them (save_total_limit)
 UNREACHABLE_SECONDS = 120.0  # how long the cluster may not answer before the job is given up as interrupted
+START_POLL_SECONDS = 2.0  # how often a job that has not started yet is looked at (its phase says why it waits)
+WAITING = "waiting_for_cluster"
 
 
 # ---- the package --------------------------------------------------------------------------------------------
@@ -97,9 +105,14 @@ def _dotted(where: list[Any]) -> str:
     return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in where).lstrip(".")
 
 
-def package(job: Job, folder: Path, settings: Settings, sid: str) -> dict[str, Any]:
+def workers_of(job: Job) -> int:
+    return (job.spec.get("training") or {}).get("workers", 1) if job.kind == "train" else 1
+
+
+def package(job: Job, folder: Path, settings: Settings, sid: str, gpus: float | None = None) -> dict[str, Any]:
     """Lay out the job's package in `folder`; return its `job.json`. Refused before anything is copied when the
-    inputs are over what a Ray job carries, naming the largest."""
+    inputs are over what a Ray job carries, naming the largest. `gpus`: per worker (FTS_RAY_GPUS_PER_WORKER, or
+    what `placement` chose)."""
     spec = job.spec
     inputs = _inputs(spec, [])
     latest = latest_checkpoint(settings.job_dir(job.job_id) / "checkpoints") if job.kind == "train" else None
@@ -124,10 +137,11 @@ def package(job: Job, folder: Path, settings: Settings, sid: str) -> dict[str, A
         placed.append([where, copies[path]])
     if latest is not None:  # a resumed job continues from the last checkpoint that came back
         _link_or_copy(latest, folder / "work" / "checkpoints" / latest.name)
-    workers = (spec.get("training") or {}).get("workers", 1) if job.kind == "train" else 1
     description = {"job_id": job.job_id, "kind": job.kind, "spec": spec, "inputs": placed,
                    "output": [["output_dir"], Path(spec["output_dir"]).name] if spec.get("output_dir") else None,
-                   "workers": workers, "gpus_per_worker": settings.ray_gpus_per_worker,
+                   "workers": workers_of(job),
+                   "gpus_per_worker": settings.ray_gpus_per_worker if gpus is None else gpus,
+                   "server_version": fts_mcp.__version__,  # the cluster's entrypoint checks it runs the same
                    "server_dir": str(settings.job_dir(job.job_id)),
                    "storage": {"uri": settings.ray_storage, "prefix": sid} if settings.ray_storage else None}
     write_json_atomic(folder / "job.json", description)
@@ -136,6 +150,30 @@ def package(job: Job, folder: Path, settings: Settings, sid: str) -> dict[str, A
 
 class InputsTooLarge(FtsError):
     code = "inputs_too_large"
+
+
+class ClusterTooSmall(FtsError):
+    code = "ray_cluster_too_small"
+
+
+def placement(client, settings: Settings, workers: int) -> tuple[Ask, str]:
+    """What the job asks of the cluster, and a line saying so and why. Refused (ClusterTooSmall) when the cluster
+    could never hold the job; submitted unchecked, and said so, when its resources cannot be read."""
+    try:
+        cluster = bounded(read_resources, client, timeout=60.0)
+        unread = ""
+    except Exception as exc:  # noqa: BLE001 - an older dashboard, a proxy in front of it: submitted unchecked
+        cluster, unread = None, f"; the cluster's resources could not be read, so it was not checked ({exc})"
+    if settings.ray_gpus_per_worker_set:
+        gpus = settings.ray_gpus_per_worker
+        why = f"{gpus:g} GPU per worker: FTS_RAY_GPUS_PER_WORKER"
+    else:
+        gpus, why = choose_gpus(cluster)
+    ask = Ask(workers=workers, gpus=gpus)
+    if cluster is not None and (problem := never_fits(ask, cluster)) is not None:
+        message, param = problem
+        raise ClusterTooSmall(f"the Ray cluster cannot run this job: {message}", param=param)
+    return ask, f"on the Ray cluster: {ask.describe()} ({why}){unread}"
 
 
 def submission_id(job_id: str, attempt: int) -> str:
@@ -165,10 +203,11 @@ def runtime_env(folder: Path, settings: Settings) -> dict[str, Any]:
 
 
 class Follower:
-    """Applies one Ray job's log to the store: lines to worker.log, frames to progress, files and the outcome."""
+    """Applies one Ray job's log to the store: lines to worker.log, frames to progress, files and the outcome.
+    `note` (where and how the job runs on the cluster) is added to the run's plan as it reports one."""
 
-    def __init__(self, store: JobStore, job: Job, storage: Storage | None = None) -> None:
-        self.store, self.job_id = store, job.job_id
+    def __init__(self, store: JobStore, job: Job, storage: Storage | None = None, note: str | None = None) -> None:
+        self.store, self.job_id, self.note = store, job.job_id, note
         output = Path(job.spec["output_dir"]) if job.spec.get("output_dir") else None
         self.receiver = Receiver(store.job_dir(job.job_id), output, storage=storage)
         self.log = store.log_path(job.job_id).open("a", encoding="utf-8")
@@ -176,6 +215,9 @@ class Follower:
         self.seen = 0  # characters of the log taken so far
         self.result: dict[str, Any] | None = None
         self.bad: BadFrame | None = None
+        self.refused: JobError | None = None  # it did not start in time (`watch_start`)
+        self.reported = False  # the job has reported progress of its own (it started), or it has ended
+        self.progress_lock = threading.Lock()  # between the job's own reports and what `watch_start` says
 
     def text(self, text: str, offset: int = 0) -> None:
         """Take the log from character `offset` on (a reconnect re-sends what was seen: it is skipped)."""
@@ -188,6 +230,8 @@ class Follower:
         self.log.flush()
 
     def end(self) -> None:
+        with self.progress_lock:
+            self.reported = True  # the job is over: nothing says it waits any more
         for line in self.buffer.flush():
             self.line(line)
         self.log.close()
@@ -216,7 +260,12 @@ class Follower:
             if not isinstance(figures, dict):
                 raise BadFrame("a report frame carries its figures as an object")
             Progress.model_validate(figures)  # each known figure has the right type
-            self.store.update_progress(self.job_id, figures, event="progress" if frame.get("event", True) else None)
+            if self.note and isinstance(figures.get("plan"), str):
+                figures = {**figures, "plan": f"{figures['plan']}; {self.note}"}
+            with self.progress_lock:
+                self.reported = True
+                self.store.update_progress(self.job_id, figures,
+                                           event="progress" if frame.get("event", True) else None)
         elif kind == "rewind":
             if not isinstance(frame.get("step"), int):
                 raise BadFrame("a rewind frame carries a whole step")
@@ -228,6 +277,13 @@ class Follower:
                 self.result = check_result(frame)
         else:
             raise BadFrame(f"unknown frame {kind!r}")
+
+    def waiting(self, phase: str) -> bool:
+        """Show `phase` while the job has not reported its own; whether it was shown."""
+        with self.progress_lock:
+            if not self.reported:
+                self.store.update_progress(self.job_id, {"phase": phase}, event=None)
+            return not self.reported
 
     def checkpoint(self, relative: Any) -> None:
         """A checkpoint folder that came back is the job's latest; older ones go, as the trainer keeps them."""
@@ -244,6 +300,8 @@ class Follower:
         """How the job ended: its own result, else what the cancel or Ray's status says."""
         if self.bad is not None:
             return JobState.FAILED, JobError(code=self.bad.code, message=self.bad.message), None
+        if self.refused is not None and self.result is None:
+            return JobState.FAILED, self.refused, None
         result = self.result or {}
         if result.get("state") == "succeeded":
             try:
@@ -287,6 +345,7 @@ def check_result(frame: dict[str, Any]) -> dict[str, Any]:
 # ---- supervising the Ray job --------------------------------------------------------------------------------
 
 UNREACHABLE = "UNREACHABLE"
+NOT_STARTED = "NOT_STARTED"
 
 
 def open_storage(settings: Settings, sid: str) -> Storage | None:
@@ -303,9 +362,9 @@ def open_storage(settings: Settings, sid: str) -> Storage | None:
 
 
 async def _tail(client, sid: str, follower: Follower, idle: float) -> None:
-    """Stream the job's log into the follower until it ends. After `idle` seconds without a line, ask Ray
-    whether the job is still running: a stream that went quiet because its connection died ends here once the
-    job has, and `follow` reads the rest."""
+    """Stream the job's log into the follower until it ends, or until it is refused for not starting in time.
+    After `idle` seconds without a line, ask Ray whether the job is still running: a stream that went quiet because
+    its connection died ends here once the job has, and `follow` reads the rest."""
     last = [time.monotonic()]
 
     async def consume() -> None:
@@ -317,7 +376,10 @@ async def _tail(client, sid: str, follower: Follower, idle: float) -> None:
 
     task = asyncio.create_task(consume())
     while not task.done():
-        await asyncio.wait({task}, timeout=idle)
+        await asyncio.wait({task}, timeout=min(idle, 1.0))
+        if not task.done() and follower.refused is not None:
+            task.cancel()
+            return
         if not task.done() and time.monotonic() - last[0] >= idle:
             status = await asyncio.to_thread(bounded, client.get_job_status, sid)
             if status.is_terminal():
@@ -328,11 +390,15 @@ async def _tail(client, sid: str, follower: Follower, idle: float) -> None:
 
 def follow(client, sid: str, follower: Follower, *, idle: float = 30.0) -> tuple[str, str | None]:
     """Follow the Ray job's log until it has ended; its final status and Ray's message. A cluster that does not
-    answer for UNREACHABLE_SECONDS in a row ends it with status UNREACHABLE."""
+    answer for UNREACHABLE_SECONDS in a row ends it with status UNREACHABLE; a job refused for not starting in time
+    (`watch_start`) with NOT_STARTED at once: Ray cannot stop a job whose driver it has not placed, it only queues
+    the stop for when it does."""
     unreachable_since: float | None = None
     while True:
         try:
             asyncio.run(_tail(client, sid, follower, idle))
+            if follower.refused is not None:
+                return NOT_STARTED, None
             info = bounded(client.get_job_info, sid)
             if not info.status.is_terminal():
                 unreachable_since = None
@@ -347,6 +413,50 @@ def follow(client, sid: str, follower: Follower, *, idle: float = 30.0) -> tuple
                 return UNREACHABLE, f"the cluster stopped answering ({exc})"
             log.warning("following Ray job %s: %s; retrying", sid, exc)
             time.sleep(2.0)
+
+
+def why_waiting(client, sid: str, ask: Ask) -> str | None:
+    """What a submitted job that has not reported yet waits for, from Ray's status and the cluster's resources;
+    None once that is no longer the cluster's doing (it ended, or a one-worker job's process runs)."""
+    info = bounded(client.get_job_info, sid)
+    status = str(info.status)
+    if status not in ("PENDING", "RUNNING") or (status == "RUNNING" and ask.workers == 1):
+        return None
+    try:
+        cluster = bounded(lambda: read_resources(client, wait=0.0))
+    except Exception:  # noqa: BLE001 - the numbers are a courtesy: Ray's own status stands without them
+        cluster = None
+    if status == "PENDING":
+        busy = waiting_for(ask, cluster) if cluster is not None else None
+        return busy or f"the cluster is setting up the job's runtime environment (Ray: {info.message or status})"
+    free = f"; free now: {free_resources(cluster)}" if cluster is not None else ""
+    return f"its driver runs; its Ray Train workers ({ask.describe()}) are being placed and started{free}"
+
+
+def watch_start(client, sid: str, follower: Follower, ask: Ask, timeout: float, done: threading.Event) -> None:
+    """Until the job reports progress of its own, its phase says what it waits for and for how long. Past `timeout`
+    (FTS_RAY_START_TIMEOUT_SECONDS) it is refused with that reason: the heartbeat stops the Ray job, and it fails."""
+    began, reason = time.monotonic(), "submitted"
+    while not done.wait(START_POLL_SECONDS):
+        try:
+            reason = why_waiting(client, sid, ask)
+        except Exception as exc:  # noqa: BLE001 - a cluster that does not answer is `follow`'s to judge
+            log.warning("job %s: could not ask the cluster how it is: %s", follower.job_id, exc)
+            continue
+        if reason is None:
+            follower.waiting("starting")  # unless it has reported already, or ended (which clears the phase)
+            return
+        waited = time.monotonic() - began
+        if waited > timeout:
+            try_stop(client, sid)  # before `follow` gives up on it (and the heartbeat with it)
+            follower.refused = JobError(
+                code="ray_start_timeout", param="FTS_RAY_START_TIMEOUT_SECONDS",
+                message=f"the job did not start on the Ray cluster within {timeout:g} s "
+                        f"(FTS_RAY_START_TIMEOUT_SECONDS): {reason}. Submit it again when the cluster has room, ask "
+                        "for less (training.workers, FTS_RAY_GPUS_PER_WORKER), or allow a longer wait")
+            return
+        if not follower.waiting(f"{WAITING}: {reason} ({waited:.0f} s; gives up after {timeout:g} s)"):
+            return
 
 
 def supervise(job_id: str) -> int:
@@ -365,19 +475,20 @@ def supervise(job_id: str) -> int:
     try:
         storage = open_storage(settings, sid)
         client = connect(settings)
+        ask, note = placement(client, settings, workers_of(job))  # a job the cluster cannot hold fails here
         with store.log_path(job_id).open("a") as logfile:
-            logfile.write(f"submitting to the Ray cluster at {settings.ray_address} as {sid}\n")
-        description = package(job, folder, settings, sid)
+            logfile.write(f"submitting to the Ray cluster at {settings.ray_address} as {sid}, {note}\n")
+        store.update_progress(job_id, {"phase": f"{WAITING}: submitting", "plan": note}, event=None)
+        description = package(job, folder, settings, sid, ask.gpus)
         if cancel.is_set() or store.raw(job_id)["cancel_requested_at"] is not None:
             record_outcome(store, job_id, JobState.CANCELLED, None)
             return _settle(settings, store, job_id)
-        single = description["workers"] == 1
+        single = description["workers"] == 1  # its own process is the worker; a Train job's driver takes nothing
         store.set_fields(job_id, ray_job_id=sid)  # before the submit: a lost supervisor's job is stopped by id
         bounded(lambda: client.submit_job(
             entrypoint="python -m fts_mcp.jobs.ray.entry", submission_id=sid, runtime_env=runtime_env(folder, settings),
-            metadata={"fts_job_id": job_id}, entrypoint_num_cpus=1 if single else 0,
-            entrypoint_num_gpus=settings.ray_gpus_per_worker if single else 0), timeout=600.0)
-        store.update_progress(job_id, {"phase": "waiting_for_cluster"}, event=None)  # until it reports its own
+            metadata={"fts_job_id": job_id}, entrypoint_num_cpus=ask.cpus if single else 0,
+            entrypoint_num_gpus=ask.gpus if single else 0), timeout=600.0)
     except (FtsError, ValueError, TypeError) as exc:  # ours, or Ray refusing the submission as malformed
         record_outcome(store, job_id, JobState.FAILED, error_of(exc) if isinstance(exc, FtsError) else JobError(
             code="ray_submit_refused", message=f"the Ray cluster refused the job: {exc}"))
@@ -392,7 +503,8 @@ def supervise(job_id: str) -> int:
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # uploaded, or not needed
 
-    follower = Follower(store, job, storage)
+    follower = Follower(store, job, storage, note)
+    follower.waiting(f"{WAITING}: submitted")
     done = threading.Event()
 
     def beat() -> None:  # heartbeat; a cancel, or a bad frame, stops the Ray job (asked until Ray takes it)
@@ -408,6 +520,8 @@ def supervise(job_id: str) -> int:
                 stopped = try_stop(client, sid)
 
     threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+    threading.Thread(target=watch_start, args=(client, sid, follower, ask, settings.ray_start_timeout_seconds, done),
+                     daemon=True, name="start-watch").start()
     try:
         status, message = follow(client, sid, follower)
         if status == UNREACHABLE:

@@ -84,10 +84,12 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture
 def ray_home(fts_home, cluster, monkeypatch):
-    """A server whose jobs go to the cluster (a CPU one: no GPU per worker)."""
+    """A server whose jobs go to the cluster. FTS_RAY_GPUS_PER_WORKER is left unset: a CPU cluster's jobs ask for no
+    GPU by themselves."""
     monkeypatch.setenv("FTS_RUNNER", "ray")
     monkeypatch.setenv("FTS_RAY_ADDRESS", cluster["address"])
-    monkeypatch.setenv("FTS_RAY_GPUS_PER_WORKER", "0")
+    for name in ("FTS_RAY_GPUS_PER_WORKER", "FTS_RAY_RUNTIME_ENV", "FTS_RAY_START_TIMEOUT_SECONDS", "FTS_RAY_STORAGE"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FTS_CANCEL_GRACE_SECONDS", "30")
     yield fts_home
     touched = cluster["violations"].read_text() if cluster["violations"].exists() else ""
@@ -119,6 +121,9 @@ async def test_one_and_two_worker_jobs_learn_and_merge_and_generate_on_the_clust
         assert one["state"] == "succeeded", (one["error"], one["log_tail"])
         job = json.loads((await client.read_resource(f"fts://jobs/{one['job_id']}")).contents[0].text)
         assert job["ray_job_id"] == f"fts-{one['job_id']}-1" and job["slot"] == "ray:0"
+        assert one["progress"]["plan"].endswith("; on the Ray cluster: 1 worker x (1 CPU, 0 GPU) (0 GPUs per worker "
+                                                "(CPU training): FTS_RAY_GPUS_PER_WORKER is unset and the cluster "
+                                                "has no GPU)")  # the run's plan says where it ran, and why
         adapter = Path(job["artifacts"]["adapter_dir"])
         assert adapter.is_relative_to(ray_home / "jobs" / one["job_id"])  # back in the server's own folder
         assert generate_all(tiny_model, adapter, RECORDS) == [r["completion"] for r in RECORDS]
@@ -141,6 +146,7 @@ async def test_one_and_two_worker_jobs_learn_and_merge_and_generate_on_the_clust
         two = await train(client, tiny_model, 100, workers=2)
         two = await until(client, two["job_id"], lambda j: j["state"] in TERMINAL, 300, "the 2-worker job")
         assert two["state"] == "succeeded", (two["error"], two["log_tail"])
+        assert two["spec"]["workers"] == 2 and "2 workers x (1 CPU, 0 GPU)" in two["progress"]["plan"]
         job = json.loads((await client.read_resource(f"fts://jobs/{two['job_id']}")).contents[0].text)
         metrics = json.loads(Path(job["artifacts"]["metrics"]).read_text())
         assert metrics["speed"]["micro_batch_size"] == 8  # two ranks of 8 make the global batch of 16
@@ -250,3 +256,86 @@ def test_ray_auth_token_reaches_the_cluster_as_a_bearer_token(tmp_path):
         server.shutdown()
         server.server_close()
     assert seen and all(header == "Bearer s3cret" for header in seen)
+
+
+# ---- a job the cluster cannot run says so at once -------------------------------------------------------------
+
+
+async def test_a_job_the_cluster_could_never_hold_is_refused_at_once_with_the_fix(ray_home, tiny_model, monkeypatch):
+    """A GPU asked of a CPU cluster, or more workers than its CPUs: failed within seconds, nothing submitted."""
+    monkeypatch.setenv("FTS_RAY_GPUS_PER_WORKER", "1")
+    async with connect(ray_home) as client:
+        began = time.monotonic()
+        job = await train(client, tiny_model, 10)
+        ended = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 30, "the refusal")
+        assert time.monotonic() - began < 30
+        assert ended["state"] == "failed" and ended["error"]["code"] == "ray_cluster_too_small", ended
+        assert ended["error"]["param"] == "FTS_RAY_GPUS_PER_WORKER"
+        assert ("the cluster has 0 GPUs; this job asks for 1 per worker: set FTS_RAY_GPUS_PER_WORKER=0 for a CPU "
+                "cluster") in ended["error"]["message"]
+        assert "ray_job_id" not in ended["process"]  # refused before anything was submitted
+
+    monkeypatch.setenv("FTS_RAY_GPUS_PER_WORKER", "0")  # the server reads its settings when it starts
+    async with connect(ray_home) as client:
+        wide = await train(client, tiny_model, 10, workers=8)
+        ended = await until(client, wide["job_id"], lambda j: j["state"] in TERMINAL, 30, "the refusal")
+        assert ended["state"] == "failed" and ended["error"]["param"] == "training.workers", ended
+        assert "holds at most 4 workers of 1 CPU and 0 GPU" in ended["error"]["message"]
+
+
+async def test_a_cluster_python_without_torch_fails_the_job_at_once_naming_it(ray_home, tiny_model, monkeypatch,
+                                                                             cluster):
+    """The job's `python` is a fresh virtual environment (no torch, no fts-mcp dependency at all), as on a head
+    started from a shell outside the project's environment: the job fails within seconds, naming what to add."""
+    bare = cluster["violations"].parent / "bare-python"  # the cluster's side: not among the server's files
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=60)
+    monkeypatch.setenv("FTS_RAY_RUNTIME_ENV", json.dumps(
+        {"env_vars": {"PATH": f"{bare / 'bin'}{os.pathsep}{os.environ['PATH']}"}}))
+    async with connect(ray_home) as client:
+        began = time.monotonic()
+        job = await train(client, tiny_model, 10)
+        ended = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 60, "the cluster's refusal")
+        assert time.monotonic() - began < 45
+        assert ended["state"] == "failed" and ended["error"]["code"] == "ray_environment", ended
+        message = ended["error"]["message"]
+        assert message.startswith(f"the cluster's Python ({bare / 'bin' / 'python'}, ") and "lacks torch, " in message
+        assert "FTS_RAY_RUNTIME_ENV='{\"pip\": [\"torch\", " in message
+
+
+async def test_a_job_waiting_for_busy_resources_says_so_and_gives_up_after_the_start_timeout(ray_home, tiny_model,
+                                                                                             cluster, monkeypatch):
+    """Another Ray job holds every CPU: the job's answer says what it waits for and for how long, and after
+    FTS_RAY_START_TIMEOUT_SECONDS it fails with that reason (its Ray job stopped)."""
+    from fts_mcp.config import Settings
+    from fts_mcp.jobs.ray.cluster import connect as ray_connect
+    from fts_mcp.jobs.ray.cluster import read_resources
+
+    monkeypatch.setenv("FTS_RAY_START_TIMEOUT_SECONDS", "20")
+    ray_jobs = client_for(cluster["address"])
+    blocker = ray_jobs.submit_job(entrypoint="sleep 300", entrypoint_num_cpus=4)
+    try:
+        head = ray_connect(Settings.from_env())
+        deadline = time.monotonic() + 60  # the dashboard's report follows the cluster within a few seconds
+        while read_resources(head).free("CPU") > 0:
+            assert time.monotonic() < deadline, "the blocker never took the cluster's CPUs"
+            time.sleep(0.5)
+        async with connect(ray_home) as client:
+            job = await train(client, tiny_model, 10)
+            waiting = await until(client, job["job_id"], lambda j: "resources busy" in (j["progress"]["phase"] or ""),
+                                  30, "the reason it waits")
+            phase = waiting["progress"]["phase"]
+            assert phase.startswith("waiting_for_cluster: resources busy: it asks for 1 worker x (1 CPU, 0 GPU) and "
+                                    "0 of 4 CPUs are free (other work holds the rest) (")
+            assert phase.endswith(" s; gives up after 20 s)")
+            ended = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 60, "the start timeout")
+            assert ended["state"] == "failed" and ended["error"]["code"] == "ray_start_timeout", ended
+            assert "did not start on the Ray cluster within 20 s" in ended["error"]["message"]
+            assert "resources busy" in ended["error"]["message"]
+    finally:
+        ray_jobs.stop_job(blocker)
+    # Ray queues a stop for a job it has not placed: once the blocker is gone, the job stops rather than runs
+    sid = ended["process"]["ray_job_id"]
+    deadline = time.monotonic() + 60
+    while ray_jobs.get_job_status(sid) not in ("STOPPED", "FAILED"):
+        assert time.monotonic() < deadline, "the Ray job was not stopped"
+        time.sleep(0.5)

@@ -126,3 +126,76 @@ def test_the_runtime_environment_carries_the_job_and_what_the_cluster_needs(tmp_
     assert env["env_vars"]["HF_TOKEN"] == "hf_x"
     assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"  # the job's own settings win
     assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "1"  # a grace under a second still leaves one
+
+
+class FakeHead:
+    """A Jobs API client whose dashboard reports `statuses` as its cluster status, one per request, the last one
+    from then on (None: the dashboard has no such page)."""
+
+    def __init__(self, *statuses: dict | None) -> None:
+        self.statuses = list(statuses)
+
+    def _do_request(self, method, endpoint, **kwargs):
+        assert (method, endpoint) == ("GET", "/api/cluster_status")
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+        class Response:
+            status_code = 200 if status is not None else 404
+
+            @staticmethod
+            def json():
+                return {"data": {"clusterStatus": status}}
+
+        return Response()
+
+
+CPU_HEAD = {"autoscalerReport": {"nodeTypeMapping": {"ab12": "node_ab12"}},
+            "loadMetricsReport": {"usageByNode": {"ab12": {"CPU": [0.0, 4.0]}}}}
+
+
+def ray_settings(tmp_path, **env) -> Settings:
+    return Settings.from_env({"FTS_HOME": str(tmp_path), "FTS_RUNNER": "ray", "FTS_RAY_ADDRESS": "http://h:8265",
+                              **env})
+
+
+def test_unset_gpus_per_worker_are_chosen_from_the_cluster_and_said(tmp_path):
+    from fts_mcp.jobs.ray.runner import placement
+
+    just_started = {"loadMetricsReport": {"usageByNode": {}}}  # its monitor has not reported the head yet
+    ask, note = placement(FakeHead(just_started, CPU_HEAD), ray_settings(tmp_path), 2)
+    assert (ask.workers, ask.cpus, ask.gpus) == (2, 1.0, 0.0)
+    assert note == ("on the Ray cluster: 2 workers x (1 CPU, 0 GPU) (0 GPUs per worker (CPU training): "
+                    "FTS_RAY_GPUS_PER_WORKER is unset and the cluster has no GPU)")
+    ask, note = placement(FakeHead(None), ray_settings(tmp_path, FTS_RAY_GPUS_PER_WORKER="0"), 1)
+    assert ask.gpus == 0 and "could not be read, so it was not checked" in note  # submitted as set, unchecked
+
+
+def test_a_job_asking_for_gpus_a_cpu_cluster_lacks_is_refused_before_it_is_submitted(tmp_path):
+    from fts_mcp.errors import FtsError
+    from fts_mcp.jobs.ray.runner import placement
+
+    with pytest.raises(FtsError) as refused:
+        placement(FakeHead(CPU_HEAD), ray_settings(tmp_path, FTS_RAY_GPUS_PER_WORKER="1"), 1)
+    assert refused.value.code == "ray_cluster_too_small" and refused.value.param == "FTS_RAY_GPUS_PER_WORKER"
+    assert "the cluster has 0 GPUs; this job asks for 1 per worker: set FTS_RAY_GPUS_PER_WORKER=0" in \
+        refused.value.message
+
+
+def test_a_waiting_job_says_why_until_it_reports_its_own_progress(follower, store):
+    follower.note = "on the Ray cluster: 1 worker x (1 CPU, 0 GPU)"
+    assert follower.waiting("waiting_for_cluster: resources busy (3 s; gives up after 600 s)")
+    assert store.get(follower.job_id).progress.phase.startswith("waiting_for_cluster: resources busy")
+    feed(follower, {"t": "report", "figures": {"phase": "loading_model"}, "event": False})
+    assert not follower.waiting("waiting_for_cluster: late")  # never over the job's own
+    feed(follower, {"t": "report", "figures": {"plan": "micro-batch 16"}, "event": False})
+    progress = store.get(follower.job_id).progress
+    assert progress.phase == "loading_model"
+    assert progress.plan == "micro-batch 16; on the Ray cluster: 1 worker x (1 CPU, 0 GPU)"
+
+
+def test_a_job_that_did_not_start_in_time_fails_with_the_reason(follower):
+    from fts_mcp.jobs.records import JobError
+
+    follower.refused = JobError(code="ray_start_timeout", message="resources busy")
+    state, error, _ = follower.outcome("STOPPED", "Job was intentionally stopped.", cancelled=False)
+    assert state == JobState.FAILED and error.code == "ray_start_timeout"
