@@ -54,8 +54,9 @@ def test_ray_is_imported_only_when_jobs_run_on_a_cluster_and_the_cluster_side_ne
               "print('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", server], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
-    entry = ("import sys, fts_mcp.jobs.ray.entry; print(sorted(m for m in ('fts_mcp.jobs.store', "
-             "'fts_mcp.jobs.runner', 'fts_mcp.jobs.service', 'fts_mcp.core', 'sqlite3', 'mcp') if m in sys.modules))")
+    entry = ("import sys, fts_mcp.jobs.ray.entry, fts_mcp.jobs.ray.node; print(sorted(m for m in "
+             "('fts_mcp.jobs.store', 'fts_mcp.jobs.runner', 'fts_mcp.jobs.service', 'fts_mcp.core', 'sqlite3', 'mcp') "
+             "if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
 
@@ -64,7 +65,8 @@ def test_ray_is_imported_only_when_jobs_run_on_a_cluster_and_the_cluster_side_ne
 # Each module's layer, by its longest matching prefix (names relative to fts_mcp). A module may import its own
 # layer and those below it, never one above.
 LAYERS = {
-    0: ["", "errors", "files", "names", "tokens", "paths", "config", "network", "plots", "arguments", "stdio"],
+    0: ["", "errors", "files", "names", "tokens", "paths", "config", "network", "plots", "arguments", "stdio",
+        "ui"],
     1: ["models"],  # one loader, architectures, prompt encoding, dtypes, GGUF bases
     2: ["datafiles", "planning", "jobs.states", "jobs.records", "jobs.context", "jobs.watch", "training.spec",
         "training.checkpoints", "training.varlen", "adapters.spec", "edge.spec"],  # pure: specs, records, math

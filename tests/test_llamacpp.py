@@ -42,9 +42,9 @@ NOISE = 0.05  # exact match may differ by this much (llama.cpp computes with 8-b
 CLEARLY = 0.3  # the adapter's exact match in llama.cpp is at least this far above the base's
 BASE_PROMPTS = 10  # held-out prompts the base alone answers (each rambles on to MAX_TOKENS)
 MAX_TOKENS = 64
-# A short recipe that learns the task on a CPU in about two minutes: 3 epochs of 5 steps of 8 examples.
+# A short recipe that learns the task on 2 CPU cores in about two minutes: 4 epochs of 5 steps of 8 examples.
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
-BATCH, EPOCHS, LEARNING_RATE = 8, 3, 1e-3
+BATCH, EPOCHS, LEARNING_RATE = 8, 4, 1e-3
 
 
 def same(answer: str, expected: str) -> bool:
@@ -161,7 +161,7 @@ def test_an_exported_adapter_answers_in_llama_cpp_as_in_peft(llama_cpp, smollm2,
         record_property(key, value)
     print(f"llama.cpp (f16 adapter on the Q4_1 file) vs PEFT (dequantized weights): {figures}")
     differing = [(i, a, r) for i, (a, r) in enumerate(zip(answers, reference, strict=True)) if not same(a, r)]
-    assert agree >= AGREE * len(HELD_OUT), (figures, differing)
-    assert abs(hits["llama_cpp"] - hits["peft"]) <= NOISE * len(HELD_OUT), (figures, differing)
+    assert agree >= round(AGREE * len(HELD_OUT)), (figures, differing)
+    assert abs(hits["llama_cpp"] - hits["peft"]) <= round(NOISE * len(HELD_OUT)), (figures, differing)
     # the adapter was applied and does the job: the base alone does not produce the JSON
-    assert hits_of(answers[:BASE_PROMPTS]) >= hits_of(base) + CLEARLY * BASE_PROMPTS, (figures, base)
+    assert hits_of(answers[:BASE_PROMPTS]) >= hits_of(base) + round(CLEARLY * BASE_PROMPTS), (figures, base)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,8 +34,10 @@ APP_MIME = "text/html;profile=mcp-app"
 WITH_VIEW = {"start_qlora_job", "job_status", "evaluate_adapter"}
 TOKEN = "ui-test-token-0123456789"
 CHROMIUM = Path(os.environ.get("FTS_CHROMIUM", "/usr/bin/chromium"))
+# as the machine notes say for a closed network; a sandboxed iframe rendered in the page's own process, so that a
+# full-page screenshot holds the view
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+                 "--disable-component-update", "--disable-sync", "--disable-features=IsolateSandboxedIframes"]
 TERMINAL = ("succeeded", "failed", "cancelled", "interrupted")
 
 
@@ -263,7 +266,13 @@ def metric_points(job_id: str) -> int:
             text = (await client.read_resource(f"fts://jobs/{job_id}/metrics")).contents[0].text
         return sum(1 for p in json.loads(text)["points"] if "loss" in p)
 
-    return anyio.run(read)
+    return outside_the_browser_loop(read)
+
+
+def outside_the_browser_loop(fn, *args):
+    """Run an async function to its end in a thread of its own (Playwright's sync API holds this thread's loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, fn, *args).result()
 
 
 def shown_points(frame) -> int:
@@ -317,16 +326,17 @@ def test_the_app_in_a_host_follows_a_training_job_and_cancels_it(fts_home, tiny_
 @pytest.mark.browser
 def test_the_app_evaluates_and_deploys_a_finished_job(fts_home, tiny_model, chromium, host_page, shots):
     """A short run with a held-out share: eval loss on the curve; Evaluate starts the comparison with the base and the
-    view follows it to base vs adapter side by side; Deploy publishes the adapter."""
+    view follows it to base vs adapter side by side; Deploy publishes the adapter. This host is in dark mode."""
     with fts_server() as port, host_server(host_page, port, None) as host:
-        page = chromium.new_page(viewport={"width": 1000, "height": 900})
-        page.goto(host.url)
+        page = chromium.new_page(viewport={"width": 1000, "height": 900}, color_scheme="dark")
+        page.goto(host.url + "?theme=dark")
         page.wait_for_function("window.host || window.hostError", timeout=30_000)
         job = page.evaluate("(args) => window.host.runTool('start_qlora_job', args)", job_args(
             tiny_model, 24, eval_fraction=0.25, checkpoint_every_steps=6))
         assert job["state"] in ("queued", "running"), job
         frame = page.frame_locator("iframe")
         frame.locator("[data-state=succeeded]").wait_for(timeout=240_000)
+        assert frame.locator("html").get_attribute("data-theme") == "dark"  # the host's theme, applied
         assert int(frame.locator("svg.chart").get_attribute("data-eval-points")) >= 3
         shot(page, shots, "app-finished.png")
 
@@ -356,7 +366,7 @@ async def _start_over_http(port: int, args: dict) -> dict:
 def test_the_page_at_ui_lists_jobs_follows_one_and_cancels_it(fts_home, tiny_model, chromium, shots, tmp_path):
     log = tmp_path / "server.log"
     with fts_server("--token", TOKEN, log=log) as port:
-        job = anyio.run(_start_over_http, port, job_args(tiny_model, 3000))
+        job = outside_the_browser_loop(_start_over_http, port, job_args(tiny_model, 3000))
         context = chromium.new_context(viewport={"width": 1100, "height": 900})
         page = context.new_page()
         errors: list[str] = []

@@ -72,6 +72,11 @@ UNSUPPORTED = {
 }
 
 
+# PEFT initialisations that rewrite the base weights (the adapter only fits the rewritten base), until saved with
+# path_initial_model_for_weight_conversion, which turns them into a plain LoRA of the original base.
+BASE_CHANGING_INITS = {"pissa", "olora", "loftq", "corda"}
+
+
 class GgufAdapter(BaseModel):
     """The written file: where, how big, its sha256, and what llama.cpp will read from it."""
 
@@ -129,6 +134,22 @@ def _check_config(raw: dict[str, Any], *, param: str) -> None:
     if raw.get("bias", "none") != "none":
         raise _refuse(f"it trains biases (bias={raw['bias']!r}); llama.cpp adapters hold LoRA pairs only",
                       param=param)
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.split("_niter_")[0] in BASE_CHANGING_INITS:
+        raise _refuse(f"it was initialised with {init!r}, which changes the base weights it runs on; save it with "
+                      "PEFT's path_initial_model_for_weight_conversion (a plain LoRA of the original base) first",
+                      param=param)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = raw.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise _refuse(f"its {key} is not a mapping of module patterns to numbers", param=param)
+        for module, value in pattern.items():
+            try:
+                re.compile(module)
+                float(value)
+            except (re.error, TypeError, ValueError) as exc:
+                raise _refuse(f"its {key} entry {module!r}: {value!r} is not a module pattern and a number",
+                              param=param) from exc
 
 
 def _pairs(weights: dict[str, torch.Tensor], *, param: str) -> dict[str, dict[str, torch.Tensor]]:

@@ -3,7 +3,7 @@
 A recipe knows nothing of the job store. It reads its typed spec, works in `ctx.workdir`, reports figures with
 `ctx.report`, records checkpoints with `ctx.checkpoint`, and looks at `ctx.stop` between steps. A job process on
 this host hands it a context over the store (`fts_mcp.jobs.host`), a Ray job one over frames in its log
-(`fts_mcp.jobs.ray.entry`), a data-parallel rank other than 0 a silent one; a test can build one over a list.
+(`fts_mcp.jobs.ray.node`), a data-parallel rank other than 0 a silent one; a test can build one over a list.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ class Progress(BaseModel):
     url: str | None = Field(None, description="where a runtime job listens")
     plan: str | None = Field(None, description="the run's speed choices (micro-batch, checkpointing, padding-free) and "
                                                "the memory estimate behind them")
+    tracking: dict[str, Any] | None = Field(None, description="where training.report_to sent the run (mlflow: "
+                                                              "tracking_uri, experiment, run_id; tensorboard: log_dir; "
+                                                              "trackio: project, run) or why a tracker was left out")
 
 
 class JobError(BaseModel):

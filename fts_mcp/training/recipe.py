@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from fts_mcp.plots import loss_curve_png
 from fts_mcp.training.checkpoints import latest_checkpoint
 from fts_mcp.training.spec import TrainJobSpec
 from fts_mcp.training.speed import SpeedPlan, plan, read_plan, write_plan
+from fts_mcp.training.tracking import PROJECT, prepare
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in insp
 
 
 def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype: torch.dtype,
-                   has_eval: bool) -> SFTConfig:
+                   has_eval: bool, report_to: Sequence[str] = (), run_name: str | None = None) -> SFTConfig:
     t = with_defaults(spec).training
     return SFTConfig(
         output_dir=str(checkpoints),
@@ -196,7 +198,9 @@ def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype
         use_liger_kernel=plan.liger_kernel,
         completion_only_loss=True,
         include_num_input_tokens_seen="no",  # counted by Trainer.training_step without a device sync
-        report_to="none",
+        report_to=list(report_to) or "none",  # experiment trackers (training.report_to), see training.tracking
+        run_name=run_name,
+        project=PROJECT,
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -227,13 +231,15 @@ class Trainer(SFTTrainer):
 
 def make_trainer(spec: TrainJobSpec, plan: SpeedPlan, model: Any, tokenizer: Any, train_data: Dataset,
                  eval_data: Dataset | None, checkpoints: Path, dtype: torch.dtype,
-                 callbacks: list[TrainerCallback]) -> SFTTrainer:
+                 callbacks: list[TrainerCallback], report_to: Sequence[str] = (),
+                 run_name: str | None = None) -> SFTTrainer:
     """TRL's SFTTrainer with the job's LoRA config and speed plan; a bad target module list names the model's
     layers."""
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.effective_alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     try:
-        return Trainer(model=model, args=trainer_config(spec, plan, checkpoints, dtype, eval_data is not None),
+        return Trainer(model=model, args=trainer_config(spec, plan, checkpoints, dtype, eval_data is not None,
+                                                        report_to, run_name),
                        train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
                        peft_config=lora, callbacks=callbacks)
     except ValueError as exc:
@@ -279,21 +285,28 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     speed = plan(spec, model, resuming=read_plan(resume) if resume else None)
     log.info("speed plan: %s; %s", speed.summary(), "; ".join(speed.reasons))
     ctx.report({"plan": speed.summary()}, event=False)
+    # experiment trackers: one that is missing or unreachable is reported and left out, never fails the run
+    report_to, trackers = prepare(spec.training.report_to, ctx.report)
     trainer = make_trainer(spec, speed, model, tokenizer, train_data, eval_data, checkpoints, dtype,
-                           callbacks=[ReportProgress(ctx), RecordPlan(speed)])
+                           callbacks=[ReportProgress(ctx), RecordPlan(speed)], report_to=report_to,
+                           run_name=f"{spec.output_name}-{ctx.job_id}")
+    trackers.attach(trainer, log_dir=folder / "tensorboard")
 
     # 3. train
     if resume is not None:
         log.info("resuming from %s", resume)
     ctx.stop.in_loop = True
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        finally:
+            ctx.stop.in_loop = False
+        if ctx.stop:
+            log.info("stopped (%s) at step %d; checkpoint saved", ctx.stop.reason, trainer.state.global_step)
+            return None
+        final_eval = trainer.evaluate() if eval_data is not None else {}
     finally:
-        ctx.stop.in_loop = False
-    if ctx.stop:
-        log.info("stopped (%s) at step %d; checkpoint saved", ctx.stop.reason, trainer.state.global_step)
-        return None
-    final_eval = trainer.evaluate() if eval_data is not None else {}
+        trackers.finish()  # each tracker's end of run, after the final evaluation
 
     # 4. save: adapter (PEFT format, with the tokenizer and chat template it was trained with), metrics, loss
     # curve; each written to a temp name, then renamed
@@ -328,6 +341,7 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "log_history": history,
+        "tracking": trackers.state or None,  # where report_to sent the run, or why a tracker could not take it
     }
     write_json_atomic(folder / "metrics.json", metrics)
     points = [{**h, "logged": True} for h in history]

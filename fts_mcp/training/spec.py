@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$", min_length=1, max_length=200)]
+Tracker = Literal["mlflow", "tensorboard", "trackio"]
 
 
 class LoraSpec(BaseModel):
@@ -79,6 +80,18 @@ class TrainingSpec(BaseModel):
     logging_steps: int = Field(1, ge=1, le=10_000, description="report progress every N optimizer steps")
     checkpoint_every_steps: int = Field(50, ge=1, le=1_000_000,
                                         description="save a resumable checkpoint every N optimizer steps")
+    report_to: list[Tracker] = Field(
+        default_factory=list, max_length=3,
+        description="experiment trackers that also get the run's parameters, losses and final metrics "
+                    "(transformers' integrations): mlflow (the host's MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), "
+                    "tensorboard (event files in the job's folder), trackio (local project 'fts-mcp'); each needs "
+                    "its extra (pip install 'fts-mcp[mlflow]'). A tracker that fails is reported, never fails the "
+                    "training")
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, trackers: list[str]) -> list[str]:
+        return list(dict.fromkeys(trackers))
 
 
 class TrainJobSpec(BaseModel):

@@ -164,6 +164,8 @@ SAVES_EMBEDDINGS = pytest.mark.filterwarnings("ignore:Setting `save_embedding_la
     ({"use_dora": True}, "DoRA"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "lora_only"}, "biases"),
+    ({"init_lora_weights": "pissa"}, "changes the base weights"),
+    ({"init_lora_weights": "olora"}, "changes the base weights"),
     pytest.param({"target_modules": ["q_proj", "embed_tokens"]}, "embeddings", marks=SAVES_EMBEDDINGS),
     pytest.param({"target_modules": ["q_proj", "lm_head"]}, "output head", marks=SAVES_EMBEDDINGS),
 ])

@@ -30,14 +30,29 @@ function label(value: number): string {
   return Math.abs(value) >= 1000 ? value.toLocaleString("en-US") : String(Number(value.toPrecision(4)));
 }
 
+/** At most about `most` points: each run of consecutive points becomes one at their mean step and loss. */
+export function thin(points: Point[], most: number): Point[] {
+  if (points.length <= most) return points;
+  const size = Math.ceil(points.length / most);
+  const out: Point[] = [];
+  for (let i = 0; i < points.length; i += size) {
+    const run = points.slice(i, i + size);
+    out.push({ step: Math.round(run.reduce((a, p) => a + p.step, 0) / run.length),
+      loss: run.reduce((a, p) => a + (p.loss as number), 0) / run.length });
+  }
+  out[out.length - 1] = points[points.length - 1]; // the latest figure as logged
+  return out;
+}
+
 export function lossChart(points: Point[], totalSteps: number | null, width: number): SVGElement {
   const W = Math.max(320, Math.round(width));
-  const train = points.filter((p) => typeof p.loss === "number").sort((a, b) => a.step - b.step);
+  const logged = points.filter((p) => typeof p.loss === "number").sort((a, b) => a.step - b.step);
+  const train = thin(logged, Math.max(200, Math.round(W)));
   const evals = points.filter((p) => typeof p.eval_loss === "number").sort((a, b) => a.step - b.step);
   const svg = s("svg", {
     class: "chart", width: W, height: HEIGHT, viewBox: `0 0 ${W} ${HEIGHT}`, role: "img",
-    "aria-label": `Loss curve: ${train.length} training points, ${evals.length} eval points`,
-    "data-points": train.length, "data-eval-points": evals.length,
+    "aria-label": `Loss curve: ${logged.length} training points, ${evals.length} eval points`,
+    "data-points": logged.length, "data-eval-points": evals.length,
   });
   const plotW = W - M.left - M.right;
   const plotH = HEIGHT - M.top - M.bottom;
@@ -54,7 +69,10 @@ export function lossChart(points: Point[], totalSteps: number | null, width: num
   lo = Math.max(0, lo - pad);
   hi += pad;
   const lastStep = Math.max(...points.map((p) => p.step), 1);
-  const xMax = Math.max(totalSteps ?? 0, lastStep);
+  // the whole run once a good part of it is in; before that, the steps so far (and a margin), or the start of a
+  // long run would be a line squeezed against the axis
+  const xMax = totalSteps && lastStep >= totalSteps * 0.3 ? Math.max(totalSteps, lastStep)
+    : Math.max(lastStep + 1, Math.ceil(lastStep * 1.15));
   const x = (step: number) => M.left + (step / xMax) * plotW;
   const y = (v: number) => M.top + (1 - (v - lo) / (hi - lo)) * plotH;
 

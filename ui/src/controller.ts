@@ -40,6 +40,14 @@ export interface Options {
   onUnauthorized?: () => void;
 }
 
+/** What an evaluation scores, by name: a training job's adapter by its job, else the folder. */
+function subject(spec: Record<string, any>): string {
+  const path = String(spec.adapter_dir ?? spec.merged_dir ?? "");
+  const parts = path.split(/[\\/]/).filter(Boolean);
+  const last = parts[parts.length - 1] ?? "the adapter";
+  return last === "adapter" && parts.length > 1 ? parts[parts.length - 2] : last;
+}
+
 const placeholder = (v: unknown) => typeof v === "string" && v.startsWith("<") && v.endsWith(">");
 
 export class Controller {
@@ -48,6 +56,7 @@ export class Controller {
   private failure: string | null = null; // a tool refused (e.g. start_qlora_job's arguments): its message
   private points: Point[] = [];
   private pointsAt = -1; // the step at which the metrics were last read
+  private pointsRead = 0; // when (ms)
   private evalReport: any = null;
   private logTail: string[] = [];
   private jobs: any[] | null = null;
@@ -101,6 +110,7 @@ export class Controller {
   open(jobId: string, from?: string): void {
     if (from && from !== jobId) this.trail.push(from);
     this.reset(jobId);
+    this.options.onRoute?.(jobId);
     this.render();
     void this.poll();
   }
@@ -143,6 +153,7 @@ export class Controller {
     this.failure = null;
     this.points = [];
     this.pointsAt = -1;
+    this.pointsRead = 0;
     this.evalReport = null;
     this.logTail = [];
     this.jobs = null;
@@ -208,8 +219,11 @@ export class Controller {
     const id = job.job_id;
     const step = job.progress?.step ?? 0;
     const wanted: Promise<void>[] = [];
-    if (job.kind === "train" && (step !== this.pointsAt || (TERMINAL.has(job.state) && this.pointsAt !== -2))) {
+    // a long run's history is read less often: about 4 ms a point apart, between every poll and every 30 s
+    const due = Date.now() - this.pointsRead >= Math.min(30_000, Math.max(POLL_MS - 100, this.points.length * 4));
+    if (job.kind === "train" && ((step !== this.pointsAt && due) || (TERMINAL.has(job.state) && this.pointsAt !== -2))) {
       this.pointsAt = TERMINAL.has(job.state) ? -2 : step;
+      this.pointsRead = Date.now();
       wanted.push(this.server.readResource(`fts://jobs/${id}/metrics`).then((text) => {
         if (text && generation === this.generation) this.points = JSON.parse(text).points ?? [];
       }));
@@ -310,8 +324,9 @@ export class Controller {
       row.push(this.button("resume", "Resume", "resume_job", () => ({ job_id: job.job_id }), "primary"));
     }
     if (job.kind === "train" && job.state === "succeeded") {
-      const evaluate = suggested("evaluate_adapter") ?? { adapter: job.job_id };
-      const needsData = !evaluate.dataset || placeholder(evaluate.dataset);
+      // the server's suggestion names the held-out split when the job kept one, else a placeholder to fill
+      const evaluate = suggested("evaluate_adapter") ?? { adapter: job.job_id, dataset: "<held-out JSONL>" };
+      const needsData = placeholder(evaluate.dataset);
       if (needsData) fields.push(this.field("dataset", "Held-out data", "", "held-out JSONL (a path in the roots)"));
       row.push(this.button("evaluate", "Evaluate", "evaluate_adapter", () => {
         if (!needsData) return evaluate;
@@ -334,20 +349,23 @@ export class Controller {
       row.push(this.button("merge", "Merge", "merge_adapter", () => merge));
     }
     if (!row.length) return null;
+    const hint = job.error ? null : next.find((s) => s.why && s.tool !== "job_status");
     return h("section", { class: "actions card" }, fields.length ? h("div", { class: "fields" }, ...fields) : null,
-      h("div", { class: "buttons" }, ...row));
+      h("div", { class: "buttons" }, ...row),
+      hint ? h("p", { class: "hint muted" }, "Suggested next: ", h("span", { class: "mono" }, hint.tool), ` — ${hint.why}`)
+        : null);
   }
 
   // ---- rendering ---------------------------------------------------------------------------------------------------
 
   render(): void {
     const body: Node[] = [this.nav()];
+    if (this.notice) body.push(h("p", { class: `notice ${this.notice.kind}`, role: "status" }, this.notice.text));
     if (this.jobId === null && this.jobs !== null) body.push(...this.listView());
     else if (this.job) body.push(...this.jobView(this.job));
     else if (this.failure) body.push(h("section", { class: "card error" }, h("h2", {}, "The tool refused"),
       h("p", { class: "message" }, this.failure)));
     else body.push(h("p", { class: "muted waiting" }, this.jobId ? `Loading ${this.jobId}…` : "Loading…"));
-    if (this.notice) body.push(h("p", { class: `notice ${this.notice.kind}`, role: "status" }, this.notice.text));
     const scrollY = window.scrollY;
     this.root.replaceChildren(...body);
     window.scrollTo({ top: scrollY });
@@ -386,7 +404,8 @@ export class Controller {
         h("div", { class: "sub" }, `${jobs.length} on this host, newest first`)),
       jobs.length
         ? h("section", { class: "card flush" }, h("table", { class: "jobs" },
-          h("thead", {}, h("tr", {}, ...["Job", "Kind", "State", "Step", "Loss", "Created"].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ...["Job", "Kind", "State", "Step", "Loss", "Created"].map((t) =>
+            h("th", { class: t === "Step" || t === "Loss" ? "num" : "" }, t)))),
           h("tbody", {}, ...rows)))
         : h("section", { class: "card" }, h("p", { class: "muted" },
           "No jobs yet. An agent starts one with start_qlora_job; it appears here as it runs.")),
@@ -396,7 +415,7 @@ export class Controller {
   private jobView(job: Job): Node[] {
     const p = job.progress ?? {};
     const spec = job.spec ?? {};
-    const title = spec.output_name ?? (job.kind === "eval" ? `Evaluation of ${f.short(spec.adapter_dir ?? spec.merged_dir)}`
+    const title = spec.output_name ?? (job.kind === "eval" ? `Evaluation of ${subject(spec)}`
       : KIND_LABEL[job.kind] ?? job.kind);
     const out: Node[] = [
       h("header", { class: "head" },

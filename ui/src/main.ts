@@ -54,11 +54,15 @@ function inBrowser(): void {
     sessionStorage.setItem(TOKEN_KEY, given);
     fragment.delete("token");
   }
+  // the job shown is in the address (#job=...): a link to it, and the browser's back button returns to the list
+  const shown = () => new URLSearchParams(location.hash.slice(1)).get("job");
   const route = (jobId: string | null) => {
+    if (jobId === shown()) return;
     const rest = new URLSearchParams(fragment);
+    rest.delete("token");
     if (jobId) rest.set("job", jobId);
     else rest.delete("job");
-    history.replaceState(null, "", location.pathname + location.search + (rest.size ? `#${rest}` : ""));
+    history.pushState(null, "", location.pathname + location.search + (rest.size ? `#${rest}` : ""));
   };
   const server = new HttpServer(new URL("/mcp", location.href).href, () => sessionStorage.getItem(TOKEN_KEY));
   let view: Controller;
@@ -93,11 +97,13 @@ function inBrowser(): void {
   };
   view = new Controller(root, server, { mode: "browser", onRoute: route, onUnauthorized: askToken });
   const start = () => {
-    const job = new URLSearchParams(location.hash.slice(1)).get("job") ?? fragment.get("job");
+    const job = shown();
     if (job) view.open(job);
     else void view.showList();
   };
-  route(fragment.get("job"));
+  // the token is out of the address before anything else runs (and out of the history entry)
+  history.replaceState(null, "", location.pathname + location.search + (fragment.size ? `#${fragment}` : ""));
+  window.addEventListener("popstate", start);
   start();
 }
 

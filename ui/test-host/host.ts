@@ -1,8 +1,8 @@
-// A minimal MCP Apps host for the browser tests: an MCP client of the server (streamable HTTP, through the test's
-// host server, as a web host's backend relays it), and for a tool whose
-// definition links a ui:// resource, that resource rendered in a sandboxed iframe (opaque origin, the restrictive
-// default CSP of the spec) and connected through the ext-apps AppBridge, which relays the view's tool calls and
-// resource reads to the server. The test drives it through `window.host`.
+// A minimal MCP Apps host for the browser tests: an MCP client of the server (streamable HTTP, relayed by the test's
+// host server as a web host's backend would), and for a tool whose definition links a ui:// resource, that resource
+// rendered in a sandboxed iframe (opaque origin, the spec's restrictive default CSP) and connected through the
+// ext-apps AppBridge, which relays the view's tool calls and resource reads to the server. The test drives it
+// through `window.host`.
 
 import { Client, StreamableHTTPClientTransport } from "@modelcontextprotocol/client";
 import {

@@ -6,7 +6,3 @@ fts_mcp.jobs.ray.entry`: it checks the cluster's Python, then runs the job with 
 between them: the Ray job's log. This package imports nothing, so importing it never imports Ray; its modules
 import Ray itself only where they talk to a cluster.
 """
-
-# What starts a frame's line in the Ray job's log (`frames`). Here, so that the entrypoint can fail a job with a
-# frame before it may import anything beyond the standard library.
-FRAME_MARK = "@fts-frame "

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import fts_mcp
-from fts_mcp.jobs.ray import FRAME_MARK
+
+FRAME_MARK = "@fts-frame "  # frames.MARK: this module may not import frames (it needs pydantic)
 
 PYTHON = (3, 11, 4)  # fts-mcp's requires-python
 # What a job imports on the cluster (module: the name to install it by): fts-mcp's own dependencies less the

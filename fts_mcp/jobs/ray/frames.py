@@ -42,10 +42,9 @@ from typing import Any, BinaryIO
 
 from fts_mcp.errors import FtsError
 from fts_mcp.files import sha256_file
-from fts_mcp.jobs.ray import FRAME_MARK
 from fts_mcp.jobs.records import Artifacts
 
-MARK = FRAME_MARK
+MARK = "@fts-frame "  # also written by `entry.fail`, which may not import this module
 CHUNK_BYTES = 48 * 1024  # 64 KiB of base64 per log line
 LINE_LIMIT = 1024 * 1024  # a longer log line is cut there (a frame that long is refused)
 MAX_MEMBERS = 100_000  # entries in one folder

@@ -427,15 +427,18 @@ def why_waiting(client, sid: str, ask: Ask) -> str | None:
     except Exception:  # noqa: BLE001 - the numbers are a courtesy: Ray's own status stands without them
         cluster = None
     if status == "PENDING":
-        busy = waiting_for(ask, cluster) if cluster is not None else None
-        return busy or f"the cluster is setting up the job's runtime environment (Ray: {info.message or status})"
+        if cluster is None:
+            return f"not started yet (Ray: {info.message or status})"
+        return waiting_for(ask, cluster) or ("the cluster is setting up the job's runtime environment (its package, "
+                                             "the packages FTS_RAY_RUNTIME_ENV adds)")
     free = f"; free now: {free_resources(cluster)}" if cluster is not None else ""
     return f"its driver runs; its Ray Train workers ({ask.describe()}) are being placed and started{free}"
 
 
 def watch_start(client, sid: str, follower: Follower, ask: Ask, timeout: float, done: threading.Event) -> None:
     """Until the job reports progress of its own, its phase says what it waits for and for how long. Past `timeout`
-    (FTS_RAY_START_TIMEOUT_SECONDS) it is refused with that reason: the heartbeat stops the Ray job, and it fails."""
+    (FTS_RAY_START_TIMEOUT_SECONDS) the Ray job is stopped (one Ray has not placed stops as soon as it would start)
+    and the job is refused with that reason: `follow` stops following it, and it fails."""
     began, reason = time.monotonic(), "submitted"
     while not done.wait(START_POLL_SECONDS):
         try:
