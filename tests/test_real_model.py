@@ -137,13 +137,13 @@ async def test_a_qlora_adapter_of_a_real_model_does_its_job_wherever_it_is_used(
                               max_tokens=64)
         assert one_shot["text"].strip() == reference[0].strip()
         served = await call(client, "deploy_adapter", adapter=job["job_id"], name="orders", runtime_url="local")
-        runtime_job = served["runtime"].split()[0]
+        runtime_job = served["runtime_job"]
         prompts = list(range(0, len(HELD_OUT), 4))  # 10 held-out prompts
         answers = [(await call(client, "generate", model="orders", messages=HELD_OUT[i]["messages"][:-1],
                                max_tokens=64, runtime_url="local"))["text"] for i in prompts]
         agree = sum(same(a, reference[i]) for a, i in zip(answers, prompts, strict=True)) / len(prompts)
         assert agree >= 0.9, list(zip(answers, [reference[i] for i in prompts], strict=True))
-        await call(client, "cancel_job", job_id=runtime_job)  # the runtime holds this host's one CPU slot
+        await call(client, "cancel_job", job_id=runtime_job)  # done with it: a managed runtime serves until cancelled
 
         # 4. merged into the NF4 weights it was trained on: the merged model scores like the adapter
         merge = await call(client, "merge_adapter", adapter=job["job_id"], dtype="float32")
