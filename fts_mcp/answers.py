@@ -148,7 +148,7 @@ def deploy_next(deployment: Deployment) -> list[dict[str, Any]]:
 # ---- views -----------------------------------------------------------------------------------------------------
 
 SPEC_KEYS = {
-    "train": ("base_model", "dataset", "output_name", "quantization", "resumed_from_job"),
+    "train": ("base_model", "dataset", "method", "output_name", "quantization", "resumed_from_job"),
     "merge": ("base_model", "output_name", "dtype", "combination", "output"),
     "generate": ("model", "base_model", "max_tokens"),
     "eval": ("base_model", "adapter_dir", "merged_dir", "dataset", "answer_format", "regex"),
@@ -181,8 +181,13 @@ def _artifacts(job: Job) -> dict[str, Any]:
     return out
 
 
+# shown once a preference-tuning (dpo) job has them; other jobs never do, and an agent's context is a budget
+PREFERENCE_FIGURES = {"reward_margin", "preference_accuracy", "eval_reward_margin", "eval_preference_accuracy"}
+
+
 def job_view(job: Job, *, detail: bool = False) -> JobView:
-    progress = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in job.progress.model_dump().items()}
+    progress = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in job.progress.model_dump().items()
+                if v is not None or k not in PREFERENCE_FIGURES}
     if job.waiting:
         progress["waiting"] = job.waiting  # what a queued job waits behind, and how to free the slot
     return JobView(job_id=job.job_id, kind=job.kind, state=job.state, progress=progress,
@@ -220,6 +225,7 @@ class DeploymentView(BaseModel):
     runtime: NullableStr = None
     runtime_job: NullableStr = None  # the managed runtime's job: cancel_job stops it
     curl: str
+    gguf: NullableObject = None  # the GGUF LoRA beside it: path, sha256, Modelfile, llama-server line
     next: Steps = []
 
 
@@ -228,7 +234,7 @@ def deployment_view(d: Deployment) -> DeploymentView:
                           sha256=d.sha256, bytes=d.bytes, base_model=d.manifest.base_model, loaded=d.loaded,
                           trained_on=d.manifest.training_base.describe() if d.manifest.training_base else None,
                           chat=d.chat, swap_ms=d.swap_ms, runtime=d.runtime, runtime_job=d.runtime_job,
-                          curl=d.curl, next=deploy_next(d))
+                          curl=d.curl, gguf=d.gguf.model_dump() if d.gguf else None, next=deploy_next(d))
 
 
 class AdapterRow(BaseModel):
@@ -299,7 +305,8 @@ class ReportView(BaseModel):
 def report_view(report: BaseModel, base_model: str | None) -> ReportView:
     view = ReportView.model_validate(report.model_dump(mode="json"))
     if view.ok and base_model:
-        view.next = [_step("start_qlora_job", "train on it", base_model=base_model, dataset=view.path)]
+        view.next = [_step("start_qlora_job", "train on it", base_model=base_model, dataset=view.path,
+                           **({"method": "dpo"} if view.format == "preference" else {}))]
     elif view.ok:
         view.next = [_step("validate_dataset", "count tokens and check the chat template of the model you will "
                            "train", path=view.path, base_model="<model>")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -40,9 +41,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from fts_mcp.network import serve_http
 
-    serve_http(mcp, args.transport, args.host, args.port, args.token or os.environ.get("FTS_AUTH_TOKEN"),
-               args.allowed_host, args.allowed_origin, settings.http_sessions)
+    token = args.token or os.environ.get("FTS_AUTH_TOKEN")
+    if args.transport == "http":  # the job view for people, in a browser (the token travels in the fragment)
+        # the token itself only where it is already in view: given on this command line, or to a terminal (a
+        # service's stderr is a log, and its FTS_AUTH_TOKEN should stay out of it)
+        shown = token if args.token or sys.stderr.isatty() else "<FTS_AUTH_TOKEN>" if token else None
+        print(f"fts-mcp: job view at {view_url(args.host, args.port, shown)}", file=sys.stderr)
+    serve_http(mcp, args.transport, args.host, args.port, token, args.allowed_host, args.allowed_origin,
+               settings.http_sessions)
     return 0
+
+
+def view_url(host: str, port: int, token: str | None) -> str:
+    """The browser address of the job view: /ui, the bearer token (if any) in the fragment, which no server sees."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else \
+        f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{shown}:{port}/ui" + (f"#token={token}" if token else "")
 
 
 def parse_size(text: str) -> int:
@@ -89,7 +103,8 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
         max_rank=args.max_rank, max_loras=args.max_loras, max_batch=args.max_batch, host=args.host, port=args.port,
         token=args.token or (None if args.keys else os.environ.get("FTS_AUTH_TOKEN")), keys=args.keys,
         allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allowed_origin),
-        max_queue=args.max_queue, request_timeout=args.request_timeout)
+        max_queue=args.max_queue, request_timeout=args.request_timeout, store_deadline=args.store_timeout,
+        store_retry_after=args.store_retry_after, max_adapter_bytes=args.max_adapter_bytes)
     from fts_mcp.edge.api.server import serve  # torch and the engine: only once the arguments are known good
 
     serve(config)
@@ -196,7 +211,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     with _core() as core:
         deployed = core.edge.deploy(args.adapter, args.name, version=args.version, alias=args.alias,
-                                    runtime_url=args.runtime_url)
+                                    runtime_url=args.runtime_url, gguf=args.gguf)
     if args.json:
         print(deployed.model_dump_json(indent=2))
     else:
@@ -205,6 +220,39 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"{pinned}{alias}  {'published' if deployed.created else 'already published'}  {deployed.bytes:,} "
               f"bytes  {deployed.uri}" + (f"  loaded in {deployed.swap_ms:.1f} ms" if deployed.loaded else ""))
         print(deployed.curl)
+        if deployed.gguf:
+            print(f"{deployed.gguf.path}  {deployed.gguf.bytes:,} bytes\n{deployed.gguf.llama_server}\n"
+                  f"Modelfile:\n{deployed.gguf.modelfile}" + "".join(f"note: {n}\n" for n in deployed.gguf.notes),
+                  end="")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from fts_mcp.adapters.inspect import read_adapter_config
+    from fts_mcp.adapters.llamacpp import base_for, export, notes_for, usage
+    from fts_mcp.adapters.resolve import resolve_adapter, training_base
+    from fts_mcp.models.refs import resolve_model_argument
+
+    with _core() as core:
+        source = resolve_adapter(args.adapter, core.settings, core.jobs)
+        base_model = resolve_model_argument(args.base_model, core.settings) if args.base_model else \
+            source.base_model or read_adapter_config(source.folder).base_model
+        base = base_for(base_model, core.settings)
+        # what the adapter is called: its store name, its training job's output name, else its folder's
+        name = source.manifest.name if source.manifest else \
+            source.job.spec.get("output_name") if source.job else source.folder.name
+        out = (args.out or Path(f"{name}.{args.outtype}.gguf")).resolve()
+        done = export(source.folder, base, out, outtype=args.outtype, name=name)
+        use = usage(out, base, name.lower())
+        notes = done.notes + use.notes + notes_for(training_base(source, core.jobs))
+    if args.json:
+        print(json.dumps({**done.model_dump(), **use.model_dump(), "notes": notes}, indent=2))
+        return 0
+    print(f"{done.path}  {done.bytes:,} bytes  {done.tensors} tensors ({args.outtype})  sha256 {done.sha256}")
+    print(f"\nllama.cpp:\n  {use.llama_server}\n\nOllama (Modelfile, then `{use.ollama}`):")
+    print("".join(f"  {line}\n" for line in use.modelfile.splitlines()), end="")
+    for note in notes:
+        print(f"\nnote: {note}")
     return 0
 
 
@@ -265,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sequences (prompts x n) waiting or running at once; more get 429 with Retry-After")
     run.add_argument("--request-timeout", type=positive(float, "a number of seconds"), default=300.0,
                      help="seconds a request may take, waiting included; past it: 504")
+    run.add_argument("--store-timeout", type=positive(float, "a number of seconds"), default=15.0,
+                     help="seconds an HTTP store may take to send its index or a manifest (an adapter file gets 1 s "
+                          "more per MiB)")
+    run.add_argument("--store-retry-after", type=positive(float, "a number of seconds"), default=5.0,
+                     help="seconds a failed store fetch is remembered and answered at once")
+    run.add_argument("--max-adapter-bytes", type=parse_size, default=4 << 30,
+                     help="the largest adapter file a store's manifest may declare, e.g. 8GB")
     run.add_argument("--allowed-host", action="append", default=[],
                      help="extra Host header value to accept, e.g. edge.example.com:443 (repeatable)")
     run.add_argument("--allowed-origin", action="append", default=[],
@@ -289,8 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--version")
     deploy.add_argument("--alias")
     deploy.add_argument("--runtime-url")
+    deploy.add_argument("--gguf", choices=["f16", "q8_0", "bf16", "f32"],
+                        help="also publish it as a GGUF LoRA of this type (llama.cpp, Ollama)")
     deploy.add_argument("--json", action="store_true")
     deploy.set_defaults(func=cmd_deploy)
+
+    export_gguf = sub.add_parser("export-gguf", help="write an adapter as a GGUF LoRA for llama.cpp and Ollama")
+    export_gguf.add_argument("adapter", help="training job id, adapter folder or store reference")
+    export_gguf.add_argument("--out", type=Path, help="the file to write (default: ./<adapter>.<outtype>.gguf)")
+    export_gguf.add_argument("--outtype", choices=["f16", "q8_0", "bf16", "f32"], default="f16")
+    export_gguf.add_argument("--base-model", help="the base it was trained on (default: as its job or "
+                             "adapter_config.json says); a .gguf base is checked tensor by tensor")
+    export_gguf.add_argument("--json", action="store_true")
+    export_gguf.set_defaults(func=cmd_export_gguf)
 
     adapters = sub.add_parser("adapters", help="list the edge store")
     adapters.add_argument("name", nargs="?")

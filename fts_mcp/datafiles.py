@@ -1,10 +1,14 @@
-"""Training data: JSONL in one of three forms, validated line by line before any job is queued.
+"""Training data: JSONL in one of four forms, validated line by line before any job is queued.
 
 * chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 * completion:  {"prompt": "...", "completion": "..."}
 * text:        {"text": "..."}
+* preference:  {"prompt": "...", "chosen": "...", "rejected": "..."} (preference tuning, method "dpo"); or in
+               conversational form, as TRL takes it: "prompt" a message list ending with a user turn, "chosen" and
+               "rejected" each a list of one assistant message. One of the two forms per file.
 
-Loss is taken on the assistant turns (chat) or the completion (completion form) only; on everything for text.
+Loss is taken on the assistant turns (chat) or the completion (completion form) only; on everything for text; on
+both answers of a preference pair.
 This module is pure Python (no torch): the server validates with it, the worker reads with it.
 
 Files are read a line at a time with bounded memory whatever they hold: a line longer than `MAX_LINE_BYTES` or
@@ -24,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from fts_mcp.errors import DatasetInvalid
 
-Format = Literal["chat", "completion", "text"]
+Format = Literal["chat", "completion", "text", "preference"]
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 50
 # Guidance on size, shared with the planning docs: 100-500 good examples teach a style, 1K-10K a task.
@@ -42,7 +46,8 @@ class LineError(BaseModel):
 
 
 class TokenStats(BaseModel):
-    """Token counts under the base model's tokenizer and chat template, as the training job will see them."""
+    """Token counts under the base model's tokenizer and chat template, as the training job will see them. A
+    preference pair's length is its prompt with the longer answer."""
 
     min: int
     mean: float
@@ -50,7 +55,8 @@ class TokenStats(BaseModel):
     p95: int
     max: int
     total_tokens: int
-    trained_tokens: int = Field(description="tokens that carry loss (assistant turns / completions / text)")
+    trained_tokens: int = Field(description="tokens that carry loss (assistant turns / completions / text / both "
+                                            "answers of a preference pair)")
     over_max_seq_len: int = Field(description="examples longer than max_seq_len, which training truncates")
     max_seq_len: int
 
@@ -58,7 +64,8 @@ class TokenStats(BaseModel):
 class DatasetReport(BaseModel):
     ok: bool = Field(description="true when the file can be trained on as it is")
     path: str
-    format: Format | None = Field(description="chat, completion or text; null when no line could be read")
+    format: Format | None = Field(description="chat, completion, text or preference; null when no line could be "
+                                              "read")
     examples: int
     errors: list[LineError] = Field(default_factory=list)
     error_count: int = 0
@@ -115,7 +122,64 @@ def _check_text(record: dict) -> str | None:
     return None
 
 
-CHECKS = {"chat": _check_chat, "completion": _check_completion, "text": _check_text}
+def _check_messages(messages: object, name: str) -> str | None:
+    """A list of {role, content} objects with known roles and non-empty text."""
+    if not isinstance(messages, list) or not messages:
+        return f"'{name}' must be a non-empty list of {{role, content}} objects"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"{name}[{i}] must be an object with 'role' and 'content', got {type(message).__name__}"
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return f"{name}[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(content, str) or not content.strip():
+            return f"{name}[{i}].content must be a non-empty string"
+    return None
+
+
+def _check_preference(record: dict) -> str | None:
+    """One prompt, two different answers to it: plain strings, or messages (the conversational form)."""
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        return f"a preference pair needs 'prompt', 'chosen' and 'rejected'; missing {', '.join(map(repr, missing))}"
+    prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+    if isinstance(prompt, str):
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(answer, str):
+                return f"'{name}' must be a string like 'prompt' (or all three message lists), got " \
+                       f"{type(answer).__name__}"
+            if not answer.strip():
+                return f"'{name}' is empty"
+        if chosen.strip() == rejected.strip():
+            return "'chosen' and 'rejected' are the same answer: there is no preference to learn"
+        return None
+    if not isinstance(prompt, list):
+        return f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
+    if (problem := _check_messages(prompt, "prompt")) is not None:
+        return problem
+    if prompt[-1]["role"] != "user":
+        return "'prompt' must end with a user message: the answers follow it"
+    if (problem := _check_chat({"messages": [*prompt, {"role": "assistant", "content": "-"}]})) is not None:
+        return problem.replace("messages[", "prompt[")  # the turn order, as for a chat line
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(answer, list):
+            return f"'{name}' must be a list with one assistant message like 'prompt' is a message list, got " \
+                   f"{type(answer).__name__}"
+        if (problem := _check_messages(answer, name)) is not None:
+            return problem
+        if len(answer) != 1 or answer[0]["role"] != "assistant":
+            return f"'{name}' must hold exactly one message, from the assistant"
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        return "'chosen' and 'rejected' are the same answer: there is no preference to learn"
+    return None
+
+
+def conversational(record: dict) -> bool:
+    """A preference pair in the conversational form (messages rather than plain text)."""
+    return isinstance(record.get("prompt"), list)
+
+
+CHECKS = {"chat": _check_chat, "completion": _check_completion, "text": _check_text, "preference": _check_preference}
 
 
 def _lone_surrogate(value: object, where: str = "") -> str | None:
@@ -139,6 +203,8 @@ def _lone_surrogate(value: object, where: str = "") -> str | None:
 def record_format(record: dict) -> Format | None:
     if "messages" in record:
         return "chat"
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "prompt" in record or "completion" in record:
         return "completion"
     if "text" in record:
@@ -173,6 +239,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
 def scan(path: Path) -> Iterator[tuple[int, str | None, dict | None, str | None]]:
     """Each non-blank line checked: (line, format, record, None) or (line, None, None, problem)."""
     fmt: Format | None = None
+    pairs_as_messages: bool | None = None  # preference files: the form of the first pair
     for number, raw in _lines(path):
         if raw is None:
             yield number, None, None, f"longer than {MAX_LINE_BYTES >> 20} MiB; split the example or shorten it"
@@ -201,7 +268,8 @@ def scan(path: Path) -> Iterator[tuple[int, str | None, dict | None, str | None]
         this = record_format(record)
         if this is None:
             names = ", ".join(repr(k[:40]) for k in sorted(record)[:10]) or "no fields"
-            yield number, None, None, f"expected a 'messages', 'prompt'+'completion' or 'text' field; found {names}"
+            yield number, None, None, f"expected a 'messages', 'prompt'+'completion' or 'text' field (or 'prompt'+" \
+                                      f"'chosen'+'rejected' for a preference pair); found {names}"
             continue
         if fmt is None:
             fmt = this
@@ -213,6 +281,14 @@ def scan(path: Path) -> Iterator[tuple[int, str | None, dict | None, str | None]
         if problem is not None:
             yield number, None, None, problem
             continue
+        if this == "preference":
+            if pairs_as_messages is None:
+                pairs_as_messages = conversational(record)
+            elif conversational(record) != pairs_as_messages:
+                forms = ("conversational (message lists)", "plain text")
+                yield number, None, None, f"this pair is in {forms[not conversational(record)]} form but the file " \
+                                          f"started in {forms[not pairs_as_messages]} form; use one form per file"
+                continue
         yield number, this, record, None
 
 

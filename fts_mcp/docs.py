@@ -10,8 +10,8 @@ from pydantic import BaseModel
 
 from fts_mcp.training.spec import LoraSpec, TrainingSpec
 
-DOC_TOPICS = ("lora", "qlora", "memory", "ft-vs-rag", "data-and-compute", "forgetting", "merging", "edge",
-              "settings")
+DOC_TOPICS = ("lora", "qlora", "memory", "ft-vs-rag", "data-and-compute", "forgetting", "preference", "merging",
+              "edge", "settings")
 
 
 def _bounds(field) -> str:

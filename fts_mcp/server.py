@@ -287,8 +287,8 @@ def validate_dataset(
     = None,
     max_seq_len: Annotated[int, Field(ge=16, le=262_144)] = 2048,
 ) -> ReportView:
-    """Check a JSONL training file (chat, prompt/completion or text lines) before training, and after every edit:
-    errors by line, warnings, and with base_model token statistics."""
+    """Check a JSONL training file (chat, prompt/completion, text, or prompt/chosen/rejected pairs) before training,
+    and after every edit: errors by line, warnings, and with base_model token statistics."""
     return answer(report_view(_core(ctx).training.validate_dataset(path, base_model, max_seq_len), base_model))
 
 
@@ -306,8 +306,10 @@ def start_qlora_job(
     ] = "auto",
     training: Annotated[dict[str, Any] | None, Field(description=f"e.g. max_steps, learning_rate, micro_batch_size"
                                                                  f" ({SEE_SETTINGS})")] = None,
-    resume_from: Annotated[str | None, Field(description="a stopped or finished training job to continue from")]
-    = None,
+    resume_from: Annotated[str | None, Field(description="a stopped or finished training job to continue from "
+                                                         "(dpo: or a finished sft job)")] = None,
+    method: Annotated[Literal["sft", "dpo"], Field(description="dpo: preference pairs {prompt, chosen, rejected} "
+                                                               "(fts://docs/preference)")] = "sft",
 ) -> JobView:
     """Launch a LoRA / QLoRA fine-tune as a background job; returns at once: running when a device slot is
     free, else queued. Follow it with job_status; artifacts.adapter_dir then holds the adapter."""
@@ -316,7 +318,7 @@ def start_qlora_job(
                               lora=parse(LoraSpec, lora, param="lora", see=SEE_SETTINGS),
                               quantization=quantization,
                               training=parse(TrainingSpec, training, param="training", see=SEE_SETTINGS),
-                              resume_from=resume_from)
+                              resume_from=resume_from, method=method)
     return answer(job_view(job))
 
 
@@ -441,7 +443,7 @@ def evaluate_adapter(
     max_examples: Annotated[int, Field(ge=1, le=10_000)] = 50,
 ) -> JobView:
     """Before shipping: base vs adapter on held-out data (background job): loss, exact match, format check,
-    forgetting probe, sample answers."""
+    forgetting probe, sample answers; on preference pairs, how often each prefers the chosen answer."""
     job = _core(ctx).evaluating.evaluate(adapter, merged_model=merged_model, dataset=dataset, base_model=base_model,
                                          answer_format=answer_format, regex=regex, max_examples=max_examples)
     return answer(job_view(job))
@@ -460,11 +462,14 @@ def deploy_adapter(
     alias: Annotated[str | None, Field(description="alias to move here, e.g. prod")] = None,
     runtime_url: RuntimeUrl = None,
     dtype: Dtype = "bfloat16",
+    gguf: Annotated[Literal["f16", "q8_0", "bf16", "f32"] | None, Field(
+        description="also publish it as a GGUF LoRA of this type, for llama.cpp and Ollama")] = None,
 ) -> DeploymentView:
     """Publish an adapter as an immutable version in the adapter store (optionally moving an alias and loading it
-    into a runtime); returns the `model` string for requests."""
+    into a runtime); returns the `model` string for requests. With gguf: the Ollama Modelfile and llama-server
+    line too."""
     return answer(deployment_view(_core(ctx).edge.deploy(adapter, name, version=version, alias=alias,
-                                                          runtime_url=runtime_url, dtype=dtype)))
+                                                          runtime_url=runtime_url, dtype=dtype, gguf=gguf)))
 
 
 @mcp.tool(title="List adapters in the edge store", annotations=READ_ONLY)
@@ -614,13 +619,14 @@ def estimate_resources(
     price_per_gpu_hour: Annotated[float | None, Field(ge=0, le=10_000)] = None,
     utilization: Annotated[float | None, Field(gt=0, le=1)] = None,
     workers: Annotated[int, Field(ge=1, le=64)] = 1,  # data-parallel GPUs, as training.workers
+    objective: Literal["sft", "dpo"] = "sft",  # start_qlora_job's method (dpo: two sequences + a reference pass)
 ) -> EstimateView:
     """Before training: memory by term for full, LoRA, QLoRA; fit; a setup that fits; time, cost. Give base_model,
     params or the shape (workers: DDP GPUs). Defaults are the recipe's; notes say what was assumed."""
     settings = RunSettings(seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
                                 target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                                 optimizer=optimizer, cross_entropy=cross_entropy, padding_free=padding_free,
-                                precision=precision or "mixed", workers=workers,
+                                precision=precision or "mixed", workers=workers, objective=objective,
                                 adapter_dtype={None: None, "mixed": "fp32", "bf16": "bf16"}[precision])
     shape = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
              "vocab": vocab}

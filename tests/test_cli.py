@@ -49,9 +49,10 @@ def test_jobs_commands(fts_home, capsys):
 
 def test_readme_documents_the_commands_and_every_tool_argument():
     readme = (REPO / "README.md").read_text()
-    for command in ("fts-mcp demo", "fts-mcp serve --transport", "fts-mcp jobs", "python -m pytest", "claude mcp add",
-                    "mcpServers", '"servers"'):
+    for command in ("fts-mcp demo", "fts-mcp serve --transport", "fts-mcp jobs", "fts-mcp export-gguf",
+                    "python -m pytest", "claude mcp add", "mcpServers", "docs/clients.md"):
         assert command in readme, command
+    assert '"servers"' in (REPO / "docs" / "clients.md").read_text()  # VS Code's form
     import anyio
 
     from fts_mcp.server import mcp
@@ -130,3 +131,16 @@ def test_a_store_url_in_fts_store_is_refused_by_what_publishes_and_kept_for_the_
     else:
         with pytest.raises(FtsError, match="FTS_STORE"):
             settings.store_location  # noqa: B018 - the property refuses it
+
+
+def test_edge_serve_takes_the_store_limits_from_its_flags(fts_home, tiny_model, monkeypatch):
+    """A slow or far store, or adapters over 4 GiB: the runtime's store limits are set on its command line."""
+    import fts_mcp.edge.api.server as server
+
+    seen = []
+    monkeypatch.setattr(server, "serve", seen.append)
+    assert main(["edge", "serve", "--base", str(tiny_model), "--store-timeout", "40", "--store-retry-after", "2",
+                 "--max-adapter-bytes", "8GiB"]) == 0
+    assert (seen[0].store_deadline, seen[0].store_retry_after, seen[0].max_adapter_bytes) == (40.0, 2.0, 8 << 30)
+    with pytest.raises(SystemExit):
+        main(["edge", "serve", "--base", str(tiny_model), "--store-timeout", "0"])

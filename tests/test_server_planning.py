@@ -45,6 +45,10 @@ async def test_planning_tools_through_a_client(fts_home, tiny_model, mode):
         assert by["qlora"]["throughput"]["cost_usd"] > 0
         local = (await client.call_tool("estimate_resources", {"base_model": str(tiny_model), "method": "qlora"}))
         assert local.structured_content["architecture"]["hidden"] == 64
+        pairs = (await client.call_tool("estimate_resources", {"params": 70_000_000_000, "gpu": "H100",
+                                                               "method": "qlora", "objective": "dpo"}))
+        dpo = pairs.structured_content["estimates"][0]["memory"]
+        assert dpo["reference_forward_gb"] > 0 and dpo["activations_gb"] > by["qlora"]["memory"]["activations_gb"]
 
 
 @MODES

@@ -106,10 +106,12 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_ui_is_served_under_the_http_rules(fts_home):
+def test_ui_is_served_under_the_http_rules(fts_home, tmp_path):
     """The page (no data in it) answers a plain navigation, under the Host/Origin rules, with a policy that runs its own
-    scripts only and lets it talk to its own origin only; /mcp still wants the token."""
-    with fts_server("--token", TOKEN) as port:
+    scripts only and lets it talk to its own origin only; /mcp still wants the token. The server says where it is."""
+    with fts_server("--token", TOKEN, log=tmp_path / "serve.log") as port:
+        said = (tmp_path / "serve.log").read_text()
+        assert f"fts-mcp: job view at http://127.0.0.1:{port}/ui#token={TOKEN}" in said, said  # given on its line
         base = f"http://127.0.0.1:{port}"
         with httpx2.Client(timeout=20) as http:
             got = http.get(f"{base}/ui")
@@ -125,6 +127,13 @@ def test_ui_is_served_under_the_http_rules(fts_home):
             assert http.get(f"{base}/ui", headers={"Origin": "http://evil.example"}).status_code == 403
             assert http.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).status_code == 401
             assert http.get(f"{base}/ui/anything").status_code == 401  # not the page: the token rules
+
+
+def test_a_token_from_the_environment_stays_out_of_the_servers_log(fts_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTS_AUTH_TOKEN", TOKEN)
+    with fts_server(log=tmp_path / "serve.log") as port:
+        said = (tmp_path / "serve.log").read_text()
+    assert f"fts-mcp: job view at http://127.0.0.1:{port}/ui#token=<FTS_AUTH_TOKEN>" in said and TOKEN not in said
 
 
 # ---- browser tests ----------------------------------------------------------------------------------------------
@@ -397,3 +406,36 @@ def test_the_page_at_ui_lists_jobs_follows_one_and_cancels_it(fts_home, tiny_mod
     assert not errors, errors
     assert TOKEN not in log.read_text()
 
+
+
+@pytest.mark.browser
+def test_a_preference_job_shows_what_people_watch_and_its_evaluation_on_pairs(fts_home, tiny_model, chromium, shots,
+                                                                              tmp_path):
+    """A DPO job (method "dpo"): the view shows preference accuracy and reward margin, on the training and held-out
+    pairs; Evaluate compares base and adapter on the pairs (how often each prefers the chosen answer)."""
+    from tests.test_e2e_preference import codeword_pairs
+
+    args = {"base_model": str(tiny_model), "dataset": str(codeword_pairs(tmp_path)), "method": "dpo",
+            "quantization": "none", "lora": {"r": 16, "dropout": 0.0},
+            "training": training(24, eval_fraction=0.25, checkpoint_every_steps=8, beta=0.5)}
+    with fts_server("--token", TOKEN) as port:
+        job = outside_the_browser_loop(_start_over_http, port, args)
+        page = chromium.new_context(viewport={"width": 1100, "height": 900}).new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://127.0.0.1:{port}/ui#token={TOKEN}")
+        page.locator(f"tr[data-job={job['job_id']}]").click(timeout=30_000)
+        page.locator("[data-state=succeeded]").wait_for(timeout=240_000)
+        for stat in ("preference_accuracy", "reward_margin", "eval_preference_accuracy"):
+            assert page.locator(f"[data-stat={stat}] .value").inner_text() != "–", stat
+        assert page.locator("[data-stat=preference_accuracy] .value").inner_text().endswith("%")
+        shot(page, shots, "browser-preference.png")
+
+        page.locator("[data-action=evaluate]").click()
+        page.locator("[data-testid=eval-table]").wait_for(timeout=240_000)
+        table = page.locator("[data-testid=eval-table]").inner_text()
+        assert "Prefers the chosen answer" in table and "Log-likelihood margin" in table, table
+        assert page.locator(".sample").count() >= 1 and "favours" in page.locator(".sample").first.inner_text()
+        shot(page, shots, "browser-preference-eval.png")
+        page.context.close()
+    assert not errors, errors

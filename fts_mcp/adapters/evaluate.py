@@ -4,7 +4,10 @@ forget anything?
 
 For each side: loss and perplexity on the expected answers (completion tokens only), exact match of greedy
 answers, a format check (valid JSON, or a regular expression) when the expected answers have one, perplexity on
-general text shipped in resources/ (the forgetting probe), and a few sample answers. A combined adapter (a
+general text shipped in resources/ (the forgetting probe), and a few sample answers. On preference pairs
+(prompt, chosen, rejected) the loss is the chosen answer's, and each side also reports how often it finds the
+chosen answer more likely than the rejected one (`preference_accuracy`, summed log-probabilities, as DPO compares
+them) and the mean margin; that accuracy decides the verdict. A combined adapter (a
 merge of several) is also scored against each of its parts alone on that part's own data. The verdict (better or
 not) comes from the task figures alone; forgetting is advice beside it, never a reversal. `run(spec, ctx)` runs
 in a job's work horse; models load through `fts_mcp.models.loading`.
@@ -61,6 +64,11 @@ def examples(spec: EvalJobSpec, tokenizer: Any) -> list[dict[str, Any]]:
         raise DatasetInvalid(f"{len(errors)} example(s) cannot be rendered for this model", errors, param="dataset")
     out = []
     for (_, record), enc in zip(rows, encoded, strict=True):
+        if data.format == "preference":  # scored on the chosen answer (loss) and on the pair (preference)
+            ids = enc["prompt_ids"] + enc["chosen_ids"]
+            out.append({"ids": ids, "mask": [0] * len(enc["prompt_ids"]) + [1] * len(enc["chosen_ids"]),
+                        "prompt_ids": None, "expected": None, "pair": enc, "record": record})
+            continue
         example = {"ids": enc["input_ids"], "mask": enc["completion_mask"], "prompt_ids": None, "expected": None}
         if data.format == "completion":
             example.update(prompt_ids=encode_prompt(tokenizer, record["prompt"]), expected=record["completion"],
@@ -87,6 +95,26 @@ def completion_loss(model: Any, batch: list[dict[str, Any]]) -> tuple[float, int
         loss = model(input_ids=ids, labels=labels).loss.float().item()
         total, count = total + loss * trained, count + trained
     return total, count
+
+
+@torch.no_grad()
+def answer_logp(model: Any, prompt_ids: list[int], answer_ids: list[int]) -> float:
+    """Log-likelihood of an answer after its prompt: its tokens' log-probabilities summed (what DPO compares)."""
+    ids = torch.tensor([prompt_ids + answer_ids], device=model.device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    scored = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(scored[max(0, len(prompt_ids) - 1):].sum())
+
+
+def preference(model: Any, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """On preference pairs: how often the model finds the chosen answer more likely than the rejected one, and the
+    mean log-likelihood margin (chosen minus rejected); the per-pair margins for the samples."""
+    margins = [answer_logp(model, e["pair"]["prompt_ids"], e["pair"]["chosen_ids"])
+               - answer_logp(model, e["pair"]["prompt_ids"], e["pair"]["rejected_ids"]) for e in batch if "pair" in e]
+    if not margins:
+        return {}
+    return {"preference_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
+            "logp_margin": round(sum(margins) / len(margins), 4), "_margins": margins}
 
 
 @torch.no_grad()
@@ -159,6 +187,7 @@ def side(model: Any, tokenizer: Any, spec: EvalJobSpec, batch: list[dict[str, An
         "format_ok": round(sum(format_ok(spec, a) for a, _ in scored) / len(scored), 4)
         if scored and check_format else None,
     }
+    result |= preference(model, batch)
     if probe:
         result["general_text_perplexity"] = round(probe_perplexity(model, tokenizer), 3)
     return result | {"_answers": answers}
@@ -174,7 +203,11 @@ class Verdict(NamedTuple):
 
 
 def compared(base: dict[str, Any], tuned: dict[str, Any]) -> tuple[bool, str]:
-    """Better on the task or not, and how it was decided: exact match where it moved, else loss."""
+    """Better on the task or not, and how it was decided: preference accuracy (preference pairs) or exact match
+    where it moved, else loss."""
+    if base.get("preference_accuracy") is not None and tuned["preference_accuracy"] != base["preference_accuracy"]:
+        return (tuned["preference_accuracy"] > base["preference_accuracy"],
+                f"prefers the chosen answer {base['preference_accuracy']:.0%} -> {tuned['preference_accuracy']:.0%}")
     if base["exact_match"] is not None and tuned["exact_match"] != base["exact_match"]:
         return (tuned["exact_match"] > base["exact_match"],
                 f"exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%}")
@@ -255,12 +288,21 @@ def score_part(model: PeftModel, spec: EvalJobSpec, part: EvalPart, index: int, 
         model.set_adapter("default", inference_mode=True)
         model.delete_adapter(name)
     combined = side(model, tokenizer, part_spec, batch, check_format, probe=False)
-    alone.pop("_answers"), combined.pop("_answers")
+    for scored in (alone, combined):
+        scored.pop("_answers"), scored.pop("_margins", None)
     keeps, how = kept(alone, combined)
     return {"name": part.name, "dataset": part.dataset, "split": part.split.model_dump() if part.split else None,
             "data": "its training job's held-out split" if part.split else
             "its training data (its job kept no eval split): how well the task is remembered, not held out",
             "examples": len(batch), "alone": alone, "combined": combined, "kept": keeps, "how": how}
+
+
+def pair_sample(record: dict[str, Any], base: float, tuned: float) -> dict[str, Any]:
+    """A preference pair as the report shows it: the texts, and how much more likely each side finds chosen."""
+    text = lambda value: value if isinstance(value, str) else value[-1]["content"]  # noqa: E731 - messages or text
+    return {"prompt": text(record["prompt"])[:300], "chosen": text(record["chosen"])[:300],
+            "rejected": text(record["rejected"])[:300], "base_logp_margin": round(base, 3),
+            "adapter_logp_margin": round(tuned, 3)}
 
 
 def run(spec: EvalJobSpec, ctx: JobContext) -> Artifacts:
@@ -289,6 +331,9 @@ def run(spec: EvalJobSpec, ctx: JobContext) -> Artifacts:
                 "base": (b or "")[:300], "adapter": (t or "")[:300]}
                for e, b, t in list(zip(batch, base_answers, tuned_answers, strict=True))[: spec.samples]
                if e["expected"] is not None]
+    if "_margins" in base_side:  # preference pairs: each side's log-likelihood margin, chosen minus rejected
+        samples = [pair_sample(e["record"], b, t) for e, b, t in
+                   zip(batch, base_side.pop("_margins"), tuned_side.pop("_margins"), strict=False)][: spec.samples]
     report = {"examples": len(batch), "base": base_side, "adapter": tuned_side, "better": found.better,
               "forgetting": found.forgetting, "summary": found.summary, "advice": found.advice, "samples": samples,
               "dataset": spec.dataset, "split": spec.split.model_dump() if spec.split else None}
@@ -296,7 +341,8 @@ def run(spec: EvalJobSpec, ctx: JobContext) -> Artifacts:
         report |= {"parts": parts, "parts_skipped": spec.parts_skipped}
     write_json_atomic(ctx.workdir / "eval.json", report)
     brief = {k: report[k] for k in ("examples", "base", "adapter", "better", "forgetting", "summary", "advice")}
-    brief["samples"] = [{k: v[:120] for k, v in sample.items()} for sample in samples[:2]]  # fts://jobs/{id}/eval
+    brief["samples"] = [{k: v[:120] if isinstance(v, str) else v for k, v in sample.items()}  # fts://jobs/{id}/eval
+                        for sample in samples[:2]]
     if "parts" in report:
         brief["parts"] = [{"name": p["name"], "alone": p["alone"]["exact_match"],
                            "combined": p["combined"]["exact_match"], "kept": p["kept"]} for p in parts]

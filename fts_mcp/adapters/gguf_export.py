@@ -15,7 +15,8 @@ llama.cpp computes PEFT's delta for every layer. What llama.cpp cannot apply is 
 written, with the reason: DoRA, trained embeddings or output head, `modules_to_save`, trained biases, and any
 architecture this module has no checked name map for.
 
-Pure torch + safetensors + gguf, for a worker or the command line (never imported by the server).
+Pure torch + safetensors + gguf, for the command line (`fts-mcp export-gguf`) and the subprocess that
+`deploy_adapter(gguf=...)` runs (`python -m fts_mcp.adapters.gguf_export`); never imported by the server.
 """
 
 from __future__ import annotations
@@ -25,21 +26,20 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import gguf
 import numpy as np
 import torch
-from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fts_mcp.adapters.inspect import CONFIG, WEIGHTS, read_adapter_config
-from fts_mcp.errors import InvalidArgument
+from fts_mcp.adapters.llamacpp import ARCHITECTURE_NAMES, GgufAdapter, OutType, check_config, refuse
+from fts_mcp.errors import FtsError, InvalidArgument
 from fts_mcp.files import create_beside, sha256_file
 from fts_mcp.models.architecture import Architecture, from_config
 
-OutType = Literal["f32", "f16", "bf16", "q8_0"]
 QTYPES: dict[str, gguf.GGMLQuantizationType] = {
     "f32": gguf.GGMLQuantizationType.F32,
     "f16": gguf.GGMLQuantizationType.F16,
@@ -54,48 +54,8 @@ ARCHITECTURES: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
     "Qwen2ForCausalLM": (gguf.MODEL_ARCH.QWEN2, False),
     "Qwen3ForCausalLM": (gguf.MODEL_ARCH.QWEN3, False),
 }
+assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES  # what the server's torch-free check accepts
 LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
-# Keys of adapter_config.json that ask for something a GGUF LoRA cannot carry, with the reason given.
-UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora) rescales each weight by a learned magnitude that llama.cpp cannot apply; merge "
-                "the adapter (merge_adapter) and convert the merged model instead",
-    "modules_to_save": "it trains whole modules ({value}) besides LoRA pairs (modules_to_save); llama.cpp adapters "
-                       "hold LoRA pairs only: merge the adapter and convert the merged model instead",
-    "trainable_token_indices": "it trains embedding rows (trainable_token_indices), which a GGUF LoRA cannot carry",
-    "target_parameters": "it adapts raw parameters (target_parameters), which llama.cpp's LoRA loader does not map",
-    "alora_invocation_tokens": "it is an activated LoRA (alora_invocation_tokens), which this exporter does not write",
-    "use_qalora": "it is a QA-LoRA adapter (use_qalora), whose pooled inputs llama.cpp cannot apply",
-    "layer_replication": "it replicates layers (layer_replication), which the base GGUF file does not have",
-    "lora_bias": "it trains a bias on lora_B (lora_bias), which llama.cpp adapters cannot carry",
-    "fan_in_fan_out": "its weights are stored transposed (fan_in_fan_out, GPT-2 style Conv1D layers), which this "
-                      "exporter does not convert",
-}
-
-
-# PEFT initialisations that rewrite the base weights (the adapter only fits the rewritten base), until saved with
-# path_initial_model_for_weight_conversion, which turns them into a plain LoRA of the original base.
-BASE_CHANGING_INITS = {"pissa", "olora", "loftq", "corda"}
-
-
-class GgufAdapter(BaseModel):
-    """The written file: where, how big, its sha256, and what llama.cpp will read from it."""
-
-    path: str
-    bytes: int
-    sha256: str
-    tensors: int  # lora_a + lora_b tensors (two per adapted weight)
-    outtype: OutType
-    alpha: float  # adapter.lora.alpha as written: llama.cpp scales each delta by alpha / r
-    rank: int
-    architecture: str  # general.architecture, the base's
-    tensor_types: dict[str, int]  # GGML type name -> tensor count (q8_0 keeps rows not a multiple of 32 in F16)
-    notes: list[str]  # what was adjusted on the way (rsLoRA alpha, folded scales, F16 fallbacks)
-
-
-def _refuse(reason: str, *, param: str) -> InvalidArgument:
-    return InvalidArgument(f"cannot export this adapter for llama.cpp: {reason}", param=param)
-
-
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     """The `rank_pattern` / `alpha_pattern` key PEFT applies to a module (peft.utils.other.get_pattern_key)."""
     return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
@@ -120,36 +80,10 @@ def _architecture(config: dict[str, Any], *, param: str) -> tuple[str, gguf.MODE
     names = config.get("architectures")
     name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
     if name not in ARCHITECTURES:
-        raise _refuse(f"the base's architecture {name!r} has no checked GGUF tensor-name map here; supported: "
+        raise refuse(f"the base's architecture {name!r} has no checked GGUF tensor-name map here; supported: "
                       f"{', '.join(ARCHITECTURES)}", param=param)
     arch, permuted = ARCHITECTURES[name]
     return name, arch, permuted
-
-
-def _check_config(raw: dict[str, Any], *, param: str) -> None:
-    for key, reason in UNSUPPORTED.items():
-        value = raw.get(key)
-        if value:
-            raise _refuse(reason.format(value=value), param=param)
-    if raw.get("bias", "none") != "none":
-        raise _refuse(f"it trains biases (bias={raw['bias']!r}); llama.cpp adapters hold LoRA pairs only",
-                      param=param)
-    init = raw.get("init_lora_weights")
-    if isinstance(init, str) and init.split("_niter_")[0] in BASE_CHANGING_INITS:
-        raise _refuse(f"it was initialised with {init!r}, which changes the base weights it runs on; save it with "
-                      "PEFT's path_initial_model_for_weight_conversion (a plain LoRA of the original base) first",
-                      param=param)
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = raw.get(key) or {}
-        if not isinstance(pattern, dict):
-            raise _refuse(f"its {key} is not a mapping of module patterns to numbers", param=param)
-        for module, value in pattern.items():
-            try:
-                re.compile(module)
-                float(value)
-            except (re.error, TypeError, ValueError) as exc:
-                raise _refuse(f"its {key} entry {module!r}: {value!r} is not a module pattern and a number",
-                              param=param) from exc
 
 
 def _pairs(weights: dict[str, torch.Tensor], *, param: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -166,18 +100,18 @@ def _pairs(weights: dict[str, torch.Tensor], *, param: str) -> dict[str, dict[st
                 what = "a DoRA magnitude vector"
             else:
                 what = "a tensor that is not a LoRA pair"
-            raise _refuse(f"it holds {what} ({key}); llama.cpp adapters hold lora_A / lora_B pairs of linear "
+            raise refuse(f"it holds {what} ({key}); llama.cpp adapters hold lora_A / lora_B pairs of linear "
                           "layers only: merge the adapter and convert the merged model instead", param=param)
         pairs.setdefault(match["module"], {})[match["side"]] = tensor
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
-            raise _refuse(f"{module} has lora_{''.join(pair)} without its partner", param=param)
+            raise refuse(f"{module} has lora_{''.join(pair)} without its partner", param=param)
         a, b = pair["A"], pair["B"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise _refuse(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not a rank-r pair",
+            raise refuse(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not a rank-r pair",
                           param=param)
     if not pairs:
-        raise _refuse(f"its {WEIGHTS} holds no lora_A / lora_B tensors", param=param)
+        raise refuse(f"its {WEIGHTS} holds no lora_A / lora_B tensors", param=param)
     return pairs
 
 
@@ -195,25 +129,27 @@ def _base_gguf_tensors(path: Path, architecture: str, *, param: str) -> dict[str
     except (KeyError, ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"{path} is not a readable GGUF model file ({type(exc).__name__})", param=param) from exc
     if arch != architecture:
-        raise _refuse(f"{path.name} is a {arch!r} model and the adapter's base a {architecture!r} one", param=param)
+        raise refuse(f"{path.name} is a {arch!r} model and the adapter's base a {architecture!r} one", param=param)
     return {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
 
 
 def export_gguf(adapter: Path, base: Path, out: Path, *, outtype: OutType = "f16", base_gguf: Path | None = None,
-                name: str | None = None, param: str = "adapter", base_param: str = "base_model") -> GgufAdapter:
+                name: str | None = None, param: str = "adapter", base_param: str = "base_model",
+                base_name: str | None = None) -> GgufAdapter:
     """Write `adapter` (a PEFT LoRA folder) as a GGUF LoRA file at `out` (atomically: whole or not at all).
 
     `base` is the base model's Hugging Face folder (or its config.json): architecture, layer count and shapes come
     from it. `base_gguf`, when given, is the base's own GGUF file, and every tensor must exist there with the
-    matching shape (what llama.cpp checks on load). Everything is checked before a byte is written."""
+    matching shape (what llama.cpp checks on load). Everything is checked before a byte is written. `base_name`: what
+    messages call the base (default: `base`)."""
     if outtype not in QTYPES:
         raise InvalidArgument(f"outtype {outtype!r} is not one of {', '.join(QTYPES)}", param="outtype")
     config = read_adapter_config(adapter, param=param)
     raw = json.loads((adapter / CONFIG).read_text())
-    _check_config(raw, param=param)
+    check_config(raw, param=param)
     base_config = _base_config(base, param=base_param)
     _, arch, permuted = _architecture(base_config, param=base_param)
-    shape: Architecture = from_config(base_config, source=str(base))
+    shape: Architecture = from_config(base_config, source=base_name or str(base))
     names = gguf.get_tensor_name_map(arch, shape.layers)
     architecture = gguf.MODEL_ARCH_NAMES[arch]
     try:
@@ -239,21 +175,21 @@ def export_gguf(adapter: Path, base: Path, out: Path, *, outtype: OutType = "f16
         target = names.get_name(module + ".weight", try_suffixes=(".weight",))
         layer = re.search(r"layers\.(\d+)\.", module)
         if layer is not None and int(layer.group(1)) >= shape.layers:
-            raise _refuse(f"it adapts layer {layer.group(1)} ({module}) and the base has {shape.layers} layers: it "
+            raise refuse(f"it adapts layer {layer.group(1)} ({module}) and the base has {shape.layers} layers: it "
                           "was trained for another base model", param=param)
         if target is None or not target.startswith("blk."):
             what = "the embeddings or the output head" if target is not None else "a module with no GGUF name"
-            raise _refuse(f"it adapts {what} ({module}); llama.cpp adapters here cover the blocks' linear layers "
+            raise refuse(f"it adapts {what} ({module}); llama.cpp adapters here cover the blocks' linear layers "
                           "only", param=param)
         leaf = module.rsplit(".", 1)[-1]
         if leaf in expected and (a.shape[1], b.shape[0]) != expected[leaf]:
-            raise _refuse(f"{module} is {a.shape[1]} -> {b.shape[0]} and the base's is {expected[leaf][0]} -> "
+            raise refuse(f"{module} is {a.shape[1]} -> {b.shape[0]} and the base's is {expected[leaf][0]} -> "
                           f"{expected[leaf][1]}: it was trained for another base model", param=param)
         if known is not None:
             if target not in known:
-                raise _refuse(f"{base_gguf} has no tensor {target} for {module}", param=base_param)
+                raise refuse(f"{base_gguf} has no tensor {target} for {module}", param=base_param)
             if known[target] != (b.shape[0], a.shape[1]):
-                raise _refuse(f"{target} in {base_gguf} is {known[target]}, the adapter's {module} is "
+                raise refuse(f"{target} in {base_gguf} is {known[target]}, the adapter's {module} is "
                               f"{(b.shape[0], a.shape[1])}: it was trained for another base model", param=base_param)
         rank = a.shape[0]
         key = _pattern_key(alpha_pattern, module)
@@ -309,3 +245,33 @@ def export_gguf(adapter: Path, base: Path, out: Path, *, outtype: OutType = "f16
     return GgufAdapter(path=str(out), bytes=out.stat().st_size, sha256=sha256_file(out), tensors=len(tensors),
                        outtype=outtype, alpha=alpha, rank=config.r, architecture=architecture, tensor_types=counts,
                        notes=notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fts_mcp.adapters.gguf_export ADAPTER BASE OUT [--outtype f16] [--base-gguf F] [--name N] [--json]`:
+    the export in its own process (the server's deploy runs it so). With --json the last line is the result, or
+    {"error", "param"} for a refusal (exit status 2)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fts_mcp.adapters.gguf_export")
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("base", type=Path, help="the base's Hugging Face folder or its config.json")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--outtype", default="f16", choices=list(QTYPES))
+    parser.add_argument("--base-gguf", type=Path)
+    parser.add_argument("--name")
+    parser.add_argument("--base-name", help="what messages call the base (default: BASE)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        done = export_gguf(args.adapter, args.base, args.out, outtype=args.outtype, base_gguf=args.base_gguf,
+                           name=args.name, base_name=args.base_name)
+    except FtsError as exc:  # a refusal, or a base whose config cannot be read
+        print(json.dumps({"error": exc.message, "param": exc.param}) if args.json else str(exc))
+        return 2
+    print(done.model_dump_json() if args.json else f"{done.path}  {done.bytes:,} bytes  sha256 {done.sha256}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

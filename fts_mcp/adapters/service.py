@@ -120,7 +120,17 @@ class Merging:
         record) is not the answer: a fresh job reuses that output (`merge.published`)."""
         published = False
         if (out / "merge.json").is_file():
-            manifest = json.loads((out / "merge.json").read_text())
+            try:
+                manifest = json.loads((out / "merge.json").read_text())
+            except OSError as exc:
+                raise FtsError(f"{out / 'merge.json'} cannot be read ({exc}); choose another output_name or fix its "
+                               "permissions", param="output_name") from exc
+            except ValueError:  # bytes that are not JSON: a file that is no merge's record
+                manifest = None
+            if not isinstance(manifest, dict):
+                raise InvalidArgument(f"{out} already exists and was not written by a merge (its merge.json is not "
+                                      "a merge's record); nothing was overwritten: choose another output_name",
+                                      param="output_name")
             if manifest.get("inputs_key") != key:
                 raise InvalidArgument(f"{out} already holds a merge of different inputs; choose another output_name",
                                       param="output_name")

@@ -9,6 +9,7 @@ Layout (servable as-is by any static HTTP server or CDN):
     <name>/<version>/adapter_model.safetensors
     <name>/<version>/tokenizer*.json, chat_template.jinja ...   the tokenizer the adapter was trained with
     <name>/<version>/training_base.json  the base it was trained on (NF4 or 16-bit), when known
+    <name>/<version>/adapter.gguf      the same adapter as a GGUF LoRA for llama.cpp and Ollama, when asked for
 
 Versions are immutable: publishing other bytes under an existing version is refused, the same bytes are a
 no-op. A version appears whole or not at all (written to a temp folder, then renamed); alias and index files
@@ -28,19 +29,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 from pydantic import BaseModel, Field, ValidationError
 
-from fts_mcp.adapters.inspect import CONFIG, WEIGHTS, read_adapter
+from fts_mcp.adapters.inspect import CONFIG, WEIGHTS, AdapterInfo, read_adapter
+from fts_mcp.adapters.llamacpp import EXPORT_SECONDS, GGUF_FILE
 from fts_mcp.errors import FtsError, InvalidArgument
 from fts_mcp.files import match_new_file_mode, sha256_file, write_json_atomic
 from fts_mcp.models.base import FILE as BASE_FILE
@@ -58,8 +63,10 @@ BASE = "base"  # what a request's `model` calls the base model; never an adapter
 RESERVED_NAMES = frozenset({BASE})
 MAX_ADAPTER_BYTES = 4 << 30  # the largest weights file a manifest may declare (a runtime may set its own)
 MAX_SIDE_FILE_BYTES = 64 << 20  # each other file of a version: config, tokenizer, chat template, training base
-# The only files a stored version may hold: PEFT's two, the tokenizer files saved beside them, the training base.
-ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, *COMPANION_FILES, BASE_FILE})
+# The only files a stored version may hold: PEFT's two, the tokenizer files saved beside them, the training base,
+# and the GGUF export of the same weights.
+ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, *COMPANION_FILES, BASE_FILE, GGUF_FILE})
+WEIGHT_FILES = frozenset({WEIGHTS, GGUF_FILE})  # bounded by max_adapter_bytes; the others by MAX_SIDE_FILE_BYTES
 REF_FORMS = ("a store reference is name, name@v3 or name:alias; names are 1-64 lowercase letters, digits, '.', "
              "'_' or '-', starting with a letter or digit")
 
@@ -97,6 +104,7 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] | None = None
     training_base: TrainingBase | None = Field(None, description="the base it was trained on; what serving, "
                                                                  "evaluating and merging load by default")
+    gguf_outtype: str | None = Field(None, description=f"the tensor type of {GGUF_FILE}, when the version has one")
 
     @property
     def bytes(self) -> int:
@@ -180,9 +188,10 @@ def check_manifest(manifest: Manifest, name: str, version: str, source: str, *,
     strange = sorted(f for f in manifest.files if f not in ADAPTER_FILES)
     if strange or CONFIG not in manifest.files or WEIGHTS not in manifest.files:
         raise CorruptAdapter(f"{source} lists {', '.join(map(_shown, strange)) or 'no adapter weights'}; a stored "
-                             f"version holds {CONFIG}, {WEIGHTS} and tokenizer files only", param="model")
+                             f"version holds {CONFIG}, {WEIGHTS}, tokenizer files and {GGUF_FILE} only",
+                             param="model")
     for file_name, stored in manifest.files.items():
-        limit = max_adapter_bytes if file_name == WEIGHTS else MAX_SIDE_FILE_BYTES
+        limit = max_adapter_bytes if file_name in WEIGHT_FILES else MAX_SIDE_FILE_BYTES
         shown = f"{limit:,} bytes" if limit < 1 << 20 else f"{limit >> 20:,} MiB"
         if not 0 <= stored.bytes <= limit:
             raise CorruptAdapter(f"{source} declares {file_name} as {stored.bytes:,} bytes; it may hold at most "
@@ -278,10 +287,12 @@ class AdapterStore:
 
     def publish(self, adapter_dir: Path, name: str, *, version: str | None = None, alias: str | None = None,
                 dtype: Dtype = "bfloat16", base_config: Path | None = None, source_job: str | None = None,
-                metrics: dict[str, Any] | None = None, training_base: TrainingBase | None = None
-                ) -> tuple[Manifest, bool]:
+                metrics: dict[str, Any] | None = None, training_base: TrainingBase | None = None,
+                gguf: Callable[[Path], str] | None = None) -> tuple[Manifest, bool]:
         """Publish an adapter folder. Returns (manifest, created); the same bytes again return created=False.
-        `training_base`: the base it was trained on, when the folder does not record it itself."""
+        `training_base`: the base it was trained on, when the folder does not record it itself. `gguf`: writes the
+        GGUF export into the folder it is given (as GGUF_FILE), before the store's lock is taken (it is slow), and
+        returns its tensor type; it is part of the version's bytes, so a refusal publishes nothing."""
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise InvalidArgument(f"{name!r}: names are 1-64 lowercase letters, digits, '.', '_' or '-'", param="name")
         if name in RESERVED_NAMES:
@@ -301,6 +312,20 @@ class AdapterStore:
         training_base = read_training_base(adapter_dir) or training_base
         self.root.mkdir(parents=True, exist_ok=True)
         self.path(name).mkdir(exist_ok=True)
+        with ExitStack() as exports:
+            exported, gguf_outtype = None, None
+            if gguf is not None:  # slow (torch, in a subprocess): before the lock, in a folder of its own
+                work = Path(exports.enter_context(tempfile.TemporaryDirectory(dir=self.path(name), prefix=".export-")))
+                gguf_outtype = gguf(work)
+                exported = work / GGUF_FILE
+            return self._publish(adapter_dir, name, info, version=version, alias=alias, dtype=dtype,
+                                 base_config=base_config, source_job=source_job, metrics=metrics,
+                                 training_base=training_base, exported=exported, gguf_outtype=gguf_outtype)
+
+    def _publish(self, adapter_dir: Path, name: str, info: AdapterInfo, *, version: str | None, alias: str | None,
+                 dtype: Dtype, base_config: Path | None, source_job: str | None, metrics: dict[str, Any] | None,
+                 training_base: TrainingBase | None, exported: Path | None, gguf_outtype: str | None
+                 ) -> tuple[Manifest, bool]:
         with self.lock(), tempfile.TemporaryDirectory(dir=self.path(name), prefix=".publish-") as tmp:
             self._clear_leftovers(name, keep=Path(tmp))
             staging = Path(tmp) / "v"
@@ -312,17 +337,37 @@ class AdapterStore:
             match_new_file_mode(staging / WEIGHTS)  # safetensors writes it 0600: a web server must read it
             if training_base is not None:
                 write_training_base(staging, training_base)
+            if exported is not None:
+                os.replace(exported, staging / GGUF_FILE)
+                match_new_file_mode(staging / GGUF_FILE)
             files = {p.name: StoredFile(bytes=p.stat().st_size, sha256=sha256_file(p))
                      for p in sorted(staging.iterdir())}
+            for file_name, stored in files.items():  # what a reader would refuse as corrupt is not published
+                limit = MAX_ADAPTER_BYTES if file_name in WEIGHT_FILES else MAX_SIDE_FILE_BYTES
+                if stored.bytes > limit:
+                    raise InvalidArgument(f"{file_name} would be {stored.bytes:,} bytes; a stored version's "
+                                          f"{file_name} may hold at most {limit:,}",
+                                          param="gguf" if file_name == GGUF_FILE else "adapter")
             existing = self.versions(name)
-            same = next((v for v in existing if self.manifest(name, v).files == files), None)
+
+            def plain(stored: dict[str, StoredFile]) -> dict[str, StoredFile]:
+                return {k: f for k, f in stored.items() if k != GGUF_FILE}
+
+            def same_bytes(stored: dict[str, StoredFile]) -> bool:
+                """The same files; a version that also holds a GGUF export is the same bytes for a plain publish."""
+                return stored == files or (exported is None and plain(stored) == files)
+            same = next((v for v in existing if same_bytes(self.manifest(name, v).files)), None)
             if version is None and same is not None:
                 manifest, created = self.manifest(name, same), False
             elif version is not None and version in existing:
                 manifest = self.manifest(name, version)
-                if manifest.files != files:
-                    raise InvalidArgument(f"{name}@{version} already exists with other bytes; versions are immutable: "
-                                          "publish without version to get the next one", param="version")
+                if not same_bytes(manifest.files):
+                    why = "already exists with other bytes"
+                    if plain(manifest.files) == plain(files) and exported is not None:  # the same adapter
+                        why = f"holds a {manifest.gguf_outtype or 'different'} GGUF export of them" \
+                            if GGUF_FILE in manifest.files else "holds no GGUF export of them"
+                    raise InvalidArgument(f"{name}@{version} {why}; versions are immutable: publish without version "
+                                          "to get the next one", param="version")
                 created = False
             else:
                 version = version or f"v{version_key(existing[-1]) + 1 if existing else 1}"
@@ -331,7 +376,7 @@ class AdapterStore:
                     base_config_sha256=sha256_file(base_config) if base_config and base_config.is_file() else None,
                     r=info.r, alpha=info.alpha, target_modules=info.target_modules, dtype=dtype, files=files,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source_job=source_job,
-                    metrics=metrics, training_base=training_base)
+                    metrics=metrics, training_base=training_base, gguf_outtype=gguf_outtype)
                 write_json_atomic(staging / "manifest.json", manifest.model_dump())
                 staging.rename(self.path(name, version))
                 created = True
@@ -356,9 +401,12 @@ class AdapterStore:
             self._write_index()
 
     def _clear_leftovers(self, name: str, keep: Path) -> None:
-        """Staging folders of a publish that was killed (with the lock held, nobody else is publishing)."""
-        for stale in self.path(name).glob(".publish-*"):
-            if stale != keep and stale.is_dir() and not stale.is_symlink():
+        """Staging folders of a publish that was killed (with the lock held, nobody else is publishing), and export
+        folders older than any export runs (exports run outside the lock)."""
+        old = time.time() - 2 * EXPORT_SECONDS
+        for stale in [*self.path(name).glob(".publish-*"), *self.path(name).glob(".export-*")]:
+            if stale != keep and stale.is_dir() and not stale.is_symlink() and \
+                    (stale.name.startswith(".publish-") or stale.stat().st_mtime < old):
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _write_index(self) -> None:

@@ -13,6 +13,18 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
 from fts_mcp.adapters.inspect import read_adapter_config
+from fts_mcp.adapters.llamacpp import (
+    GGUF_FILE,
+    GgufBase,
+    GgufUse,
+    OutType,
+    base_for,
+    check_exportable,
+    check_outtype,
+    export,
+    notes_for,
+    usage,
+)
 from fts_mcp.adapters.resolve import resolve_adapter, store_source, training_base
 from fts_mcp.adapters.store import AdapterStore, Manifest, StoreEntry
 from fts_mcp.config import Settings
@@ -39,6 +51,16 @@ def quantization_of(manifest: Manifest) -> Quantization:
 
 
 
+class GgufDeployment(GgufUse):
+    """The version's GGUF LoRA (llama.cpp, llama-server, llama-cpp-python, Ollama) and the lines that use it."""
+
+    path: str
+    sha256: str
+    bytes: int
+    outtype: str
+    base_gguf: str | None = Field(description="the base's own GGUF file it was checked against, when it came from one")
+
+
 class Deployment(BaseModel):
     name: str
     version: str
@@ -55,6 +77,7 @@ class Deployment(BaseModel):
     runtime_job: str | None = Field(None, description="the managed runtime's job: cancel_job stops it")
     curl: str
     manifest: Manifest
+    gguf: GgufDeployment | None = Field(None, description="the GGUF LoRA published beside it, and how to use it")
 
 
 def sample_request(runtime: str, model: str, chat: bool) -> str:
@@ -81,11 +104,14 @@ class Edge:
         self.store = AdapterStore(settings.store)
 
     def deploy(self, adapter: str, name: str, *, version: str | None = None, alias: str | None = None,
-               runtime_url: str | None = None, dtype: Dtype = "bfloat16") -> Deployment:
+               runtime_url: str | None = None, dtype: Dtype = "bfloat16", gguf: OutType | None = None) -> Deployment:
         """Publish; with `runtime_url`, load it there — `"local"`: into this host's managed runtime for the
-        adapter's base, started as a `runtime` job when none runs."""
+        adapter's base, started as a `runtime` job when none runs. With `gguf`, the version also holds the adapter
+        as a GGUF LoRA of that type, checked against the base it was trained on (its own `.gguf` file when it came
+        from one); an adapter llama.cpp cannot apply is refused and nothing is published."""
         runtime = check_url(runtime_url, allowed=self.settings.runtime_hosts) \
             if runtime_url and runtime_url != LOCAL else None
+        outtype = check_outtype(gguf) if gguf is not None else None
         source = resolve_adapter(adapter, self.settings, self.jobs, store=False)
         job = source.job
         metrics, base_config = None, None
@@ -96,10 +122,17 @@ class Edge:
             if Path(job.spec["base_model"]).is_absolute():
                 base_config = Path(job.spec["base_model"]) / "config.json"
         trained = training_base(source, self.jobs)
+        gguf_base, write_gguf = None, None
+        if outtype is not None:  # checked before anything is converted or published
+            gguf_base = base_for(source.base_model or read_adapter_config(source.folder).base_model, self.settings)
+            check_exportable(source.folder, gguf_base)
+
+            def write_gguf(folder: Path) -> str:
+                return export(source.folder, gguf_base, folder / GGUF_FILE, outtype=outtype, name=name).outtype
         with about("name", instead_of=("model",)):
             manifest, created = self.store.publish(source.folder, name, version=version, alias=alias, dtype=dtype,
                                                    base_config=base_config, source_job=job.job_id if job else None,
-                                                   metrics=metrics, training_base=trained)
+                                                   metrics=metrics, training_base=trained, gguf=write_gguf)
         pinned = f"{manifest.name}@{manifest.version}"
         model = f"{manifest.name}:{alias}" if alias else pinned  # what the caller asked to serve, echoed
         uri = self.store.path(manifest.name, manifest.version)
@@ -114,7 +147,24 @@ class Edge:
                           sha256=manifest.files["adapter_model.safetensors"].sha256, bytes=manifest.bytes,
                           model=model, chat=chat, loaded=loaded, swap_ms=swap_ms, manifest=manifest,
                           curl=sample_request(runtime or "http://127.0.0.1:8001", model, chat), runtime=runtime,
-                          runtime_job=runtime_job)
+                          runtime_job=runtime_job,
+                          gguf=self._gguf(manifest, uri, gguf_base, source.base_model))
+
+    def _gguf(self, manifest: Manifest, uri: Path, base: GgufBase | None, base_model: str | None
+              ) -> GgufDeployment | None:
+        """The version's GGUF export, when it holds one (asked for now, or published so before), and its lines."""
+        if GGUF_FILE not in manifest.files:
+            return None
+        if base is None:
+            try:
+                base = base_for(base_model or manifest.base_model, self.settings)
+            except FtsError:  # its base is not readable here: the file is there, its lines cannot be written
+                return None
+        stored = manifest.files[GGUF_FILE]
+        use = usage(uri / GGUF_FILE, base, manifest.name)
+        return GgufDeployment(path=str(uri / GGUF_FILE), sha256=stored.sha256, bytes=stored.bytes,
+                              outtype=manifest.gguf_outtype or "", base_gguf=base.gguf_file,
+                              **use.model_dump(exclude={"notes"}), notes=use.notes + notes_for(manifest.training_base))
 
     def _chat_trained(self, job: Job | None, manifest: Manifest) -> bool:
         """Whether the adapter learned from chats (its training job says; a store version names that job)."""

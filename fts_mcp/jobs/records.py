@@ -18,6 +18,10 @@ class Progress(BaseModel):
     epoch: float | None = None
     loss: float | None = Field(None, description="training loss at the last logged step")
     eval_loss: float | None = Field(None, description="loss on the held-out split at the last evaluation")
+    reward_margin: float | None = Field(None, description="dpo: chosen minus rejected reward (training)")
+    preference_accuracy: float | None = Field(None, description="dpo: share of pairs rewarding chosen above rejected")
+    eval_reward_margin: float | None = None
+    eval_preference_accuracy: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = Field(None, description="trained tokens per second over recent steps")
     eta_seconds: float | None = Field(None, description="estimated seconds until the last step")

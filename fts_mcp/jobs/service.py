@@ -19,6 +19,7 @@ from fts_mcp.jobs.store import JobStore
 from fts_mcp.models.refs import check_available
 
 LOG_BYTES = 256 * 1024
+PLACEMENT_SECONDS = 10.0  # reading the cluster's resources at submit; past it the job is submitted unchecked
 
 
 class Jobs:
@@ -34,12 +35,31 @@ class Jobs:
     def close(self) -> None:
         self.store.close()
 
-    def submit(self, kind: JobKind, spec: BaseModel, *, model: str | None = None) -> Job:
+    def placement(self, workers: int) -> tuple[float, str] | None:
+        """On a Ray cluster (FTS_RUNNER=ray): the GPUs each of the job's workers will ask for, and a line saying
+        where it runs and why. A job the cluster could never hold is refused here, before it exists, with the
+        numbers and the setting to change (`ray_cluster_too_small`). None with the local runner."""
+        if self.settings.runner != "ray":
+            return None
+        from fts_mcp.jobs.ray.cluster import bounded, connect, read_resources
+        from fts_mcp.jobs.ray.runner import decide
+
+        try:  # connecting asks the dashboard too: an unreachable or silent cluster is not checked now, never a hang
+            cluster, unread = bounded(lambda: read_resources(connect(self.settings)), timeout=PLACEMENT_SECONDS), None
+        except Exception as exc:  # noqa: BLE001 - its supervisor checks again, and retries an unreachable cluster
+            cluster, unread = None, f"{type(exc).__name__}: {exc}"[:300]
+        ask, note = decide(cluster, self.settings, workers, unread)
+        return ask.gpus, note
+
+    def submit(self, kind: JobKind, spec: BaseModel, *, model: str | None = None, placed: bool = False) -> Job:
         """Create a job (validating), check its base model can be found, queue it and start it if a slot is free.
 
-        A model that cannot be found fails the job with the reason (it stays on record); everything else was
-        checked by the caller before calling here.
+        A model that cannot be found fails the job with the reason (it stays on record); on a Ray cluster a job it
+        could never hold is refused before it is created (`placed`: the caller has asked `placement` already).
+        Everything else was checked by the caller before calling here.
         """
+        if not placed and kind != "runtime":  # runtimes always run on this host
+            self.placement(1)  # only training jobs have several workers, and they ask first
         job = self.store.create(kind, spec.model_dump())
         if model is not None:
             try:

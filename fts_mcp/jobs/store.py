@@ -507,6 +507,10 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+# a preference-tuning job's last figures, as its metrics.json records them (fts_mcp.training.preference)
+PREFERENCE_FIGURES = ("reward_margin", "preference_accuracy", "eval_reward_margin", "eval_preference_accuracy")
+
+
 def progress_from_metrics(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A finished training job's progress and its logged points (the loss curve's), from its `metrics.json`: the
     trainer's log history, as `ReportProgress` reported it while training. Anything unreadable is left out."""
@@ -534,7 +538,8 @@ def progress_from_metrics(path: Path) -> tuple[dict[str, Any], list[dict[str, An
                 "loss": _number(metrics.get("final_loss")), "eval_loss": _number(metrics.get("eval_loss")),
                 "learning_rate": rates[-1] if rates else None,
                 "tokens_per_second": tokens / seconds if tokens and seconds and math.isfinite(tokens / seconds)
-                else None}
+                else None,
+                **{name: _number(metrics.get(name)) for name in PREFERENCE_FIGURES}}
     return {k: v for k, v in progress.items() if v is not None}, points
 
 

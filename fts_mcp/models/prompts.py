@@ -2,7 +2,8 @@
 template), and a training record to token ids with its loss mask.
 
 The loss mask marks what the model should learn to produce: assistant turns (chat form), the completion
-(completion form), or everything (text form). Chat records go through the model's own chat template; a model
+(completion form), or everything (text form); a preference pair is its prompt and two answers, each encoded as
+the completion or chat form encodes prompt + answer. Chat records go through the model's own chat template; a model
 without one gets `DEFAULT_CHAT_TEMPLATE`. Training, evaluation, generation and the
 edge runtime all encode through here, so a prompt is the same tokens everywhere. Needs a tokenizer, not torch.
 """
@@ -102,13 +103,39 @@ def encode_record(tokenizer: Any, fmt: str, record: dict[str, Any]) -> dict[str,
     return {"input_ids": ids, "completion_mask": mask}
 
 
+def _answer(tokenizer: Any, record: dict[str, Any], answer: str | list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one answer to a preference pair's prompt, encoded as the completion form (plain
+    text) or the chat form (messages) would encode prompt + answer; the answer is its trained tokens."""
+    if isinstance(record["prompt"], str):
+        encoded = encode_record(tokenizer, "completion", {"prompt": record["prompt"], "completion": answer})
+    else:
+        encoded = encode_record(tokenizer, "chat", {"messages": [*record["prompt"], *answer]})
+    ids, mask = encoded["input_ids"], encoded["completion_mask"]
+    first = mask.index(1) if 1 in mask else len(ids)
+    last = len(mask) - mask[::-1].index(1) if 1 in mask else len(ids)
+    return ids[:first], ids[first:last]
+
+
+def encode_preference(tokenizer: Any, record: dict[str, Any]) -> dict[str, list[int]]:
+    """`{"prompt_ids", "chosen_ids", "rejected_ids"}` for a preference pair (the columns TRL's DPOTrainer collates):
+    each answer encoded after the prompt exactly as an SFT example of the same form would be."""
+    prompt, chosen = _answer(tokenizer, record, record["chosen"])
+    prompt_again, rejected = _answer(tokenizer, record, record["rejected"])
+    if prompt != prompt_again:
+        raise InvalidArgument("the chat template renders the prompt differently before each answer, so the two "
+                              "answers do not share one prompt; use the plain-text form for this model",
+                              param="base_model")
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
 def encode_rows(tokenizer: Any, fmt: str, rows: list[tuple[int, dict]]) -> tuple[list[dict], list[tuple[int, str]]]:
     """Encode every (line, record); a record the chat template (or the tokenizer) cannot render becomes a
     (line, reason) error instead of failing the whole run without saying where."""
     encoded, errors = [], []
     for line, record in rows:
         try:
-            encoded.append(encode_record(tokenizer, fmt, record))
+            encoded.append(encode_preference(tokenizer, record) if fmt == "preference" else
+                           encode_record(tokenizer, fmt, record))
         except InvalidArgument as exc:
             errors.append((line, exc.message))
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:

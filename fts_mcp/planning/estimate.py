@@ -15,10 +15,12 @@ from fts_mcp.planning.memory import (
     CE_CHUNK_TOKENS,
     EFFICIENCY_PER_DOUBLING,
     LOGIT_BYTES,
+    SEQUENCES,
     AdapterDtype,
     CrossEntropy,
     Method,
     MethodEstimate,
+    Objective,
     Optimizer,
     Precision,
     gpus_needed,
@@ -62,11 +64,13 @@ class RunSettings(BaseModel):
     precision: Precision = Field("mixed", description="full fine-tuning: fp32 master weights (mixed) or pure bf16")
     workers: int = Field(1, ge=1, le=64, description="data-parallel GPUs (DDP, training.workers): each holds the "
                                                      "whole run, so memory per GPU is unchanged")
+    objective: Objective = Field("sft", description="start_qlora_job's method: dpo puts two sequences per example "
+                                                    "through the model and adds a reference forward pass")
 
     def memory_kwargs(self) -> dict[str, Any]:
         return {"lora_r": self.lora_r, "target_modules": self.target_modules, "optimizer": self.optimizer,
                 "cross_entropy": self.cross_entropy, "adapter_dtype": self.adapter_dtype,
-                "precision": self.precision}
+                "precision": self.precision, "objective": self.objective}
 
 
 class Suggestion(BaseModel):
@@ -172,9 +176,11 @@ def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tupl
                               param="micro_batch")
     memory_gb = gpu_memory_gb if gpu_memory_gb is not None else (gpu.memory_gb if gpu else None)
     computed = training_tokens
+    if settings.objective == "dpo":  # TRL's DPOTrainer pads; each example is two sequences
+        settings = settings.model_copy(update={"padding_free": False})
     if training_tokens is not None and not settings.padding_free:
         computed = padded_tokens(training_tokens, micro_batch=settings.micro_batch, seq_len=settings.seq_len,
-                                 tokens_per_example=tokens_per_example)
+                                 tokens_per_example=tokens_per_example) * SEQUENCES[settings.objective]
     estimates, suggestions = [], []
     for method in methods:
         on, why = checkpointing(arch, method, settings, memory_gb)
@@ -195,7 +201,8 @@ def estimate(arch: Architecture, *, model: str, shape_source: str, methods: tupl
             price = price_per_gpu_hour if price_per_gpu_hour is not None else gpu.usd_per_hour
             util = utilization if utilization is not None or cpu_utilization is None else cpu_utilization[method]
             result.throughput = throughput(arch, method, gpu, result.gpus_needed or 1, on, training_tokens, price,
-                                           util, computed_tokens=computed, workers=settings.workers)
+                                           util, computed_tokens=computed, workers=settings.workers,
+                                           objective=settings.objective)
             if not gpu.bf16:
                 result.notes.append(f"{gpu.name} has no bf16: training runs in fp16 with loss scaling")
         if method == "qlora":
@@ -254,6 +261,10 @@ def assumptions(s: RunSettings, methods: tuple[Method, ...]) -> list[str]:
         "paged_adamw_32bit": "optimizer paged_adamw_32bit: two fp32 moments in CUDA unified memory, evicted to host "
                              "under pressure; reported as optimizer_paged_gb, not counted in total_gb or fits",
     }[s.optimizer])
+    if s.objective == "dpo":
+        lines.append("preference tuning (dpo): a micro-batch of n pairs puts 2n padded sequences (prompt + chosen, "
+                     "prompt + rejected; tokens_per_example counts one) through the model, plus a reference forward "
+                     "pass without gradients (reference_forward_gb; 2 more FLOPs per parameter and token)")
     if s.workers > 1:
         lines.append(f"data parallel over {s.workers} GPUs: memory is per GPU and unchanged (each holds the model, "
                      f"the adapters' optimizer states and micro_batch examples; a step sees {s.workers} x micro_batch "

@@ -23,7 +23,12 @@ bitsandbytes (bf16 compute, SDPA attention), for the recipe fts-mcp runs unless 
   big vocabularies; `"chunked"` (the recipe's loss) holds one chunk of 1,024 tokens x vocab at a time;
   `"liger"` (fused linear + cross-entropy) a bf16 chunk of about tokens x hidden / vocab rows, plus the
   hidden-state gradient it computes in the forward pass;
-* framework overhead (not in torch's allocated figure): CUDA context and allocator slack.
+* framework overhead (not in torch's allocated figure): CUDA context and allocator slack;
+* preference tuning (`objective="dpo"`): each example is two sequences (prompt + chosen, prompt + rejected), so
+  activations and logits count 2 x micro_batch sequences, and a reference forward pass without gradients (the base
+  with the adapter off) holds one layer's transient tensors (gate, up and activation of the MLP, hidden states)
+  and one loss chunk without gradients at a time while the policy's are kept (`reference_forward_gb`); its
+  compute is 2 FLOPs per parameter and token on top of training's.
 """
 
 from __future__ import annotations
@@ -42,11 +47,14 @@ Optimizer = Literal["adamw_32bit", "adamw_8bit", "paged_adamw_8bit", "paged_adam
 CrossEntropy = Literal["chunked", "liger", "full"]
 AdapterDtype = Literal["fp32", "bf16"]
 Precision = Literal["mixed", "bf16"]
+Objective = Literal["sft", "dpo"]  # the training method: supervised, or preference pairs (two sequences + reference)
+SEQUENCES = {"sft": 1, "dpo": 2}  # sequences a training example puts through the model
 
 GB = 1e9
 BITS_CONSTANTS = 32 / 64  # fp32 absmax per 64-weight block
 BITS_CONSTANTS_DOUBLE = 8 / 64 + 32 / (64 * 256)  # 8-bit absmax, fp32 per 256 blocks
 LOGIT_BYTES = 12
+REFERENCE_LOGIT_BYTES = 6  # bf16 logits and their fp32 log-softmax, no gradients
 CE_CHUNK_TOKENS = 1024  # tokens per chunk of the recipe's chunked cross-entropy
 CUDA_CONTEXT_GB = 1.0
 ALLOCATOR_SLACK = 0.05
@@ -69,6 +77,8 @@ class Memory(BaseModel):
     activations_gb: float
     activations_without_checkpointing_gb: float
     logits_gb: float = Field(description="what the cross-entropy holds: all logits, or one chunk of them")
+    reference_forward_gb: float = Field(0.0, description="dpo: the no-gradient reference pass (one layer, one loss "
+                                                         "chunk at a time)")
     peak_allocated_gb: float = Field(description="comparable with torch.cuda.max_memory_allocated")
     framework_overhead_gb: float
     total_gb: float = Field(description="what the GPU must hold: peak allocated + framework overhead")
@@ -150,14 +160,15 @@ def recipe_adapter_dtype(method: Method) -> AdapterDtype:
 def memory(arch: Architecture, method: Method, *, seq_len: int, micro_batch: int, lora_r: int = 16,
            target_modules: str | list[str] = "all-linear", gradient_checkpointing: bool,
            optimizer: Optimizer = "adamw_32bit", double_quant: bool = True, cross_entropy: CrossEntropy = "chunked",
-           adapter_dtype: AdapterDtype | None = None, precision: Precision = "mixed") -> tuple[Memory, int]:
+           adapter_dtype: AdapterDtype | None = None, precision: Precision = "mixed",
+           objective: Objective = "sft") -> tuple[Memory, int]:
     """Memory of one training step and the number of trainable parameters. `precision` applies to full
     fine-tuning (LoRA and QLoRA always compute with a bf16 base); `adapter_dtype` to LoRA and QLoRA (None: the
-    recipe's, `recipe_adapter_dtype`)."""
+    recipe's, `recipe_adapter_dtype`); `objective` 'dpo' counts two sequences per example and the reference pass."""
     adapter_dtype = adapter_dtype or recipe_adapter_dtype(method)
     n = arch.params
     quantizable = arch.layers * arch.block_linear_params
-    tokens = seq_len * micro_batch
+    tokens = seq_len * micro_batch * SEQUENCES[objective]
     constants = quantizable * BITS_CONSTANTS_DOUBLE / 8
     constants_plain = quantizable * BITS_CONSTANTS / 8
     if method == "full":
@@ -179,14 +190,20 @@ def memory(arch: Architecture, method: Method, *, seq_len: int, micro_batch: int
     act = tokens * activation_bytes_per_token(arch, gradient_checkpointing)
     act_plain = tokens * activation_bytes_per_token(arch, False)
     logits = logits_bytes(arch, tokens, cross_entropy)
-    peak = weights + constants + adapters + grads + opt + act + logits
+    reference = 0.0
+    if objective == "dpo":  # no gradients: what one layer holds at once, and one loss chunk without its gradients
+        inner = arch.intermediate * min(arch.experts, 2)
+        reference = tokens * 2 * (3 * inner + 4 * arch.hidden) + \
+            min(tokens, CE_CHUNK_TOKENS) * arch.vocab * REFERENCE_LOGIT_BYTES
+    peak = weights + constants + adapters + grads + opt + act + logits + reference
     overhead = CUDA_CONTEXT_GB * GB + ALLOCATOR_SLACK * peak
     gb = lambda value: round(value / GB, 6)  # noqa: E731 - kB resolution: tiny models stay visible
     return Memory(
         weights_gb=gb(weights), quantization_constants_gb=gb(constants),
         quantization_constants_without_double_quant_gb=gb(constants_plain), adapters_gb=gb(adapters),
         gradients_gb=gb(grads), optimizer_gb=gb(opt), optimizer_paged_gb=gb(paged), activations_gb=gb(act),
-        activations_without_checkpointing_gb=gb(act_plain), logits_gb=gb(logits), peak_allocated_gb=gb(peak),
+        activations_without_checkpointing_gb=gb(act_plain), logits_gb=gb(logits), reference_forward_gb=gb(reference),
+        peak_allocated_gb=gb(peak),
         framework_overhead_gb=gb(overhead), total_gb=gb(peak + overhead),
     ), trainable
 
@@ -226,11 +243,11 @@ def scaling_efficiency(workers: int) -> float:
 
 def throughput(arch: Architecture, method: Method, gpu: Gpu, gpus: int, gradient_checkpointing: bool,
                training_tokens: int | None, price: float, utilization: float | None, *,
-               computed_tokens: int | None = None, workers: int = 1) -> Throughput:
-    """Time and cost; the GPU computes `computed_tokens` (padding included) to train on `training_tokens`. With
-    `workers` data-parallel replicas (each on `gpus` GPUs) the time divides by workers x scaling efficiency and
-    the cost counts every GPU."""
-    per_token = (6 if method == "full" else 4) + (2 if gradient_checkpointing else 0)
+               computed_tokens: int | None = None, workers: int = 1, objective: Objective = "sft") -> Throughput:
+    """Time and cost; the GPU computes `computed_tokens` (padding included, both sequences of a preference pair)
+    to train on `training_tokens`. With `workers` data-parallel replicas (each on `gpus` GPUs) the time divides by
+    workers x scaling efficiency and the cost counts every GPU. 'dpo' adds the reference's forward pass."""
+    per_token = (6 if method == "full" else 4) + (2 if gradient_checkpointing else 0) + (2 if objective == "dpo" else 0)
     flops = per_token * arch.matmul_params
     util = utilization if utilization is not None else UTILIZATION[method]
     efficiency = scaling_efficiency(workers)

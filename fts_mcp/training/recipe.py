@@ -34,6 +34,7 @@ from fts_mcp.models.prompts import encode_rows
 from fts_mcp.planning.defaults import training_defaults
 from fts_mcp.plots import loss_curve_png
 from fts_mcp.training.checkpoints import latest_checkpoint
+from fts_mcp.training.preference import FIGURES, PreferenceTrainer, make_dpo_trainer
 from fts_mcp.training.spec import TrainJobSpec
 from fts_mcp.training.speed import SpeedPlan, plan, read_plan, write_plan
 from fts_mcp.training.tracking import PROJECT, prepare
@@ -50,7 +51,8 @@ def build_datasets(spec: TrainJobSpec, tokenizer: Any) -> tuple[Dataset, Dataset
     if errors:
         shown = "; ".join(f"line {line}: {message}" for line, message in errors[:5])
         raise DatasetInvalid(f"{len(errors)} example(s) cannot be rendered for this model: {shown}", errors)
-    rows = [truncate(row, spec.training.max_seq_len) for row in rows]
+    if spec.method == "sft":  # preference pairs are cut per sequence (prompt + one answer) by TRL's collator
+        rows = [truncate(row, spec.training.max_seq_len) for row in rows]
     dataset = Dataset.from_list(rows)
     n_eval = math.floor(len(rows) * spec.training.eval_fraction)
     if n_eval == 0:
@@ -139,6 +141,7 @@ class ReportProgress(TrainerCallback):
             self.last = (now, seen)
         if "eval_loss" in logs:
             figures["eval_loss"] = logs["eval_loss"]
+        figures.update({name: logs[key] for key, name in FIGURES.items() if key in logs})  # preference tuning
         if len(figures) > 2:
             self.ctx.report(figures)
 
@@ -161,10 +164,11 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in insp
     else "gradient_checkpointing"
 
 
-def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype: torch.dtype,
-                   has_eval: bool, report_to: Sequence[str] = (), run_name: str | None = None) -> SFTConfig:
+def common_args(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype: torch.dtype, has_eval: bool,
+                report_to: Sequence[str] = (), run_name: str | None = None) -> dict[str, Any]:
+    """The training arguments of every method: schedule, batch shape, precision, devices, checkpoints, logging."""
     t = with_defaults(spec).training
-    return SFTConfig(
+    return dict(
         output_dir=str(checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -190,19 +194,26 @@ def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype
         save_total_limit=2,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.checkpoint_every_steps if has_eval else None,
-        # rows are truncated to max_seq_len already; a padding-free batch without packing has no row length to cap
-        max_length=t.max_seq_len if plan.packing or not plan.padding_free else None,
-        packing=plan.packing,
-        packing_strategy="bfd",
-        padding_free=plan.padding_free,
-        use_liger_kernel=plan.liger_kernel,
-        completion_only_loss=True,
         include_num_input_tokens_seen="no",  # counted by Trainer.training_step without a device sync
         report_to=list(report_to) or "none",  # experiment trackers (training.report_to), see training.tracking
         run_name=run_name,
         project=PROJECT,
         disable_tqdm=True,
         dataloader_num_workers=0,
+    )
+
+
+def trainer_config(spec: TrainJobSpec, plan: SpeedPlan, checkpoints: Path, dtype: torch.dtype,
+                   has_eval: bool, report_to: Sequence[str] = (), run_name: str | None = None) -> SFTConfig:
+    return SFTConfig(
+        **common_args(spec, plan, checkpoints, dtype, has_eval, report_to, run_name),
+        # rows are truncated to max_seq_len already; a padding-free batch without packing has no row length to cap
+        max_length=spec.training.max_seq_len if plan.packing or not plan.padding_free else None,
+        packing=plan.packing,
+        packing_strategy="bfd",
+        padding_free=plan.padding_free,
+        use_liger_kernel=plan.liger_kernel,
+        completion_only_loss=True,
     )
 
 
@@ -232,12 +243,15 @@ class Trainer(SFTTrainer):
 def make_trainer(spec: TrainJobSpec, plan: SpeedPlan, model: Any, tokenizer: Any, train_data: Dataset,
                  eval_data: Dataset | None, checkpoints: Path, dtype: torch.dtype,
                  callbacks: list[TrainerCallback], report_to: Sequence[str] = (),
-                 run_name: str | None = None) -> SFTTrainer:
-    """TRL's SFTTrainer with the job's LoRA config and speed plan; a bad target module list names the model's
-    layers."""
+                 run_name: str | None = None) -> SFTTrainer | PreferenceTrainer:
+    """TRL's SFTTrainer (method 'sft') or DPOTrainer ('dpo') with the job's LoRA config and speed plan; a bad
+    target module list names the model's layers."""
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.effective_alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     try:
+        if spec.method == "dpo":
+            common = common_args(spec, plan, checkpoints, dtype, eval_data is not None, report_to, run_name)
+            return make_dpo_trainer(spec, common, model, tokenizer, train_data, eval_data, callbacks)
         return Trainer(model=model, args=trainer_config(spec, plan, checkpoints, dtype, eval_data is not None,
                                                         report_to, run_name),
                        train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
@@ -260,6 +274,14 @@ def with_defaults(spec: TrainJobSpec) -> TrainJobSpec:
     """The spec with every unset training choice filled as submitting does (specs written by hand or by tests)."""
     training, _ = training_defaults(spec.training, examples=train_examples(spec))
     return spec.model_copy(update={"training": training})
+
+
+def preference_figures(history: list[dict[str, Any]], final_eval: dict[str, Any]) -> dict[str, float]:
+    """A preference-tuning run's last reward margin and preference accuracy, training and held out (none for
+    sft)."""
+    last = {key: next((h[key] for h in reversed(history) if key in h), None) for key in FIGURES}
+    last |= {key: final_eval[key] for key in FIGURES if key in final_eval}
+    return {name: last[key] for key, name in FIGURES.items() if last[key] is not None}
 
 
 def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
@@ -317,7 +339,7 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     adapter_dir = folder / "adapter"
     staging = folder / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging)
+    trainer.model.save_pretrained(staging, selected_adapters=["default"])  # not DPO's frozen reference copy
     tokenizer.save_pretrained(staging)
     write_training_base(staging, TrainingBase(quantization=spec.quantization, compute_dtype=str(dtype).split(".")[-1]))
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -335,6 +357,8 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
         "train_loss": result.training_loss,
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         "eval_loss": final_eval.get("eval_loss"),
+        "method": spec.method,
+        **preference_figures(history, final_eval),
         "train_runtime_seconds": result.metrics.get("train_runtime"),
         "tokens_seen": tokens_seen,
         "speed": speed.model_dump(),
@@ -347,7 +371,8 @@ def run(spec: TrainJobSpec, ctx: JobContext) -> Artifacts | None:
     points = [{**h, "logged": True} for h in history]
     write_bytes_atomic(folder / "loss.png", loss_curve_png(points, title=f"{spec.output_name} ({ctx.job_id})"))
     if final_eval:
-        ctx.report({"eval_loss": final_eval.get("eval_loss"), "step": trainer.state.global_step})
+        ctx.report({"eval_loss": final_eval.get("eval_loss"), "step": trainer.state.global_step,
+                    **{name: final_eval[key] for key, name in FIGURES.items() if key in final_eval}})
 
     return Artifacts(adapter_dir=str(adapter_dir), checkpoint_dir=str(latest_checkpoint(checkpoints) or "") or None,
                      loss_curve=str(folder / "loss.png"), metrics=str(folder / "metrics.json"),

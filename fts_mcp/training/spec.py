@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$", min_length=1, max_length=200)]
 Tracker = Literal["mlflow", "tensorboard", "trackio"]
+Method = Literal["sft", "dpo"]  # supervised fine-tuning, or direct preference optimisation on preference pairs
+FORMATS: dict[str, str] = {"sft": "chat, completion or text", "dpo": "preference"}  # the data each method takes
 
 
 class LoraSpec(BaseModel):
@@ -76,6 +78,8 @@ class TrainingSpec(BaseModel):
                                                     "one per GPU slot (NCCL), or CPU slots (gloo); each holds "
                                                     "micro_batch_size examples, so a step sees workers x "
                                                     "micro_batch_size x gradient_accumulation_steps")
+    beta: float = Field(0.1, gt=0, le=10, description="method 'dpo' only: how far the adapter may move from the "
+                                                      "reference; lower lets preferences win more (0.05-0.5)")
     seed: int = Field(42, ge=0, le=2**31 - 1)
     logging_steps: int = Field(1, ge=1, le=10_000, description="report progress every N optimizer steps")
     checkpoint_every_steps: int = Field(50, ge=1, le=1_000_000,
@@ -101,7 +105,8 @@ class TrainJobSpec(BaseModel):
 
     base_model: str
     dataset: str
-    dataset_format: Literal["chat", "completion", "text"]
+    dataset_format: Literal["chat", "completion", "text", "preference"]
+    method: Method = Field("sft", description="sft: learn the answers; dpo: prefer chosen over rejected answers")
     dataset_examples: int
     output_name: str
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -110,5 +115,7 @@ class TrainJobSpec(BaseModel):
                                                                  "batch, epochs, learning rate) and why")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resume_checkpoint: str | None = None
+    init_adapter: str | None = Field(None, description="dpo after sft: the finished job's adapter to start from (a "
+                                                       "frozen copy of it is the reference), fresh optimizer")
     resumed_from_job: str | None = None
     trust_remote_code: bool = False

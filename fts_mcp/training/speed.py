@@ -11,6 +11,9 @@
   keeping the effective batch at 16 examples (`fts_mcp.planning.batch.plan_batch`, the estimator's own model).
 * **Loss**: TRL's fused LM head computes the cross-entropy in chunks of tokens, never holding the
   full-vocabulary logits; Liger Kernel's fused RMSNorm / RoPE / SwiGLU where CUDA and `liger-kernel` are present.
+* **Preference tuning** (method "dpo"): TRL's DPOTrainer pads its batches (no padding-free rows, no packing, no
+  Liger kernels); a micro-batch of n pairs is 2n sequences plus a reference forward pass without gradients, which
+  the memory estimate counts (`objective="dpo"`).
 
 Every choice and its reason goes into the job's progress (`plan`) and metrics.json, so a run can be repeated.
 """
@@ -160,6 +163,13 @@ def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None,
 
     padding_free = t.padding_free or t.packing
     attention = getattr(model.config, "_attn_implementation", None) or "default"
+    if spec.method == "dpo":
+        if t.packing:
+            raise InvalidArgument("preference pairs are not packed (each answer is scored whole against its pair); "
+                                  "set packing to false", param="training.packing")
+        padding_free = False
+        reasons.append("padded batches: preference tuning (TRL's DPOTrainer) pads each micro-batch's chosen and "
+                       "rejected sequences")
     if padding_free:
         attention = padding_free_attention(model)
         if attention is None:
@@ -185,10 +195,13 @@ def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None,
                        gradient_checkpointing=t.gradient_checkpointing,
                        effective_batch=max(1, (t.batch_size or EFFECTIVE_BATCH) // world_size()),
                        max_micro_batch=MAX_AUTO_MICRO_BATCH, lora_r=spec.lora.r,
-                       target_modules=targets, optimizer=_estimator_optimizer(t.optimizer))
+                       target_modules=targets, optimizer=_estimator_optimizer(t.optimizer), objective=spec.method)
     reasons.append(batch.reason)
 
-    liger = t.liger_kernel is True or (t.liger_kernel == "auto" and liger_available(model))
+    liger = spec.method == "sft" and (t.liger_kernel is True or (t.liger_kernel == "auto" and liger_available(model)))
+    if t.liger_kernel is True and spec.method == "dpo":
+        raise InvalidArgument("liger_kernel is for method 'sft' (TRL's DPOTrainer has deprecated it); use 'auto' or "
+                              "false", param="training.liger_kernel")
     if t.liger_kernel is True and not liger_available(model):
         raise InvalidArgument("liger_kernel needs CUDA, the liger-kernel package (pip install 'fts-mcp[liger]') and a "
                               f"model type Liger supports (this is {getattr(model.config, 'model_type', '?')}); "
@@ -198,6 +211,8 @@ def plan(spec: TrainJobSpec, model: Any, *, budget_gb: float | None = None,
     return SpeedPlan(micro_batch_size=batch.micro_batch, gradient_accumulation_steps=batch.gradient_accumulation_steps,
                      gradient_checkpointing=batch.gradient_checkpointing, padding_free=padding_free,
                      packing=t.packing, liger_kernel=liger,
+                     **({"loss": "DPO sigmoid loss on summed answer log-probabilities (TRL fused LM head)"}
+                        if spec.method == "dpo" else {}),
                      attention=attention,
                      memory_budget_gb=round(budget, 2), estimated_gb=round(batch.total_gb, 2), reasons=reasons)
 

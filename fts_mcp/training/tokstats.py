@@ -73,7 +73,10 @@ def token_stats(model: str, dataset: Path, max_seq_len: int,
     for line, fmt, record, problem in scan(dataset):
         if problem is not None:
             continue  # structural problems are validate_dataset's own report
-        if fmt == "chat" and (refused := _oversized(tokenizer, record["messages"], model)):
+        conversations = [record["messages"]] if fmt == "chat" else \
+            [[*record["prompt"], *record[k]] for k in ("chosen", "rejected")] if fmt == "preference" and \
+            isinstance(record["prompt"], list) else []
+        if refused := next(filter(None, (_oversized(tokenizer, c, model) for c in conversations)), None):
             errors.append((line, refused))
             continue
         try:
@@ -83,8 +86,14 @@ def token_stats(model: str, dataset: Path, max_seq_len: int,
             continue
         errors += failed
         for example in encoded:
-            lengths.append(len(example["input_ids"]))
-            trained += sum(example["completion_mask"][:max_seq_len])
+            if fmt == "preference":  # a pair is two sequences, prompt + each answer; the longer one is its length
+                prompt = len(example["prompt_ids"])
+                answers = [len(example["chosen_ids"]), len(example["rejected_ids"])]
+                lengths.append(prompt + max(answers))
+                trained += sum(max(0, min(n, max_seq_len - prompt)) for n in answers)
+            else:
+                lengths.append(len(example["input_ids"]))
+                trained += sum(example["completion_mask"][:max_seq_len])
     lengths.sort()
     lengths = lengths or [0]
     return TokenStats(

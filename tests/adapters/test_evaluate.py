@@ -248,3 +248,65 @@ def test_a_combined_adapter_is_scored_against_each_part_on_its_own_data(service,
                               {"name": colour_job.job_id, "alone": 1.0, "combined": colour["combined"]["exact_match"],
                                "kept": False}]
     assert next_steps(done)[0]["tool"] == "merge_adapter"
+
+
+# ---- preference pairs ----------------------------------------------------------------------------------------
+
+def test_preference_accuracy_decides_the_verdict_on_pairs():
+    base = {**figures(None, 2.0, 10.0), "preference_accuracy": 0.25}
+    tuned = {**figures(None, 2.5, 10.0), "preference_accuracy": 0.75}  # under DPO the chosen loss may rise too
+    found = verdict(base, tuned)
+    assert found.better and "prefers the chosen answer 25% -> 75%" in found.summary
+    assert not verdict(tuned, base).better
+
+
+def independent_preference(model, tokenizer, pairs) -> list[float]:
+    """Each pair's log-likelihood margin, chosen minus rejected, from the tokenizer and model directly (the tiny
+    model's tokenizer starts nothing with a BOS; answers end with EOS, as in training)."""
+    import torch
+
+    margins = []
+    for pair in pairs:
+        prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for answer in (pair["chosen"], pair["rejected"]):
+            ids = prompt + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0]
+            logps = torch.log_softmax(logits.float(), -1)
+            scores.append(sum(float(logps[i - 1, ids[i]]) for i in range(len(prompt), len(ids))))
+        margins.append(scores[0] - scores[1])
+    return margins
+
+
+def test_evaluating_on_pairs_reports_how_often_base_and_adapter_prefer_the_chosen_answer(tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fts_mcp.adapters import evaluate
+    from fts_mcp.adapters.spec import EvalJobSpec
+    from fts_mcp.jobs.context import recording_context
+
+    pairs = [{"prompt": f"Colour of the {w}?", "chosen": f" {c}", "rejected": f" {d} {w}"}
+             for w, c, d in zip(WORDS[:8], COLOURS * 2, reversed(COLOURS * 2), strict=False)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    adapter = make_adapter(tiny_model, tmp_path / "adapter", r=8, seed=3)
+    spec = EvalJobSpec(base_model=str(tiny_model), adapter_dir=str(adapter), dataset=str(data), samples=2)
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    ctx, _ = recording_context(workdir)
+    report = evaluate.run(spec, ctx).evaluation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    expected_base = independent_preference(base, tokenizer, pairs)
+    expected_tuned = independent_preference(PeftModel.from_pretrained(base, adapter).eval(), tokenizer, pairs)
+    for side, margins in (("base", expected_base), ("adapter", expected_tuned)):
+        assert report[side]["preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(pairs))
+        assert report[side]["logp_margin"] == pytest.approx(sum(margins) / len(pairs), abs=1e-3)
+        assert report[side]["loss"] is not None and report[side]["exact_match"] is None  # nothing is generated
+    assert expected_base != expected_tuned
+    sample = report["samples"][0]
+    assert sample["chosen"] == pairs[0]["chosen"] and sample["rejected"] == pairs[0]["rejected"]
+    assert sample["base_logp_margin"] == pytest.approx(expected_base[0], abs=1e-2)

@@ -326,3 +326,22 @@ def test_an_identical_merge_whose_earlier_job_did_not_succeed_runs_again(service
                                  output_name="resumed").job_id == fresh.job_id  # in flight: the same job
     monkeypatch.setattr(merge, "load_base", lambda spec: pytest.fail("merged again"))
     assert_complete(merge.run(merge.MergeJobSpec(**fresh.spec), context(service, fresh)))
+
+
+@pytest.mark.parametrize("record", [b"{not json", b"\xff\xfe", b"[1, 2]"])
+def test_an_output_whose_merge_record_is_unreadable_is_refused_naming_it_and_left_alone(service, tiny_model, adapter_a,
+                                                                                       record):
+    """A folder whose merge.json is not a merge's record (bytes that are not JSON, not an object) is nobody's merge
+    to reuse or replace: asking for that output is an argument error naming the folder, and nothing is touched."""
+    from fts_mcp.errors import InvalidArgument
+    from fts_mcp.jobs.states import JobState
+
+    job, spec = merge_spec(service, adapter_a, tiny_model, name="kept")
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True)
+    (out / "merge.json").write_bytes(record)
+    service.jobs.store.transition(job.job_id, JobState.CANCELLED)
+    with pytest.raises(InvalidArgument) as refused:
+        service.merging.merge(str(adapter_a), base_model=str(tiny_model), dtype="float32", output_name="kept")
+    assert refused.value.param == "output_name" and str(out) in refused.value.message
+    assert (out / "merge.json").read_bytes() == record

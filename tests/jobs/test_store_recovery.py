@@ -179,3 +179,17 @@ def test_reindex_skips_what_it_cannot_read_in_metrics(settings, metrics):
     job = store.get(job_id)
     assert job.state == "succeeded" and job.progress.step == 0 and store.events(job_id, kind="progress") == []
     store.close()
+
+
+def test_reindex_restores_a_preference_jobs_reward_margin_and_accuracy(settings):
+    job_id = trained_job_with_metrics(settings)
+    path = settings.job_dir(job_id) / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "method": "dpo", "reward_margin": 2.5,
+                                "preference_accuracy": 0.9, "eval_reward_margin": 1.25,
+                                "eval_preference_accuracy": "a lot"}))  # unreadable: left out
+    forget_the_database(settings)
+    store = JobStore(settings)
+    progress = store.get(job_id).progress
+    assert (progress.reward_margin, progress.preference_accuracy, progress.eval_reward_margin) == (2.5, 0.9, 1.25)
+    assert progress.eval_preference_accuracy is None
+    store.close()

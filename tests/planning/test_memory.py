@@ -340,3 +340,43 @@ def test_checkpointing_auto_without_a_device_is_the_safe_assumption_said():
                         gpu_memory_gb=None, price_per_gpu_hour=None, training_tokens=None,
                         utilization=None).estimates
     assert qlora.gradient_checkpointing is True and "no GPU given" in qlora.notes[0]
+
+
+def test_preference_tuning_counts_two_sequences_a_pair_and_the_reference_pass():
+    """A micro-batch of n pairs holds the activations and logits of 2n sequences, plus the reference's no-gradient
+    pass (one layer and one loss chunk at a time); weights, adapters and optimizer are the same."""
+    arch = REFERENCE_SHAPES["Llama-3.2-1B"]
+    sft, _ = memory(arch, "qlora", seq_len=1024, micro_batch=4, **QLORA)
+    doubled, _ = memory(arch, "qlora", seq_len=1024, micro_batch=8, **QLORA)
+    dpo, _ = memory(arch, "qlora", seq_len=1024, micro_batch=4, objective="dpo", **QLORA)
+    assert (dpo.weights_gb, dpo.adapters_gb, dpo.optimizer_gb) == (sft.weights_gb, sft.adapters_gb, sft.optimizer_gb)
+    assert (dpo.activations_gb, dpo.logits_gb) == (doubled.activations_gb, doubled.logits_gb)
+    one_layer = dpo.activations_without_checkpointing_gb / arch.layers  # what a layer keeps for its gradients
+    assert sft.reference_forward_gb == 0 and 0 < dpo.reference_forward_gb < one_layer + dpo.logits_gb
+    assert dpo.peak_allocated_gb == pytest.approx(doubled.peak_allocated_gb + dpo.reference_forward_gb, abs=1e-5)
+
+
+def test_the_batch_planner_fits_pairs_into_the_budget_sft_fills(planner):
+    arch = REFERENCE_SHAPES["Llama-3.2-1B"]
+    from fts_mcp.planning.batch import plan_batch
+
+    kwargs = {"budget_gb": 20.0, "seq_len": 2048, "micro_batch": None, "gradient_accumulation_steps": None,
+              "gradient_checkpointing": False, "effective_batch": 16}
+    sft = plan_batch(arch, "qlora", **kwargs)
+    dpo = plan_batch(arch, "qlora", objective="dpo", **kwargs)
+    assert dpo.fits and dpo.total_gb <= 20.0
+    assert dpo.micro_batch < sft.micro_batch  # two sequences a pair: a smaller micro-batch of pairs fits
+    assert dpo.micro_batch * dpo.gradient_accumulation_steps == 16  # the same pairs per optimizer step
+
+
+def test_preference_tuning_time_counts_both_answers_padding_and_the_reference(planner):
+    common = {"params": 8_000_000_000, "method": "qlora", "gpu": "H200", "dataset_examples": 1000,
+              "tokens_per_example": 300, "epochs": 1}
+    sft = planner.estimate_resources(settings=SETTINGS, **common)
+    dpo = planner.estimate_resources(settings=SETTINGS.model_copy(update={"objective": "dpo"}), **common)
+    s, d = sft.estimates[0].throughput, dpo.estimates[0].throughput
+    assert d.training_tokens == s.training_tokens == 300_000
+    assert d.computed_tokens == pytest.approx(2 * 1.6 * s.computed_tokens, abs=2)  # two padded sequences a pair
+    flops = 4 + (2 if sft.estimates[0].gradient_checkpointing else 0)
+    assert d.flops_per_token / s.flops_per_token == pytest.approx((flops + 2) / flops)  # + the reference forward
+    assert not dpo.settings.padding_free and any("preference tuning (dpo)" in n for n in dpo.notes)

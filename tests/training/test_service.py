@@ -91,3 +91,42 @@ def test_a_token_statistics_process_that_dies_is_reported_by_how_it_ended(fts_ho
         core.training.validate_dataset(str(data), base_model=str(tiny_model))
     assert "SIGABRT" in failed.value.message and str(tiny_model) in failed.value.message
     assert "memory allocation" in failed.value.message
+
+
+PAIRS = [{"prompt": "Code word for apple:", "chosen": " zebra", "rejected": " copper kettle"},
+         {"prompt": "Code word for river:", "chosen": " violin", "rejected": " zebra"}]
+
+
+def test_the_method_and_the_datas_form_must_agree_naming_the_argument(fts_home, tiny_model, tmp_path):
+    from fts_mcp.errors import InvalidArgument
+    from tests.conftest import SAMPLE_CHAT
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    with Core(Settings.from_env()) as core:
+        with pytest.raises(InvalidArgument) as sft_on_pairs:
+            core.training.start(str(tiny_model), str(pairs))
+        with pytest.raises(InvalidArgument) as dpo_on_chat:
+            core.training.start(str(tiny_model), str(SAMPLE_CHAT), method="dpo")
+        with pytest.raises(InvalidArgument) as unknown:
+            core.training.start(str(tiny_model), str(pairs), method="ppo")
+        assert not core.jobs.list(None, 10).jobs  # nothing was queued
+    assert sft_on_pairs.value.param == "method" and "method='dpo'" in sft_on_pairs.value.message
+    assert dpo_on_chat.value.param == "dataset" and "trains on preference lines" in dpo_on_chat.value.message
+    assert unknown.value.param == "method" and "'sft'" in unknown.value.message
+
+
+def test_token_statistics_of_pairs_count_the_longer_sequence_and_both_answers(fts_home, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fts_mcp.models.prompts import encode_preference
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    with Core(Settings.from_env()) as core:
+        report = core.training.validate_dataset(str(pairs), base_model=str(tiny_model))
+    assert report.ok and report.format == "preference"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    encoded = [encode_preference(tokenizer, p) for p in PAIRS]
+    longest = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded]
+    stats = report.token_stats
+    assert (stats.min, stats.max, stats.total_tokens) == (min(longest), max(longest), sum(longest))
+    assert stats.trained_tokens == sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in encoded)

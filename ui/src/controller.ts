@@ -23,6 +23,8 @@ const EVAL_ROWS: [string, string, "low" | "high", (v: unknown) => string][] = [
   ["Loss", "loss", "low", f.loss],
   ["Perplexity", "perplexity", "low", f.loss],
   ["Exact match", "exact_match", "high", f.percent],
+  ["Prefers the chosen answer", "preference_accuracy", "high", f.percent],
+  ["Log-likelihood margin", "logp_margin", "high", f.margin],
   ["Format OK", "format_ok", "high", f.percent],
   ["General-text perplexity", "general_text_perplexity", "low", f.loss],
 ];
@@ -467,7 +469,13 @@ export class Controller {
         stat("Eval loss", f.loss(p.eval_loss), "eval_loss"),
         stat("Learning rate", f.lr(p.learning_rate ?? lastLogged?.learning_rate), "learning_rate"),
         stat("Tokens / s", f.rate(p.tokens_per_second), "tokens_per_second"),
-        stat("Epoch", f.num(p.epoch) === null ? "–" : (p.epoch as number).toFixed(2), "epoch")),
+        stat("Epoch", f.num(p.epoch) === null ? "–" : (p.epoch as number).toFixed(2), "epoch"),
+        // preference tuning (method "dpo"): how often the chosen answer is rewarded above the rejected one
+        ...(f.num(p.preference_accuracy) === null ? [] : [
+          stat("Preference accuracy", f.percent(p.preference_accuracy), "preference_accuracy"),
+          stat("Reward margin", f.margin(p.reward_margin), "reward_margin")]),
+        ...(f.num(p.eval_preference_accuracy) === null ? [] : [
+          stat("Held-out preference", f.percent(p.eval_preference_accuracy), "eval_preference_accuracy")])),
       h("section", { class: "card chart-card" },
         h("div", { class: "card-head" }, h("h2", {}, "Loss"), h("span", { class: "muted" },
           this.points.length ? `${this.points.filter((pt) => typeof pt.loss === "number").length} logged steps` : "")),
@@ -514,7 +522,18 @@ export class Controller {
     if (advice.length) out.push(h("section", { class: "card advice" }, h("h2", {}, "Advice"),
       h("ul", {}, ...advice.map((a) => h("li", {}, a)))));
     const samples: any[] = report.samples ?? [];
-    if (samples.length) {
+    if (samples.length && samples[0].chosen !== undefined) {  // preference pairs: which answer each model favours
+      const favours = (m: unknown) => (f.num(m) ?? 0) > 0 ? "chosen ✓" : "rejected";
+      out.push(h("section", { class: "samples" }, h("h2", {}, "Sample pairs"),
+        ...samples.map((sample) => h("article", { class: "card sample" },
+          h("div", { class: "prompt" }, h("span", { class: "label" }, "Prompt"), h("pre", {}, sample.prompt)),
+          h("div", { class: "answers" },
+            h("div", { class: "answer right" }, h("span", { class: "label" }, "Chosen"), h("pre", {}, sample.chosen)),
+            h("div", { class: "answer" }, h("span", { class: "label" }, "Rejected"), h("pre", {}, sample.rejected))),
+          h("div", { class: "muted" }, `log-likelihood margin: base ${f.margin(sample.base_logp_margin)} (favours `
+            + `${favours(sample.base_logp_margin)}), adapter ${f.margin(sample.adapter_logp_margin)} (favours `
+            + `${favours(sample.adapter_logp_margin)})`)))));
+    } else if (samples.length) {
       const same = (answer: unknown, expected: unknown) => String(answer ?? "").trim() === String(expected ?? "").trim();
       out.push(h("section", { class: "samples" }, h("h2", {}, "Sample answers"),
         ...samples.map((sample) => h("article", { class: "card sample" },

@@ -22,6 +22,11 @@ export function lr(value: unknown): string {
   return v >= 0.01 ? v.toPrecision(3) : v.toExponential(2).replace("e-", "e−");
 }
 
+export function margin(value: unknown): string {
+  const v = num(value);
+  return v === null ? "–" : `${v > 0 ? "+" : v < 0 ? "−" : ""}${Math.abs(v).toFixed(2)}`;
+}
+
 export function percent(value: unknown): string {
   const v = num(value);
   return v === null ? "–" : `${(v * 100).toFixed(v === 1 || v === 0 ? 0 : 1)}%`;

@@ -48,7 +48,7 @@ MARK = "@fts-frame "  # also written by `entry.fail`, which may not import this 
 CHUNK_BYTES = 48 * 1024  # 64 KiB of base64 per log line
 LINE_LIMIT = 1024 * 1024  # a longer log line is cut there (a frame that long is refused)
 MAX_MEMBERS = 100_000  # entries in one folder
-TREE_ID = re.compile(r"^[0-9a-f]{12}$")
+TREE_ID = re.compile(r"[0-9a-f]{12}")  # whole-string: fullmatch
 FETCH_ATTEMPTS = 4
 ROOTS = ("work", "output")
 # What the server keeps in a job's folder itself; a job cannot send these.
@@ -271,7 +271,7 @@ class Receiver:
 
     def _tree_id(self, frame: dict[str, Any]) -> str:
         tree_id = frame.get("id")
-        if not isinstance(tree_id, str) or not TREE_ID.match(tree_id):
+        if not isinstance(tree_id, str) or not TREE_ID.fullmatch(tree_id):
             raise BadFrame(f"a folder's id is 12 hex digits, got {str(tree_id)[:40]!r}")
         return tree_id
 

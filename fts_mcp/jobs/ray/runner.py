@@ -47,7 +47,7 @@ from fts_mcp.files import write_json_atomic
 from fts_mcp.jobs.outcome import error_of, record_outcome, settle
 from fts_mcp.jobs.ray.cluster import bounded, connect, read_resources, try_stop
 from fts_mcp.jobs.ray.frames import BadFrame, LineBuffer, Receiver, Storage, decode
-from fts_mcp.jobs.ray.placement import Ask, choose_gpus, free_resources, never_fits, waiting_for
+from fts_mcp.jobs.ray.placement import Ask, Cluster, choose_gpus, free_resources, never_fits, waiting_for
 from fts_mcp.jobs.records import Artifacts, Job, JobError, Progress
 from fts_mcp.jobs.runner import Runner
 from fts_mcp.jobs.states import JobState, check_job_id
@@ -156,14 +156,20 @@ class ClusterTooSmall(FtsError):
     code = "ray_cluster_too_small"
 
 
-def placement(client, settings: Settings, workers: int) -> tuple[Ask, str]:
+def placement(client, settings: Settings, workers: int, *, timeout: float = 60.0) -> tuple[Ask, str]:
     """What the job asks of the cluster, and a line saying so and why. Refused (ClusterTooSmall) when the cluster
-    could never hold the job; submitted unchecked, and said so, when its resources cannot be read."""
+    could never hold the job; submitted unchecked, and said so, when its resources cannot be read in `timeout`
+    seconds. Asked twice: by the tools that submit a job, before it exists (`Jobs.placement`), and by the job's
+    supervisor before it submits, since the cluster may have changed in between."""
     try:
-        cluster = bounded(read_resources, client, timeout=60.0)
-        unread = ""
+        cluster, unread = bounded(read_resources, client, timeout=timeout), None
     except Exception as exc:  # noqa: BLE001 - an older dashboard, a proxy in front of it: submitted unchecked
-        cluster, unread = None, f"; the cluster's resources could not be read, so it was not checked ({exc})"
+        cluster, unread = None, str(exc)
+    return decide(cluster, settings, workers, unread)
+
+
+def decide(cluster: Cluster | None, settings: Settings, workers: int, unread: str | None = None) -> tuple[Ask, str]:
+    """`placement` once the cluster is read (None: it could not be, `unread` says why)."""
     if settings.ray_gpus_per_worker_set:
         gpus = settings.ray_gpus_per_worker
         why = f"{gpus:g} GPU per worker: FTS_RAY_GPUS_PER_WORKER"
@@ -173,7 +179,8 @@ def placement(client, settings: Settings, workers: int) -> tuple[Ask, str]:
     if cluster is not None and (problem := never_fits(ask, cluster)) is not None:
         message, param = problem
         raise ClusterTooSmall(f"the Ray cluster cannot run this job: {message}", param=param)
-    return ask, f"on the Ray cluster: {ask.describe()} ({why}){unread}"
+    unchecked = f"; the cluster's resources could not be read, so it was not checked ({unread})" if unread else ""
+    return ask, f"on the Ray cluster: {ask.describe()} ({why}){unchecked}"
 
 
 def submission_id(job_id: str, attempt: int) -> str:

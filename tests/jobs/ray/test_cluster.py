@@ -261,26 +261,32 @@ def test_ray_auth_token_reaches_the_cluster_as_a_bearer_token(tmp_path):
 # ---- a job the cluster cannot run says so at once -------------------------------------------------------------
 
 
-async def test_a_job_the_cluster_could_never_hold_is_refused_at_once_with_the_fix(ray_home, tiny_model, monkeypatch):
-    """A GPU asked of a CPU cluster, or more workers than its CPUs: failed within seconds, nothing submitted."""
+async def test_a_job_the_cluster_could_never_hold_is_refused_at_submit_with_the_fix(ray_home, tiny_model,
+                                                                                  monkeypatch):
+    """A GPU asked of a CPU cluster, or more workers than its CPUs: `start_qlora_job` itself refuses, naming the
+    numbers and the setting to change; no job is created."""
     monkeypatch.setenv("FTS_RAY_GPUS_PER_WORKER", "1")
     async with connect(ray_home) as client:
         began = time.monotonic()
-        job = await train(client, tiny_model, 10)
-        ended = await until(client, job["job_id"], lambda j: j["state"] in TERMINAL, 30, "the refusal")
-        assert time.monotonic() - began < 30
-        assert ended["state"] == "failed" and ended["error"]["code"] == "ray_cluster_too_small", ended
-        assert ended["error"]["param"] == "FTS_RAY_GPUS_PER_WORKER"
-        assert ("the cluster has 0 GPUs; this job asks for 1 per worker: set FTS_RAY_GPUS_PER_WORKER=0 for a CPU "
-                "cluster") in ended["error"]["message"]
-        assert "ray_job_id" not in ended["process"]  # refused before anything was submitted
+        refused = await refusal(client, tiny_model)
+        assert time.monotonic() - began < 15
+        assert ("FTS_RAY_GPUS_PER_WORKER: the Ray cluster cannot run this job: the cluster has 0 GPUs; this job asks "
+                "for 1 per worker: set FTS_RAY_GPUS_PER_WORKER=0 for a CPU cluster") in refused, refused
+        assert (await call(client, "list_jobs"))["jobs"] == []  # nothing was created, nothing submitted
 
     monkeypatch.setenv("FTS_RAY_GPUS_PER_WORKER", "0")  # the server reads its settings when it starts
     async with connect(ray_home) as client:
-        wide = await train(client, tiny_model, 10, workers=8)
-        ended = await until(client, wide["job_id"], lambda j: j["state"] in TERMINAL, 30, "the refusal")
-        assert ended["state"] == "failed" and ended["error"]["param"] == "training.workers", ended
-        assert "holds at most 4 workers of 1 CPU and 0 GPU" in ended["error"]["message"]
+        refused = await refusal(client, tiny_model, workers=8)
+        assert ("training.workers: the Ray cluster cannot run this job: the cluster holds at most 4 workers of 1 CPU "
+                "and 0 GPU") in refused, refused
+
+
+async def refusal(client, model: Path, workers: int = 1) -> str:
+    result = await client.call_tool("start_qlora_job", {
+        "base_model": str(model), "dataset": str(SAMPLE_COMPLETION), "quantization": "nf4",
+        "training": {**FAST_TRAINING, "max_steps": 10, "workers": workers}})
+    assert result.is_error, result.structured_content
+    return result.content[0].text
 
 
 async def test_a_cluster_python_without_torch_fails_the_job_at_once_naming_it(ray_home, tiny_model, monkeypatch,

@@ -86,6 +86,16 @@ def test_a_damaged_or_reordered_stream_is_refused(tmp_path):
     receiver.close()
 
 
+@pytest.mark.parametrize("bad_id", ["0123456789ab\n", "0123456789AB", "0123456789a", 1234, None])
+def test_a_folder_id_is_twelve_hex_digits_and_nothing_more(tmp_path, bad_id):
+    """The id names the folder's parts in storage: a trailing newline or any other form is refused."""
+    frames = sent(make_folder(tmp_path / "cluster", {"w.bin": b"x"}), "work/adapter")
+    receiver = Receiver(tmp_path / "job", None)
+    with pytest.raises(BadFrame, match="12 hex digits"):
+        receiver.feed({**frames[0], "id": bad_id})
+    receiver.close()
+
+
 @pytest.mark.parametrize("dest", ["../elsewhere", "work/../../etc", "/etc/passwd", "work/spec.json",
                                   "work/worker.log", "other/x", ""])
 def test_destinations_outside_the_jobs_folders_are_refused(dest):

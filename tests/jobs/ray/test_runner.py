@@ -199,3 +199,56 @@ def test_a_job_that_did_not_start_in_time_fails_with_the_reason(follower):
     follower.refused = JobError(code="ray_start_timeout", message="resources busy")
     state, error, _ = follower.outcome("STOPPED", "Job was intentionally stopped.", cancelled=False)
     assert state == JobState.FAILED and error.code == "ray_start_timeout"
+
+
+def test_start_qlora_job_asks_the_cluster_first_refusing_what_it_cannot_hold_and_choosing_from_it(
+        tmp_path, tiny_model, monkeypatch):
+    """Before a training job exists: a CPU cluster with FTS_RAY_GPUS_PER_WORKER unset gets a CPU job (so `auto`
+    picks 16-bit LoRA, as on a CPU host), and the choice is recorded; a GPU asked of it is refused, no job made."""
+    import fts_mcp.jobs.ray.cluster as cluster
+    from fts_mcp.errors import FtsError
+    from fts_mcp.jobs.runner import Runner
+    from fts_mcp.jobs.service import Jobs
+    from fts_mcp.training.service import Training
+    from tests.conftest import SAMPLE_COMPLETION
+
+    monkeypatch.setattr(cluster, "connect", lambda settings: FakeHead(CPU_HEAD))
+    monkeypatch.setattr(Runner, "tick", lambda self: None)  # nothing is started: the job is only queued
+    roots = {"FTS_ROOTS": f"{tiny_model}:{SAMPLE_COMPLETION.parent}"}
+    jobs = Jobs(ray_settings(tmp_path, **roots))
+    job = Training(jobs.settings, jobs).start(str(tiny_model), str(SAMPLE_COMPLETION))
+    assert job.spec["quantization"] == "none" and job.spec["choices"][0].startswith("auto: 16-bit LoRA on the CPU")
+    assert job.spec["choices"][-1] == ("on the Ray cluster: 1 worker x (1 CPU, 0 GPU) (0 GPUs per worker (CPU "
+                                       "training): FTS_RAY_GPUS_PER_WORKER is unset and the cluster has no GPU)")
+
+    gpu = Jobs(ray_settings(tmp_path, FTS_RAY_GPUS_PER_WORKER="1", **roots))
+    with pytest.raises(FtsError) as refused:
+        Training(gpu.settings, gpu).start(str(tiny_model), str(SAMPLE_COMPLETION))
+    assert refused.value.code == "ray_cluster_too_small" and refused.value.param == "FTS_RAY_GPUS_PER_WORKER"
+    assert [j.job_id for j in gpu.list().jobs] == [job.job_id]  # the refused one was never created
+
+
+@pytest.mark.parametrize("cluster", ["closed", "silent"])
+def test_a_cluster_that_cannot_be_asked_at_submit_leaves_the_check_to_the_supervisor_and_never_hangs(
+        tmp_path, monkeypatch, cluster):
+    """Nobody listening, or a dashboard that accepts and never answers: the tool answers within its bound, saying
+    the cluster was not checked (the supervisor checks again, and retries an unreachable cluster)."""
+    import socket
+    import time
+
+    import fts_mcp.jobs.service as service
+    from fts_mcp.jobs.service import Jobs
+
+    monkeypatch.setattr(service, "PLACEMENT_SECONDS", 1.5)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        if cluster == "silent":
+            listener.listen(8)  # connections are accepted by the kernel, and nothing is ever said
+        port = listener.getsockname()[1]
+        jobs = Jobs(ray_settings(tmp_path, FTS_RAY_ADDRESS=f"http://127.0.0.1:{port}", FTS_RAY_GPUS_PER_WORKER="0"))
+        began = time.monotonic()
+        gpus, note = jobs.placement(1)
+        assert time.monotonic() - began < 5
+    assert gpus == 0 and note.startswith("on the Ray cluster: 1 worker x (1 CPU, 0 GPU) (0 GPU per worker: "
+                                         "FTS_RAY_GPUS_PER_WORKER); the cluster's resources could not be read, so "
+                                         "it was not checked"), note
