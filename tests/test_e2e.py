@@ -265,6 +265,7 @@ def server_children() -> list[int]:
     return found
 
 
+@pytest.mark.extended  # CI's second step; the main run keeps tests/jobs/test_runner.py's queue draining with no server
 async def test_job_survives_its_server_and_a_new_server_sees_it_finish(fts_home, tiny_model):
     """Finishes, unattended: the server that started it is SIGKILLed mid-run."""
     killed: list[int] = []

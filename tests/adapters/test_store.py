@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,41 @@ def test_one_corrupt_adapter_does_not_hide_the_others(store, fts_home, tiny_mode
         store.resolve("broken")
     source = StoreSource(store.root, fts_home / "cache")
     assert set(source.catalogue()) == {"good"}
+
+
+def fake_gguf(outtype: str):
+    """What deploy_adapter hands the store: a writer of the GGUF export (here bytes that stand for it)."""
+    def write(folder: Path) -> str:
+        (folder / "adapter.gguf").write_bytes(b"GGUF " + outtype.encode())
+        return outtype
+    return write
+
+
+def test_a_gguf_export_is_part_of_the_versions_bytes(store, adapter_a):
+    """The same adapter and GGUF again: the same version; a plain publish matches a version holding a GGUF; another
+    type, or a GGUF for bytes published without one, is the next version; a pinned version says which it holds."""
+    first, created = store.publish(adapter_a, "router", gguf=fake_gguf("f16"))
+    assert created and first.gguf_outtype == "f16" and "adapter.gguf" in first.files
+    assert store.publish(adapter_a, "router", gguf=fake_gguf("f16"))[0].version == first.version
+    plain, created = store.publish(adapter_a, "router")
+    assert not created and plain.version == first.version
+    with pytest.raises(InvalidArgument, match="router@v1 holds a f16 GGUF export of them") as pinned:
+        store.publish(adapter_a, "router", version="v1", gguf=fake_gguf("q8_0"))
+    assert pinned.value.param == "version"
+    other, created = store.publish(adapter_a, "router", gguf=fake_gguf("q8_0"))
+    assert created and other.version == "v2" and other.gguf_outtype == "q8_0"
+
+    bare, _ = store.publish(adapter_a, "bare")
+    with pytest.raises(InvalidArgument, match="bare@v1 holds no GGUF export of them"):
+        store.publish(adapter_a, "bare", version="v1", gguf=fake_gguf("f16"))
+    assert store.publish(adapter_a, "bare", gguf=fake_gguf("f16"))[0].version == "v2"
+    assert not [p for p in store.path("router").iterdir() if p.name.startswith(".")]  # no export folder left
+
+
+def test_a_gguf_export_over_the_size_a_reader_accepts_is_not_published(store, adapter_a, monkeypatch):
+    import fts_mcp.adapters.store as module
+
+    monkeypatch.setattr(module, "MAX_ADAPTER_BYTES", 7)
+    with pytest.raises(InvalidArgument, match="adapter.gguf would be 8 bytes") as refused:
+        store.publish(adapter_a, "big", gguf=fake_gguf("f16"))
+    assert refused.value.param == "gguf" and store.versions("big") == []

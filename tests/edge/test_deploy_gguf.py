@@ -1,5 +1,5 @@
 """deploy_adapter(gguf=...): the store version holds the adapter as a GGUF LoRA too, listed in its manifest with its
-sha256 (so URL stores and edge caches carry it like the other files), and the answer says how llama.cpp and
+sha256 (so URL stores and edge caches carry it like the other files, checked), and the answer says how llama.cpp and
 Ollama use it. What llama.cpp cannot apply is refused with nothing published. `fts-mcp export-gguf` writes the same
 file from a shell. (That llama.cpp answers with it as PEFT does: tests/test_llamacpp.py.)"""
 
@@ -52,21 +52,25 @@ async def test_a_deployed_version_carries_its_gguf_with_the_lines_that_use_it(ft
         assert done["gguf"]["llama_server"] == f"llama-server -m base.gguf --lora {file}"
         assert "convert_hf_to_gguf.py" in done["gguf"]["notes"][0]  # a Hugging Face base: convert it first
 
-        again_ok, again = await deploy(client, adapter=str(adapter_a), name="router", gguf="f16")
-        assert again_ok and not again["created"] and again["version"] == done["version"]  # same bytes, same version
         plain_ok, plain = await deploy(client, adapter=str(adapter_a), name="router")
         assert plain_ok and not plain["created"] and plain["version"] == done["version"]
         assert plain["gguf"] == done["gguf"]  # the version it matched holds one: said
-        pinned_ok, pinned = await deploy(client, adapter=str(adapter_a), name="router", version="v1", gguf="q8_0")
-        assert not pinned_ok and "router@v1 holds a f16 GGUF export of them" in pinned, pinned
-        other_ok, other = await deploy(client, adapter=str(adapter_a), name="router", gguf="q8_0")
-        assert other_ok and other["created"] and other["gguf"]["outtype"] == "q8_0"  # other bytes: the next version
         assert not [p for p in Path(done["uri"]).parent.iterdir() if p.name.startswith(".")]  # no export left over
+    # which version a GGUF request gives (the same bytes, another type, a pinned version): tests/adapters/test_store.py
 
-        ok, plain_first = await deploy(client, adapter=str(adapter_a), name="plain")
-        ok, pinned = await deploy(client, adapter=str(adapter_a), name="plain", version=plain_first["version"],
-                                  gguf="f16")
-        assert not ok and "plain@v1 holds no GGUF export of them" in pinned, pinned
+    # a URL store carries it, checked against its sha256 like every file of a version
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(store.root)))
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = StoreSource(f"http://127.0.0.1:{server.server_port}", fts_home / "edge-cache")
+        assert sha256_file(source.folder(source.resolve("router")) / "adapter.gguf") == done["gguf"]["sha256"]
+        file.write_bytes(b"GGUF but not these bytes")
+        fresh = StoreSource(f"http://127.0.0.1:{server.server_port}", fts_home / "other-cache")
+        with pytest.raises(Exception, match="sha256|bytes"):
+            fresh.folder(fresh.resolve("router"))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 async def test_an_adapter_llama_cpp_cannot_apply_is_refused_and_nothing_is_published(fts_home, tiny_model):
@@ -92,29 +96,6 @@ async def test_a_qlora_adapter_comes_with_the_warning_that_matters_for_llama_cpp
         ok, done = await deploy(client, adapter=str(qlora), name="q", gguf="f16")
     assert ok, done
     assert any("trained on the NF4 (4-bit) base" in note for note in done["gguf"]["notes"]), done["gguf"]["notes"]
-
-
-def test_an_http_store_carries_the_gguf_checked_against_its_sha256(fts_home, adapter_a):
-    store = AdapterStore(Settings.from_env().store)
-    from fts_mcp.core import Core
-
-    with Core() as core:
-        done = core.edge.deploy(str(adapter_a), "router", gguf="f16")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(store.root)))
-    Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        source = StoreSource(f"http://127.0.0.1:{server.server_port}", fts_home / "edge-cache")
-        folder = source.folder(source.resolve("router"))
-        assert sha256_file(folder / "adapter.gguf") == done.gguf.sha256
-
-        (store.path("router", done.version) / "adapter.gguf").write_bytes(b"GGUF but not these bytes")
-        shutil.rmtree(fts_home / "edge-cache")
-        fresh = StoreSource(f"http://127.0.0.1:{server.server_port}", fts_home / "edge-cache")
-        with pytest.raises(Exception, match="sha256|bytes"):
-            fresh.folder(fresh.resolve("router"))
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_export_gguf_writes_the_file_and_says_how_to_use_it(fts_home, adapter_a, capsys, monkeypatch, tmp_path):

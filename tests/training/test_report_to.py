@@ -96,6 +96,7 @@ def test_a_run_lands_in_mlflow_with_its_parameters_and_loss_history(fts_home, ti
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a training run in a worker (CI's second step, beside the real MLflow server's test)
 def test_an_unreachable_tracker_costs_a_warning_never_the_training(fts_home, tiny_model, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     tensorboard = tracking.installed("tensorboard")

@@ -475,7 +475,8 @@ export class Controller {
           stat("Preference accuracy", f.percent(p.preference_accuracy), "preference_accuracy"),
           stat("Reward margin", f.margin(p.reward_margin), "reward_margin")]),
         ...(f.num(p.eval_preference_accuracy) === null ? [] : [
-          stat("Held-out preference", f.percent(p.eval_preference_accuracy), "eval_preference_accuracy")])),
+          stat("Held-out preference", f.percent(p.eval_preference_accuracy), "eval_preference_accuracy"),
+          stat("Held-out margin", f.margin(p.eval_reward_margin), "eval_reward_margin")])),
       h("section", { class: "card chart-card" },
         h("div", { class: "card-head" }, h("h2", {}, "Loss"), h("span", { class: "muted" },
           this.points.length ? `${this.points.filter((pt) => typeof pt.loss === "number").length} logged steps` : "")),
@@ -565,7 +566,9 @@ export class Controller {
     const art = job.artifacts ?? {};
     const rows: [string, unknown][] = [
       ["Created", f.when(job.times?.created)], ["Started", f.when(job.times?.started)],
-      ["Finished", f.when(job.times?.finished)], ["Quantization", spec.quantization], ["LoRA rank", spec.lora_r],
+      ["Finished", f.when(job.times?.finished)],
+      ["Method", spec.method === "dpo" ? "preference tuning (DPO)" : spec.method === "sft" ? "supervised (SFT)" : undefined],
+      ["Quantization", spec.quantization], ["LoRA rank", spec.lora_r],
       ["Max steps", spec.max_steps], ["Epochs", spec.epochs], ["Batch size", spec.batch_size],
       ["Base model", spec.base_model], ["Dataset", spec.dataset], ["Adapter", art.adapter_dir ?? spec.adapter_dir],
       ["Merged model", art.output_dir ?? spec.merged_dir], ["Checkpoint", art.checkpoint_dir],
