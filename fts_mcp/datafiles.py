@@ -75,18 +75,8 @@ class DatasetReport(BaseModel):
 
 def _check_chat(record: dict) -> str | None:
     messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list of {role, content} objects"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}"
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            return f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"
-        if not isinstance(content, str):
-            return f"messages[{i}].content must be a string, got {type(content).__name__}"
-        if not content.strip():
-            return f"messages[{i}].content is empty"
+    if (problem := _check_messages(messages, "messages")) is not None:
+        return problem
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message: there is nothing to learn from this conversation"
     if messages[-1]["role"] != "assistant":
@@ -132,8 +122,10 @@ def _check_messages(messages: object, name: str) -> str | None:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             return f"{name}[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"
-        if not isinstance(content, str) or not content.strip():
-            return f"{name}[{i}].content must be a non-empty string"
+        if not isinstance(content, str):
+            return f"{name}[{i}].content must be a string, got {type(content).__name__}"
+        if not content.strip():
+            return f"{name}[{i}].content is empty"
     return None
 
 

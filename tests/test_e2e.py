@@ -232,6 +232,7 @@ async def test_killed_worker_is_interrupted_and_resumes_where_it_left_off(fts_ho
         assert events == sorted(set(events)) and events[-1] == 400  # no step twice in the loss events
 
 
+@pytest.mark.extended  # CI's second step, beside the chaos suite's kill -9 tests
 async def test_worker_and_supervisor_killed_is_detected_by_the_server(fts_home, tiny_model):
     """Dies silently: both worker processes SIGKILLed, so only the server's liveness check can notice."""
     async with connect(fts_home) as client:
@@ -311,6 +312,7 @@ async def test_two_servers_sharing_one_home_never_run_two_jobs_on_one_slot(fts_h
         assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))  # one after another
 
 
+@pytest.mark.extended  # CI's second step (packing's planner and speed paths are unit-tested)
 async def test_plain_lora_with_eval_split_and_packing(fts_home, tiny_model, tmp_path):
     """Finishes: 16-bit base (no quantization), a held-out split with eval loss, packed text examples."""
     import json
@@ -333,6 +335,7 @@ async def test_plain_lora_with_eval_split_and_packing(fts_home, tiny_model, tmp_
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4
 
 
+@pytest.mark.extended  # CI's second step: a worker that fails at its start
 async def test_unknown_target_module_fails_naming_the_argument(fts_home, tiny_model):
     """Fails in the worker: the module names are only known once the model is loaded."""
     async with connect(fts_home) as client:

@@ -40,6 +40,7 @@ async def finished(client, job_id, timeout=240):
 
 @pytest.mark.anyio
 @pytest.mark.slow
+@pytest.mark.extended  # CI's second step (with the real model's evaluation); the verdict's rules are unit-tested below
 async def test_a_trained_adapter_beats_its_base_on_held_out_data(fts_home, tiny_model, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Ticket: my {w} is broken\nRoute:", "completion": ANSWER}
                                                    for w in WORDS[:12]])

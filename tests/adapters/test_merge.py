@@ -90,6 +90,7 @@ def test_cat_combination_equals_the_weighted_sum_of_deltas(service, tiny_model, 
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI's second step, as the real model's NF4 merge
 def test_a_qlora_adapter_merges_into_the_nf4_weights_it_was_trained_on(service, tiny_model):
     """By default the merged model is the model that was trained and evaluated (the NF4 base, dequantized, + the
     adapter): its logits match the 4-bit base + adapter. Merged into the original 16-bit weights instead, the

@@ -73,7 +73,8 @@ def edge(tmp_path_factory, tiny_model):
         # The store lives outside FTS_HOME (FTS_STORE): deploy publishes there and the runtime, started without
         # --store, serves from there, as every command does.
         for key, value in {"FTS_HOME": str(home), "FTS_ROOTS": os.pathsep.join(roots), "FTS_GPUS": "none",
-                           "FTS_STORE": str(root / "shared-store"), "HF_HUB_OFFLINE": "1"}.items():
+                           "FTS_STORE": str(root / "shared-store"), "HF_HUB_OFFLINE": "1",
+                           "FTS_CPU_SLOTS": "2"}.items():  # the two training jobs start side by side
             env.setenv(key, value)
         service = Core(Settings.from_env())
         records = [json.loads(line) for line in SAMPLE_COMPLETION.read_text().splitlines()]
