@@ -43,9 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("FTS_AUTH_TOKEN")
     if args.transport == "http":  # the job view for people, in a browser (the token travels in the fragment)
-        # the token itself only where it is already in view: given on this command line, or to a terminal (a
-        # service's stderr is a log, and its FTS_AUTH_TOKEN should stay out of it)
-        shown = token if args.token or sys.stderr.isatty() else "<FTS_AUTH_TOKEN>" if token else None
+        # the token itself only to a terminal: a service's stderr is a log, and the token stays out of logs
+        shown = token if sys.stderr.isatty() else ("<--token>" if args.token else "<FTS_AUTH_TOKEN>") if token \
+            else None
         print(f"fts-mcp: job view at {view_url(args.host, args.port, shown)}", file=sys.stderr)
     serve_http(mcp, args.transport, args.host, args.port, token, args.allowed_host, args.allowed_origin,
                settings.http_sessions)

@@ -111,7 +111,7 @@ def test_ui_is_served_under_the_http_rules(fts_home, tmp_path):
     scripts only and lets it talk to its own origin only; /mcp still wants the token. The server says where it is."""
     with fts_server("--token", TOKEN, log=tmp_path / "serve.log") as port:
         said = (tmp_path / "serve.log").read_text()
-        assert f"fts-mcp: job view at http://127.0.0.1:{port}/ui#token={TOKEN}" in said, said  # given on its line
+        assert f"fts-mcp: job view at http://127.0.0.1:{port}/ui#token=<--token>" in said and TOKEN not in said, said
         base = f"http://127.0.0.1:{port}"
         with httpx2.Client(timeout=20) as http:
             got = http.get(f"{base}/ui")
